@@ -289,16 +289,18 @@ def naive_weighted_mtp_loss(hiddens, W, targets, coef):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reference_token_ce(ref_model, input_ids, chunk_size=None):
+def reference_token_ce(ref: MTPModel, input_ids, chunk_size=None):
     """CE_ref(j) = -log p_ref(x_j | x_<j) for every token j, in target indexing [B, T] (0 at j=0).
 
-    The reference's unembedding is applied chunk by chunk, so its logits are never all alive.
+    `ref` is the reference wrapped as a 1-head MTPModel, so that its whole computation happens
+    inside its own forward (under FSDP that is where its parameters are gathered) and its
+    unembedding is applied chunk by chunk, never materialising all logits.
     """
-    hidden = ref_model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-    W = ref_model.get_output_embeddings().weight
-    ce_pos, _ = token_ce(hidden, W, torch.roll(input_ids, -1, dims=1), chunk_size)
-    out = torch.zeros_like(ce_pos)
-    out[:, 1:] = ce_pos[:, :-1]  # position t predicts token t+1
+    targets = align_to_heads(input_ids, 1)
+    _, ce, _, _ = ref(input_ids, targets, coef=torch.zeros(targets.shape, device=input_ids.device),
+                      chunk_size=chunk_size)
+    out = torch.zeros_like(ce[0])
+    out[:, 1:] = ce[0, :, :-1]  # position t predicts token t+1
     return out
 
 
@@ -387,7 +389,12 @@ def save_consolidated(model: MTPModel, tokenizer, out_dir: str, state_dict=None,
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
-    base_sd = {k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")}
+    # Tied weights (e.g. lm_head = embeddings) appear under two names in a gathered state
+    # dict; keep only the canonical one so transformers re-ties them on load.
+    aliases = ({n for n, _ in model.base.named_parameters(remove_duplicate=False)}
+               - {n for n, _ in model.base.named_parameters()})
+    base_sd = {k[len("base."):]: v for k, v in sd.items()
+               if k.startswith("base.") and k[len("base."):] not in aliases}
     heads_sd = {k: v.contiguous() for k, v in sd.items() if k.startswith("extra_heads.")}
     model.base.save_pretrained(out_dir, state_dict=base_sd)
     if tokenizer is not None:

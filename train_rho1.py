@@ -100,7 +100,7 @@ class Config:
     rho1: Rho1Config = field(default_factory=Rho1Config)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     dry_run: bool = False            # load everything, one forward/backward, print sizes, exit
-    resume: str = ""                 # "" = fresh run; "latest"/true = newest checkpoint in out_dir; or a path
+    resume: str | bool = ""          # "" = fresh run; "latest"/true = newest checkpoint in out_dir; or a path
 
 
 def main(argv):
@@ -139,7 +139,7 @@ def main(argv):
     if cfg.model.grad_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = mtp.MTPModel(base, n_heads)
-    ref.requires_grad_(False).eval()
+    ref = mtp.MTPModel(ref.requires_grad_(False).eval(), 1)
     n_params = sum(p.numel() for p in model.parameters())
     n_ref = sum(p.numel() for p in ref.parameters())
     model, ref = mtp.prepare_for_training(model, ref, dist, dtype, compile=cfg.train.compile)

@@ -204,7 +204,7 @@ def test_rho1_soft_weights_have_mean_one_and_order():
 def test_reference_token_ce_is_next_token_ce():
     ref = tiny_llama(seed=3)
     x = torch.randint(0, 97, (2, 9))
-    got = mtp.reference_token_ce(ref, x, chunk_size=4)
+    got = mtp.reference_token_ce(mtp.MTPModel(ref, 1), x, chunk_size=4)
     logits = ref(x).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 97), x[:, 1:].reshape(-1), reduction="none")
     assert (got[:, 0] == 0).all()
