@@ -72,6 +72,10 @@ def find_blocks(base: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
     return inner, stacks[0][1], norms[0]
 
 
+def _record_block_inputs(block, args, kwargs):
+    block._mtp_block_inputs = (args, dict(kwargs))
+
+
 class MTPModel(nn.Module):
     """Meta's MTP architecture on top of a Hugging Face causal LM.
 
@@ -106,11 +110,9 @@ class MTPModel(nn.Module):
         # architecture's forward (masks, rotary embeddings, caches), we let the base model run
         # and record what it hands to its last block: the trunk hidden state plus every other
         # argument the block needs. The extra heads are then called exactly like head 0.
-        self._block_inputs = None
-        blocks[-1].register_forward_pre_hook(self._record_block_inputs, with_kwargs=True)
-
-    def _record_block_inputs(self, module, args, kwargs):
-        self._block_inputs = (args, kwargs)
+        # (A plain function that stores on the block itself, not a method of this wrapper, so
+        # that a deep copy of the base model -- e.g. a frozen reference -- carries no link back.)
+        blocks[-1].register_forward_pre_hook(_record_block_inputs, with_kwargs=True)
 
     @property
     def config(self):
@@ -134,8 +136,8 @@ class MTPModel(nn.Module):
         out = self._inner(input_ids=input_ids, **base_kwargs)
         hiddens = [out.last_hidden_state]
         if self.n_heads > 1:
-            args, kwargs = self._block_inputs
-            self._block_inputs = None  # do not keep the trunk activation alive past this call
+            args, kwargs = self._last_block._mtp_block_inputs
+            del self._last_block._mtp_block_inputs  # do not keep the trunk activation alive
             trunk = args[0] if args else kwargs.pop("hidden_states")
             for head in self.extra_heads:
                 h = head(trunk, *args[1:], **kwargs)
@@ -162,6 +164,15 @@ class MTPModel(nn.Module):
             coef = coef_fn(ce)
         loss, ce, correct = weighted_ce(hiddens, W, targets, coef.detach(), chunk_size)
         return loss, ce, correct, coef
+
+
+def enable_grad_checkpointing(model: MTPModel):
+    """Recompute each block's activations in the backward (memory for ~1/3 more compute), the
+    extra heads included: they are HF blocks too, so they get the same checkpointing function."""
+    model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for head in model.extra_heads:
+        head.gradient_checkpointing = True
+        head._gradient_checkpointing_func = model._last_block._gradient_checkpointing_func
 
 
 def align_to_heads(x: torch.Tensor, n_heads: int, fill=0) -> torch.Tensor:
@@ -426,6 +437,85 @@ def load_consolidated(path: str, dtype=torch.float32, device="cpu"):
     return model.to(device=device, dtype=dtype), tok
 
 
+def is_meta_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "params.json")) and os.path.isfile(os.path.join(path, "consolidated.pth"))
+
+
+def _meta_to_hf_rope(w, n_heads):
+    """Meta's Llama code rotates interleaved pairs (x0,x1),(x2,x3)... as complex numbers; HF's
+    rotates (x_i, x_{i+d/2}). Permuting the rows of wq / wk per head turns one into the other
+    (the same permutation as transformers' convert_llama_weights_to_hf.py)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def load_meta_checkpoint(path: str, dtype=torch.float32):
+    """Meta's released MTP models (facebook/multi-token-prediction: consolidated.pth, params.json
+    with n_future_tokens, tokenizer.model) -> (MTPModel, tokenizer or None).
+
+    Meta's layout: `layers` holds n_layers - n_future + 1 blocks, the last of which is head 0;
+    `extra_heads` holds heads 1..n-1; `norm` and `output` are shared. That is exactly our
+    structure: layers -> the HF Llama's blocks, extra_heads -> MTPModel.extra_heads.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with open(os.path.join(path, "params.json")) as f:
+        params = json.load(f)
+    sd = torch.load(os.path.join(path, "consolidated.pth"), map_location="cpu", mmap=True, weights_only=True)
+    n_future = int(params.get("n_future_tokens", 1))
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    if n_layers != params["n_layers"] - n_future + 1:
+        raise ValueError(f"{path}: consolidated.pth has {n_layers} trunk+head-0 layers, params.json "
+                         f"implies {params['n_layers']} - {n_future} + 1")
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    config = LlamaConfig(
+        vocab_size=sd["tok_embeddings.weight"].shape[0], hidden_size=dim,
+        intermediate_size=sd["layers.0.feed_forward.w1.weight"].shape[0],
+        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv,
+        rms_norm_eps=params.get("norm_eps", 1e-5), max_position_embeddings=params.get("max_seq_len", 4096),
+        rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    block_names = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+                   "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+                   "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+                   "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+                   "ffn_norm.weight": "post_attention_layernorm.weight"}
+    top_names = {"tok_embeddings.weight": "base.model.embed_tokens.weight", "norm.weight": "base.model.norm.weight",
+                 "output.weight": "base.lm_head.weight"}
+    ours = {}
+    for k, v in sd.items():
+        if k in top_names:
+            ours[top_names[k]] = v
+            continue
+        if k == "rope.freqs":  # precomputed rotary table in some Meta checkpoints; HF recomputes it
+            continue
+        group, idx, rest = k.split(".", 2)
+        if group not in ("layers", "extra_heads") or rest not in block_names:
+            raise ValueError(f"{path}: unexpected key {k!r} in consolidated.pth")
+        if rest == "attention.wq.weight":
+            v = _meta_to_hf_rope(v, n_heads)
+        elif rest == "attention.wk.weight":
+            v = _meta_to_hf_rope(v, n_kv)
+        prefix = f"base.model.layers.{idx}." if group == "layers" else f"extra_heads.{idx}."
+        ours[prefix + block_names[rest]] = v
+    with torch.device("meta"):
+        model = MTPModel(LlamaForCausalLM(config), n_future)
+    missing, unexpected = model.load_state_dict(ours, strict=False, assign=True)
+    missing = [m for m in missing if "rotary_emb" not in m]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fill the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    # Buffers (rotary inverse frequencies) were created on the meta device: rebuild them.
+    inner = model.base.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    model = model.to(dtype)
+    tok = None
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        from transformers import LlamaTokenizer  # Llama-2 sentencepiece tokenizer
+        tok = LlamaTokenizer(vocab_file=os.path.join(path, "tokenizer.model"))
+    return model, tok
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Run plumbing shared by the scripts
 # --------------------------------------------------------------------------------------------
@@ -453,18 +543,14 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
 
 def load_model_and_tokenizer(spec: str, dtype=torch.float32):
     """A Hugging Face causal LM and its tokenizer from a spec understood by `resolve_model`,
-    or random weights from a model config file (`*.json`, e.g. for GPU benchmarks with no hub);
-    a random model takes its tokenizer from `tokenizer_spec` of that JSON."""
+    or random weights from a model-config file (`*.json` with a `model_type`, e.g. for GPU
+    benchmarks with no hub); such a model has no tokenizer of its own (None)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if spec.endswith(".json"):
         with open(spec) as f:
             cfg = json.load(f)
-        tok_spec = cfg.pop("tokenizer_spec", None)
-        config = AutoConfig.for_model(**cfg)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tok = load_tokenizer(tok_spec) if tok_spec else None
-        return model, tok
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=dtype), None
     path, gguf = resolve_model(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"gguf_file": gguf} if gguf else {}))
     if gguf:

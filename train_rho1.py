@@ -37,6 +37,7 @@ class ModelConfig:
     n_heads: int = 4                 # MTP heads; 1 = plain next-token fine-tuning
     head_discount: float = 1.0       # λ_k = head_discount**k (1 = Meta's uniform heads)
     reference: str = ""              # Rho-1 reference model (same tokenizer); "" = the policy's base model
+    tokenizer: str = ""              # "" = the policy's own; needed for a random-init policy (.json)
     grad_checkpointing: bool = False # recompute block activations in backward (memory for ~30% compute)
 
 
@@ -123,22 +124,36 @@ def main(argv):
     # ---- models ----------------------------------------------------------------------------
     # Master weights stay fp32; compute runs in `dtype` (autocast on one device, FSDP's mixed
     # precision under torchrun), as mixed-precision training is meant to.
-    base, tok = mtp.load_model_and_tokenizer(cfg.model.policy, dtype=torch.float32)
-    n_heads = cfg.model.n_heads
+    if mtp.is_meta_checkpoint(cfg.model.policy):
+        # Meta's released MTP model: its heads are already trained, so n_heads is theirs.
+        model, tok = mtp.load_meta_checkpoint(cfg.model.policy)
+        if model.n_heads != cfg.model.n_heads:
+            raise mtp.ConfigError(f"config key 'model.n_heads' is {cfg.model.n_heads} but "
+                                  f"{cfg.model.policy} has n_future_tokens={model.n_heads}")
+        base = model.base
+    else:
+        base, tok = mtp.load_model_and_tokenizer(cfg.model.policy, dtype=torch.float32)
+        model = mtp.MTPModel(base, cfg.model.n_heads)
+    n_heads = model.n_heads
+    if cfg.model.tokenizer:
+        tok = mtp.load_tokenizer(cfg.model.tokenizer)
     if tok is None:
-        raise mtp.ConfigError(f"model.policy {cfg.model.policy!r} has no tokenizer (random-init "
-                              f"configs need a 'tokenizer_spec')")
+        raise mtp.ConfigError(f"config key 'model.tokenizer': policy {cfg.model.policy!r} has no "
+                              f"tokenizer of its own, name one")
+    if len(tok) > base.config.vocab_size:
+        raise mtp.ConfigError(f"config key 'model.tokenizer': {len(tok)} tokens do not fit the "
+                              f"policy's vocabulary of {base.config.vocab_size}")
     # The reference: another model with the same tokenizer, or (by default) a frozen copy of
     # the policy's starting point -- then excess loss measures what training has not yet learned.
     ref_spec = cfg.model.reference or cfg.model.policy
     if cfg.model.reference:
         ref, ref_tok = mtp.load_model_and_tokenizer(ref_spec, dtype=torch.float32)
-        mtp.check_same_tokenizer(tok, ref_tok or tok, cfg.model.policy, ref_spec)
+        if ref_tok is not None:
+            mtp.check_same_tokenizer(tok, ref_tok, cfg.model.policy, ref_spec)
     else:
-        ref = copy.deepcopy(base)
+        ref = copy.deepcopy(base)  # before training touches it
     if cfg.model.grad_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = mtp.MTPModel(base, n_heads)
+        mtp.enable_grad_checkpointing(model)
     ref = mtp.MTPModel(ref.requires_grad_(False).eval(), 1)
     n_params = sum(p.numel() for p in model.parameters())
     n_ref = sum(p.numel() for p in ref.parameters())

@@ -44,13 +44,12 @@ def char_tokenizer(path):
     return tok
 
 
-def tiny_model_json(path, tokenizer_dir, layers=2, hidden=32):
+def tiny_model_json(path, layers=2, hidden=32):
     """A model-config JSON that `mtp.load_model_and_tokenizer` builds with random weights."""
     import json
     cfg = {"model_type": "llama", "vocab_size": 128, "hidden_size": hidden,
            "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
-           "tokenizer_spec": str(tokenizer_dir)}
+           "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True}
     with open(path, "w") as f:
         json.dump(cfg, f)
     return str(path)

@@ -30,12 +30,12 @@ STEPS = 6
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     char_tokenizer(tmp / "tok")
-    model_json = tiny_model_json(tmp / "model.json", tmp / "tok")
+    model_json = tiny_model_json(tmp / "model.json")
     train = counting_jsonl(tmp / "train.jsonl", 64, seed=0)
     held_out = counting_jsonl(tmp / "eval.jsonl", 8, seed=1)
     cfg = tmp / "run.yaml"
     cfg.write_text(textwrap.dedent(f"""
-        model: {{policy: {model_json}, n_heads: 3}}
+        model: {{policy: {model_json}, tokenizer: {tmp / 'tok'}, n_heads: 3}}
         data: {{source: jsonl, path: {train}, eval_path: {held_out}, max_seq_len: 64}}
         train: {{max_steps: {STEPS}, global_batch: 8, micro_batch: 2, lr: 1.0e-2, warmup_steps: 2,
                  eval_every: 0, device: cpu, dtype: float32}}

@@ -17,12 +17,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def tiny_run(tmp_path):
     char_tokenizer(tmp_path / "tok")
-    model_json = tiny_model_json(tmp_path / "model.json", tmp_path / "tok")
+    model_json = tiny_model_json(tmp_path / "model.json")
     train = counting_jsonl(tmp_path / "train.jsonl", 64, seed=0)
     held_out = counting_jsonl(tmp_path / "eval.jsonl", 8, seed=1)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"""
-model: {{policy: {model_json}, n_heads: 2}}
+model: {{policy: {model_json}, tokenizer: {tmp_path / 'tok'}, n_heads: 2}}
 data: {{source: jsonl, path: {train}, eval_path: {held_out}, max_seq_len: 64}}
 train: {{max_steps: 40, global_batch: 8, micro_batch: 4, lr: 1.0e-2, warmup_steps: 3,
          eval_every: 20, device: cpu, out_dir: {tmp_path / 'out'}}}
