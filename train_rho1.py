@@ -260,6 +260,7 @@ def main(argv):
     bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
                disable=not master, dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
+    t_run, tokens_run = None, 0  # throughput over the run, from the end of the first (warm-up) step
     for step in bar:
         batches = data.step_batches(train_set, step, cfg.train.global_batch, cfg.train.micro_batch,
                                     cfg.train.seed, rank, world, pad_id)
@@ -296,6 +297,10 @@ def main(argv):
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if t_run is None:
+            t_run = time.perf_counter()
+        else:
+            tokens_run += sum(int(b["n_tokens"]) for b in batches) * world
 
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
             s = stats.cpu()
@@ -330,6 +335,9 @@ def main(argv):
             mtp.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
 
     # ---- final held-out loss and consolidated export ----------------------------------------
+    if t_run is not None and tokens_run:
+        say(f"throughput {tokens_run / (time.perf_counter() - t_run):.0f} tokens/s after the first "
+            f"step, peak memory {mtp.peak_memory_gb(device):.2f} GB (rank 0)")
     held_out = evaluate()
     say(f"final held-out CE per head: {[round(x, 4) for x in held_out]}")
     final_dir = os.path.join(cfg.train.out_dir, "final")
