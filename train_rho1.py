@@ -256,6 +256,12 @@ def main(argv):
 
     # ---- train -----------------------------------------------------------------------------
     from tqdm import tqdm
+    if start_step == 0:  # where the heads start: the baseline every held-out number compares to
+        held_out = evaluate()
+        say(f"step 0: held-out CE per head {[round(x, 4) for x in held_out]}")
+        if master and run is not None:
+            import mlflow
+            mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=0)
     model.train()
     bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
                disable=not master, dynamic_ncols=True)
