@@ -144,13 +144,18 @@ class MTPModel(nn.Module):
                 hiddens.append(self._norm(h[0] if isinstance(h, tuple) else h))
         return torch.stack(hiddens), out
 
-    def forward(self, input_ids, targets, coef=None, coef_fn=None, chunk_size=None):
+    def forward(self, input_ids, targets, coef=None, coef_fn=None, chunk_size=None, rows=None,
+                n_nonzero=None):
         """Weighted MTP loss of one micro-batch (DESIGN.md §4).
 
         targets: [n, B, T] token ids in position indexing (see `align_to_heads`).
         coef:    [n, B, T] the loss coefficient λ_k · m · w / Σ(m · w) of every (head, position);
                  or coef_fn(ce) -> coef, for weights that depend on the policy's own per-token
                  loss (Rho-1's excess loss): it gets the detached per-head CE [n, B, T] first.
+        rows:    optional `loss_rows` of the batch: the unembedding runs on these pairs only.
+        n_nonzero: with coef_fn, the number of pairs coef_fn will give a nonzero coefficient, if
+                 the host knows it (Rho-1's hard selection in one process keeps exactly
+                 Σ_k ceil(ρ·n_valid_k)): the loss's forward/backward then skips the dropped pairs.
         Returns (loss, ce, correct, coef): the scalar loss, and per (head, position) the
         detached CE, whether the argmax was right, and the coefficients used.
 
@@ -160,16 +165,30 @@ class MTPModel(nn.Module):
         hiddens, _ = self.hidden_states(input_ids, use_cache=False)
         W = self.lm_head_weight
         if coef is None:
-            ce, _ = token_ce(hiddens.detach(), W.detach(), targets, chunk_size)
-            coef = coef_fn(ce)
-        loss, ce, correct = weighted_ce(hiddens, W, targets, coef.detach(), chunk_size)
+            ce, correct = token_ce(hiddens.detach(), W.detach(), targets, chunk_size, rows)
+            coef = coef_fn(ce).detach()
+            if n_nonzero is not None:
+                flat = coef.reshape(-1)
+                pool = rows if rows is not None else torch.arange(flat.numel(), device=flat.device)
+                picked = torch.topk((flat[pool] != 0).float(), n_nonzero, sorted=False).indices
+                loss, _, _ = weighted_ce(hiddens, W, targets, coef, chunk_size, pool[picked])
+                return loss, ce, correct, coef
+        loss, ce, correct = weighted_ce(hiddens, W, targets, coef.detach(), chunk_size, rows)
         return loss, ce, correct, coef
+
+
+def checkpointing_enable(base):
+    """HF activation checkpointing, non-reentrant (transformers renamed the method in 5.2x)."""
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def enable_grad_checkpointing(model: MTPModel):
     """Recompute each block's activations in the backward (memory for ~1/3 more compute), the
     extra heads included: they are HF blocks too, so they get the same checkpointing function."""
-    model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing_enable(model.base)
     for head in model.extra_heads:
         head.gradient_checkpointing = True
         head._gradient_checkpointing_func = model._last_block._gradient_checkpointing_func
@@ -194,10 +213,57 @@ def align_to_heads(x: torch.Tensor, n_heads: int, fill=0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def default_chunk_size(vocab_size: int) -> int:
-    # ~32M fp32 logits per chunk (128 MB): large enough to keep the matmuls efficient, small
-    # enough that the loss never dominates memory (DESIGN.md §3: naive MTP at vocab 128k
-    # needs 1.6x the memory of next-token training).
-    return max(64, (1 << 25) // vocab_size)
+    # ~256M logits per chunk (512 MB in bf16), at least 1024 rows: large enough to keep the
+    # matmuls efficient and the grad_W accumulations few at vocab 128k, small enough that the
+    # loss never dominates memory
+    # (DESIGN.md §3: naive MTP at vocab 128k needs 1.6x the memory of next-token training).
+    return max(1024, (1 << 28) // vocab_size)
+
+
+def _ce_chunk(logits, y, coef, acc: torch.dtype, need_grad: bool, out_dtype: torch.dtype):
+    """One chunk of rows: CE, argmax-correctness and (if needed) d(Σ coef·CE)/d logits =
+    coef · (softmax - onehot). Written as one pure function so that on GPUs torch.compile fuses
+    it into a couple of kernels (the upcast, log-sum-exp, exp and scaling in one pass over the
+    chunk's logits instead of six)."""
+    logits = logits.to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = lse - logits.gather(1, y[:, None]).squeeze(1)
+    correct = logits.argmax(-1) == y
+    if not need_grad:
+        return ce, correct, None
+    g = torch.exp(logits - lse[:, None])
+    g = g.scatter_add(1, y[:, None], -torch.ones_like(lse)[:, None])
+    return ce, correct, (g * coef[:, None].to(acc)).to(out_dtype)
+
+
+_ce_chunk_compiled = None
+
+
+def _chunk_fn(device):
+    global _ce_chunk_compiled
+    if device.type != "cuda":
+        return _ce_chunk
+    if _ce_chunk_compiled is None:
+        # dynamic: the number of rows of the last chunk changes with every batch
+        _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=True)
+    return _ce_chunk_compiled
+
+
+_ADDMM_OUT_DTYPE = None  # whether this torch/device accumulates bf16 products into fp32 in place
+
+
+def _add_matmul(acc, a, b):
+    """acc += a @ b, accumulated in acc's (fp32) precision: in place with cuBLAS where torch
+    supports addmm's out_dtype (no bf16 temporary, no extra pass over acc), else via a temporary."""
+    global _ADDMM_OUT_DTYPE
+    if acc.dtype != a.dtype and a.is_cuda and _ADDMM_OUT_DTYPE is not False:
+        try:
+            torch.addmm(acc, a, b, acc.dtype, out=acc)
+            _ADDMM_OUT_DTYPE = True
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE = False
+    acc += a @ b
 
 
 class _WeightedLinearCE(torch.autograd.Function):
@@ -220,23 +286,16 @@ class _WeightedLinearCE(torch.autograd.Function):
         correct = torch.empty(N, device=h.device, dtype=torch.bool)
         grad_h = torch.empty_like(h) if need_h else None
         grad_W = torch.zeros(W.shape, device=W.device, dtype=acc) if need_W else None
+        chunk_fn = _chunk_fn(h.device)
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
-            logits = (h[s:e] @ W.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            y = targets[s:e]
-            ce[s:e] = lse - logits.gather(1, y[:, None]).squeeze(1)
-            correct[s:e] = logits.argmax(-1) == y
-            if need_h or need_W:
-                # d CE / d logits = softmax - onehot, written into the logits buffer in place.
-                g = logits.sub_(lse[:, None]).exp_()
-                g[torch.arange(e - s, device=g.device), y] -= 1.0
-                g = g.mul_(coef[s:e, None].to(acc)).to(h.dtype)
+            ce[s:e], correct[s:e], g = chunk_fn(h[s:e] @ W.t(), targets[s:e], coef[s:e], acc,
+                                                need_h or need_W, h.dtype)
+            if g is not None:
                 if need_h:
-                    grad_h[s:e] = g @ W
+                    torch.mm(g, W, out=grad_h[s:e])
                 if need_W:
-                    grad_W += g.t() @ h[s:e]
-            del logits
+                    _add_matmul(grad_W, g.t(), h[s:e])
         loss = (coef.to(acc) * ce).sum()
         ctx.grads = (grad_h, grad_W.to(W.dtype) if need_W else None)
         ctx.mark_non_differentiable(ce, correct)
@@ -246,29 +305,44 @@ class _WeightedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_correct):
         grad_h, grad_W = ctx.grads
         del ctx.grads
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
         return scale(grad_h), scale(grad_W), None, None, None
 
 
-def weighted_ce(hiddens, W, targets, coef, chunk_size=None):
+def weighted_ce(hiddens, W, targets, coef, chunk_size=None, rows=None):
     """Weighted CE over all heads: hiddens [n, B, T, D], targets/coef [n, B, T].
 
-    Returns (loss, ce [n, B, T], correct [n, B, T]); ce and correct are detached.
+    rows: optional indices into the flattened [n, B, T] of the (head, position) pairs that are
+    in the loss (`loss_rows`); the unembedding then runs on those rows only -- prompt, padding
+    and past-the-end positions cost nothing. Computed on the host from the batch's mask, so
+    their number is known without a device sync.
+    Returns (loss, ce [n, B, T], correct [n, B, T]); ce and correct are detached (0 off rows).
     """
     D = hiddens.shape[-1]
     chunk_size = chunk_size or default_chunk_size(W.shape[0])
-    loss, ce, correct = _WeightedLinearCE.apply(
-        hiddens.reshape(-1, D), W, targets.reshape(-1), coef.reshape(-1), chunk_size)
+    h, y, c = hiddens.reshape(-1, D), targets.reshape(-1), coef.reshape(-1)
+    if rows is not None:
+        h, y, c = h[rows], y[rows], c[rows]
+    loss, ce, correct = _WeightedLinearCE.apply(h, W, y, c, chunk_size)
+    if rows is not None:
+        ce = torch.zeros(targets.numel(), device=ce.device, dtype=ce.dtype).index_copy_(0, rows, ce)
+        correct = torch.zeros(targets.numel(), device=ce.device, dtype=torch.bool).index_copy_(0, rows, correct)
     return loss, ce.view(targets.shape), correct.view(targets.shape)
 
 
 @torch.no_grad()
-def token_ce(hiddens, W, targets, chunk_size=None):
+def token_ce(hiddens, W, targets, chunk_size=None, rows=None):
     """Per-token CE and argmax-correctness, no gradient, chunked: for scoring (reference model,
     Rho-1's policy loss)."""
     loss_free_coef = torch.zeros(targets.shape, device=targets.device)
-    _, ce, correct = weighted_ce(hiddens.detach(), W.detach(), targets, loss_free_coef, chunk_size)
+    _, ce, correct = weighted_ce(hiddens.detach(), W.detach(), targets, loss_free_coef, chunk_size, rows)
     return ce, correct
+
+
+def loss_rows(mask: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Indices (into a flattened [n, B, T]) of the (head, position) pairs whose target is a
+    completion token. Call it on the CPU copy of the mask: no device sync."""
+    return align_to_heads(mask, n_heads).flatten().nonzero().squeeze(1)
 
 
 def head_lambdas(n_heads: int, discount: float = 1.0) -> torch.Tensor:
@@ -300,7 +374,7 @@ def naive_weighted_mtp_loss(hiddens, W, targets, coef):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reference_token_ce(ref: MTPModel, input_ids, chunk_size=None):
+def reference_token_ce(ref: MTPModel, input_ids, chunk_size=None, rows=None):
     """CE_ref(j) = -log p_ref(x_j | x_<j) for every token j, in target indexing [B, T] (0 at j=0).
 
     `ref` is the reference wrapped as a 1-head MTPModel, so that its whole computation happens
@@ -309,7 +383,7 @@ def reference_token_ce(ref: MTPModel, input_ids, chunk_size=None):
     """
     targets = align_to_heads(input_ids, 1)
     _, ce, _, _ = ref(input_ids, targets, coef=torch.zeros(targets.shape, device=input_ids.device),
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, rows=rows)  # rows: loss_rows(mask, 1)
     out = torch.zeros_like(ce[0])
     out[:, 1:] = ce[0, :, :-1]  # position t predicts token t+1
     return out

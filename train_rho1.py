@@ -193,15 +193,25 @@ def main(argv):
         mask = batch["loss_mask"].to(device)
         targets = mtp.align_to_heads(ids, n_heads)
         valid = mtp.align_to_heads(mask, n_heads)
+        # the unembeddings run only where a completion token is the target
+        rows = mtp.loss_rows(batch["loss_mask"], n_heads).to(device)
+        ref_rows = mtp.loss_rows(batch["loss_mask"], 1).to(device)
         with amp:
-            ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, chunk), n_heads)
+            ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, chunk, ref_rows), n_heads)
 
             def rho1_coef(ce):  # ce: the policy's own per-(head, position) CE, detached
                 w = mtp.rho1_weights(ce - ref_ce, valid, cfg.rho1.ratio, cfg.rho1.mode,
                                      cfg.rho1.temperature, dist.group)
                 return mtp.loss_coefficients(w, valid, denom, lambdas)
 
-            loss, ce, correct, coef = model(ids, targets, coef_fn=rho1_coef, chunk_size=chunk)
+            # In one process the hard selection keeps a number of pairs known on the host, so
+            # the loss can skip the dropped ones (with several ranks each rank's share varies).
+            n_kept = None
+            if world == 1 and cfg.rho1.mode == "hard":
+                n_valid = mtp.align_to_heads(batch["loss_mask"], n_heads).flatten(1).sum(1)
+                n_kept = int(mtp.selected_count(n_valid, cfg.rho1.ratio).sum())
+            loss, ce, correct, coef = model(ids, targets, coef_fn=rho1_coef, chunk_size=chunk,
+                                            rows=rows, n_nonzero=n_kept)
         return loss, ce, correct, coef, valid, ref_ce
 
     # Σ m·w per head over the whole optimizer batch, known before any forward: top-ρ keeps

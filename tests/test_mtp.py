@@ -250,3 +250,69 @@ def test_warmup_cosine():
     lr = [mtp.warmup_cosine(s, 2, 10, 0.1) for s in range(11)]
     assert lr[0] == 0.5 and lr[1] == 1.0 and lr[2] == 1.0
     assert abs(lr[10] - 0.1) < 1e-9 and all(a >= b for a, b in zip(lr[2:], lr[3:]))
+
+
+def test_activation_checkpointing_keeps_gradients():
+    """Recomputing block activations in the backward (extra heads included) changes no gradient."""
+    def grads(ckpt):
+        model = mtp.MTPModel(tiny_llama(dtype=torch.float64), 3).train()
+        if ckpt:
+            mtp.enable_grad_checkpointing(model)
+        x, targets, coef = _random_problem(model)
+        loss, *_ = model(x, targets, coef=coef)
+        return torch.autograd.grad(loss, list(model.parameters()))
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_on_rows_only_equals_full_loss():
+    """Running the unembedding only on the pairs in the loss (loss_rows) changes nothing."""
+    model = mtp.MTPModel(tiny_llama(dtype=torch.float64), 3)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 97, (2, 9), generator=g)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1, 1]])
+    valid = mtp.align_to_heads(mask, 3)
+    w = torch.rand(3, 2, 9, generator=g, dtype=torch.float64)
+    coef = mtp.loss_coefficients(w, valid, (w * valid).flatten(1).sum(1), mtp.head_lambdas(3).double())
+    targets = mtp.align_to_heads(x, 3)
+    rows = mtp.loss_rows(mask, 3)
+    assert len(rows) == int(valid.sum())
+    full = model(x, targets, coef=coef)
+    some = model(x, targets, coef=coef, rows=rows)
+    torch.testing.assert_close(some[0], full[0])
+    torch.testing.assert_close(some[1] * valid, full[1] * valid)
+    g_full = torch.autograd.grad(full[0], list(model.parameters()))
+    g_some = torch.autograd.grad(some[0], list(model.parameters()))
+    for a, b in zip(g_full, g_some):
+        torch.testing.assert_close(a, b)
+    ref = mtp.MTPModel(tiny_llama(seed=2, dtype=torch.float64), 1)
+    torch.testing.assert_close(mtp.reference_token_ce(ref, x, rows=mtp.loss_rows(mask, 1)) * mask,
+                               mtp.reference_token_ce(ref, x) * mask)
+
+
+def test_rho1_loss_on_selected_rows_only_equals_full_loss():
+    """With the number of kept pairs known (n_nonzero), the loss skips the dropped ones: same
+    loss, same gradients."""
+    model = mtp.MTPModel(tiny_llama(dtype=torch.float64), 3)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 97, (2, 10), generator=g)
+    mask = torch.ones_like(x)
+    mask[:, :3] = 0
+    valid = mtp.align_to_heads(mask, 3)
+    lam = mtp.head_lambdas(3).double()
+    n_valid = valid.flatten(1).sum(1)
+    denom = mtp.selected_count(n_valid, 0.6).double()
+    ref_ce = torch.rand(3, 2, 10, generator=g, dtype=torch.float64)
+
+    def coef_fn(ce):
+        return mtp.loss_coefficients(mtp.rho1_weights(ce - ref_ce, valid, 0.6).double(), valid, denom, lam)
+
+    rows = mtp.loss_rows(mask, 3)
+    full = model(x, mtp.align_to_heads(x, 3), coef_fn=coef_fn)
+    some = model(x, mtp.align_to_heads(x, 3), coef_fn=coef_fn, rows=rows, n_nonzero=int(denom.sum()))
+    torch.testing.assert_close(some[0], full[0])
+    torch.testing.assert_close(some[1] * valid, full[1] * valid)  # logged CE still covers every valid pair
+    for a, b in zip(torch.autograd.grad(full[0], list(model.parameters())),
+                    torch.autograd.grad(some[0], list(model.parameters()))):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,266 @@
+"""
+bench.py — training-step speed and memory of WMTP against what users would run instead.
+
+    python bench.py                                   # GPU: the full table (vocab 32k and 128k, ckpt on/off)
+    python bench.py --vocab=32000 --ckpt=on           # one slice of it
+    python bench.py --device=cpu --tiny               # a seconds-long smoke run of every variant
+
+Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
+full training steps -- forward, backward, optimizer -- after warm-up, for, in one process on
+one GPU:
+  hf          (a) the plain Hugging Face step users write today:
+                  model(input_ids, labels=input_ids).loss.backward(); eager, HF modelling code
+  naive_mtp   (b) 4-head MTP that materialises every head's logits (what the seeds' code did)
+  wmtp1           our path with one head (next-token fine-tuning)
+  wmtp4       (c) WMTP, 4 heads, uniform weights
+  rho1_q      (d) WMTP 4 heads + Rho-1, reference of ~1/4 the policy size (its forward included)
+  rho1_same   (d) the same with a reference as large as the policy
+  critic      (e) WMTP 4 heads + critic weights (a ~1/4-size value model's forward, GAE, whitening)
+and prints tokens/s, MFU and peak memory, each also as a ratio to (a) measured in the same run.
+
+All variants use bf16 parameters (no fp32 master copy) and AdamW, so that memory compares like
+with like; "ours" (wmtp*, rho1*, critic) use every optimisation: compiled blocks, fused AdamW,
+the chunked fused loss, no host syncs. MFU counts model FLOPs only (recomputation under
+activation checkpointing is not counted):
+    FLOPs/token = 6 * (matmul parameters on the trained path) + 6 * L * T * d   (causal attention)
+              + 2 * (matmul parameters of a frozen reference / value model) + 2 * L' * T * d'
+where the trained path of an n-head model counts the trunk, n heads' blocks and n unembeddings.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mtp
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
+
+
+def llama_config(vocab, hidden, layers, inter, heads, kv, seq):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                       max_position_embeddings=seq, tie_word_embeddings=False)
+
+
+def build(cfg, device, dtype, seed=0):
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype)
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls (everything but the input embedding and norms)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed_tokens" not in n)
+
+
+def flops_per_token(cfg, n_heads, seq, frozen=()):
+    block = (matmul_params_of_block(cfg))
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    trained = (cfg.num_hidden_layers - 1) * block + n_heads * (block + lm_head)
+    attn = 6 * (cfg.num_hidden_layers - 1 + n_heads) * seq * cfg.hidden_size
+    f = 6 * trained + attn
+    for c in frozen:  # forward only
+        f += 2 * (c.num_hidden_layers * matmul_params_of_block(c) + c.vocab_size * c.hidden_size)
+        f += 2 * c.num_hidden_layers * seq * c.hidden_size
+    return f
+
+
+def matmul_params_of_block(c):
+    hd = c.hidden_size // c.num_attention_heads
+    attn = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    return attn + 3 * c.hidden_size * c.intermediate_size
+
+
+# ---- the steps --------------------------------------------------------------------------------
+
+def step_hf(model, opt, ids, **_):
+    """(a): exactly what a user writes with transformers."""
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def step_naive_mtp(model, opt, ids, n_heads, **_):
+    """(b): every head's logits materialised at once, fp32 upcast for the loss (as HF does)."""
+    hiddens, _ = model.hidden_states(ids, use_cache=False)
+    logits = hiddens @ model.lm_head_weight.t()  # [n, B, T, V]
+    loss = 0.0
+    for k in range(n_heads):
+        T = ids.shape[1]
+        loss = loss + F.cross_entropy(logits[k, :, : T - k - 1].flatten(0, 1).float(), ids[:, k + 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def step_wmtp(model, opt, ids, n_heads, coef, targets, rows, **_):
+    """(c): uniform weights; the coefficients are fixed for a fixed batch shape."""
+    loss, *_ = model(ids, targets, coef=coef, rows=rows)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def step_rho1(model, opt, ids, n_heads, targets, valid, denom, lambdas, ref, rows, ref_rows, n_kept, **_):
+    """(d): reference forward, then the policy's per-head CE, top-70% selection, weighted loss."""
+    ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, rows=ref_rows), n_heads)
+
+    def coef_fn(ce):
+        w = mtp.rho1_weights(ce - ref_ce, valid, 0.7)
+        return mtp.loss_coefficients(w, valid, denom, lambdas)
+
+    loss, *_ = model(ids, targets, coef_fn=coef_fn, rows=rows, n_nonzero=n_kept)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def step_critic(model, opt, ids, n_heads, targets, valid, lambdas, value_model, mask, rows, **_):
+    """(e): value-model forward, δ, GAE, whitening, exp(A/β) weights, weighted loss."""
+    with torch.no_grad():
+        values = value_model(ids)
+        reward = torch.ones(ids.shape[0], device=ids.device)
+        adv = mtp.gae(mtp.critic_deltas(values, mask, reward), mask, 0.95)
+        mean, std = mtp.masked_mean_std([adv], [mask])
+        w = mtp.critic_weights((adv - mean) / std, mask, 1.0, 0.1, 5.0)
+        w = mtp.align_to_heads(w, n_heads)
+        denom = (w * valid).flatten(1).sum(1)
+        coef = mtp.loss_coefficients(w, valid, denom, lambdas)
+    loss, *_ = model(ids, targets, coef=coef, rows=rows)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# ---- one measurement ------------------------------------------------------------------------
+
+def measure(name, args, cfg, device, dtype, ckpt):
+    ours = name != "hf" and name != "naive_mtp"
+    n_heads = 1 if name in ("hf", "wmtp1") else 4
+    base = build(cfg, device, dtype)
+    if ckpt:
+        mtp.checkpointing_enable(base)
+    model = base if name == "hf" else mtp.MTPModel(base, n_heads)
+    if ours and args.compile:
+        for block in mtp.transformer_blocks(model):
+            block.compile()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=ours and device.type == "cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    mask_cpu = torch.ones(args.batch, args.seq, dtype=torch.long)
+    mask_cpu[:, : args.seq // 4] = 0  # a prompt: a quarter of every sequence
+    mask = mask_cpu.to(device)
+    targets = mtp.align_to_heads(ids, n_heads)
+    valid = mtp.align_to_heads(mask, n_heads)
+    lambdas = mtp.head_lambdas(n_heads).to(device)
+    denom = valid.flatten(1).sum(1).float()
+    kw = dict(n_heads=n_heads, targets=targets, valid=valid, lambdas=lambdas, mask=mask,
+              coef=mtp.loss_coefficients(valid.float(), valid, denom, lambdas),
+              denom=mtp.selected_count(valid.flatten(1).sum(1), 0.7).float(),
+              rows=mtp.loss_rows(mask_cpu, n_heads).to(device), ref_rows=mtp.loss_rows(mask_cpu, 1).to(device),
+              n_kept=int(mtp.selected_count(mtp.align_to_heads(mask_cpu, n_heads).flatten(1).sum(1), 0.7).sum()))
+    frozen = []
+    step = {"hf": step_hf, "naive_mtp": step_naive_mtp, "wmtp1": step_wmtp, "wmtp4": step_wmtp,
+            "rho1_q": step_rho1, "rho1_same": step_rho1, "critic": step_critic}[name]
+    if name.startswith("rho1"):
+        rcfg = cfg if name == "rho1_same" else args.small_cfg
+        ref = mtp.MTPModel(build(rcfg, device, dtype, seed=1).eval().requires_grad_(False), 1)
+        if args.compile:
+            for block in mtp.transformer_blocks(ref):
+                block.compile()
+        kw["ref"] = ref
+        frozen.append(rcfg)
+    if name == "critic":
+        vm = mtp.ValueModel(build(args.small_cfg, device, dtype, seed=2)).to(device, dtype).eval().requires_grad_(False)
+        if args.compile:
+            for block in mtp.transformer_blocks(vm.backbone):
+                block.compile()
+        kw["value_model"] = vm
+        frozen.append(args.small_cfg)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    for _ in range(args.warmup):
+        step(model, opt, ids, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(model, opt, ids, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    tok_s = args.batch * args.seq / dt
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    fpt = flops_per_token(cfg, n_heads, args.seq, frozen)
+    del model, base, opt, kw
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", default="32000,128256")
+    p.add_argument("--ckpt", default="on,off", help="activation checkpointing: on, off or both")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="hf,naive_mtp,wmtp1,wmtp4,rho1_q,rho1_same,critic")
+    p.add_argument("--no_compile", dest="compile", action="store_false")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
+    p.add_argument("--json", default="", help="also write the results here")
+    args = p.parse_args()
+    device = mtp.pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.tiny:
+        args.seq, args.batch, args.steps, args.warmup = 64, 2, 2, 1
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
+    print(f"# {gpu}, torch {torch.__version__}, batch {args.batch} x {args.seq} tokens, "
+          f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, compile={args.compile}")
+    results = []
+    for vocab in [int(v) for v in args.vocab.split(",")]:
+        if args.tiny:
+            cfg = llama_config(vocab, 64, 3, 128, 4, 2, args.seq)
+            args.small_cfg = llama_config(vocab, 32, 2, 64, 4, 2, args.seq)
+        else:
+            cfg = llama_config(vocab, 2048, 22, 5632, 32, 4, args.seq)          # ~1.1B (TinyLlama)
+            args.small_cfg = llama_config(vocab, 1024, 16, 2816, 16, 4, args.seq)  # ~1/4 of it
+        for ckpt in [c == "on" for c in args.ckpt.split(",")]:
+            rows = []
+            for name in args.variants.split(","):
+                try:
+                    r = measure(name, args, cfg, device, dtype, ckpt)
+                except torch.OutOfMemoryError:
+                    r = {"variant": name, "tok_s": float("nan"), "peak_gb": float("inf"), "tflops": float("nan")}
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                r |= {"vocab": vocab, "ckpt": ckpt, "mfu": r["tflops"] / peak}
+                rows.append(r)
+                print(f"  ... {name}: {r['tok_s']:.0f} tok/s", flush=True)
+            base = rows[0] if rows[0]["variant"] == "hf" else None
+            print(f"\nvocab {vocab}, activation checkpointing {'on' if ckpt else 'off'}")
+            print(f"{'variant':<11} {'tok/s':>9} {'x hf':>6} {'MFU':>6} {'peak GB':>8} {'x hf':>6}")
+            for r in rows:
+                rt = r["tok_s"] / base["tok_s"] if base else float("nan")
+                rm = r["peak_gb"] / base["peak_gb"] if base else float("nan")
+                print(f"{r['variant']:<11} {r['tok_s']:>9.0f} {rt:>6.2f} {r['mfu']:>6.1%} {r['peak_gb']:>8.1f} {rm:>6.2f}")
+            results += rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
