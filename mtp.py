@@ -11,6 +11,7 @@ Read top to bottom:
   3. Weights: Rho-1 excess-loss selection (Lin et al. 2024, "Not All Tokens Are What You Need").
   4. Save / load of a consolidated checkpoint.
   5. Small run plumbing shared by the scripts: config parsing, device, model loading.
+  6. Training plumbing: processes, sharding, schedule, checkpoints, tracking.
 
 Conventions used everywhere below (B = batch, T = sequence length, n = number of heads):
   - "target indexing": a per-token tensor x[b, j] belongs to token j (its weight, its mask,
@@ -355,9 +356,10 @@ def _all_gather_cat(x, group):
     return torch.cat(parts, dim=1)
 
 
-def check_same_tokenizer(tok_a, tok_b, name_a, name_b):
-    """Rho-1's excess loss compares two models' CE of the *same token id*: that is only
-    meaningful if both tokenizers map text to the same ids. Stop early otherwise."""
+def check_same_tokenizer(tok_a, tok_b, name_a, name_b, needs="Rho-1 needs a reference model"):
+    """Rho-1's excess loss compares two models' CE of the *same token id* (and the critic's value
+    model scores the policy's token sequence): that is only meaningful if both tokenizers map
+    text to the same ids. Stop early otherwise."""
     va, vb = tok_a.get_vocab(), tok_b.get_vocab()
     if va != vb:
         only_a = sorted(set(va) - set(vb))[:5]
@@ -365,7 +367,7 @@ def check_same_tokenizer(tok_a, tok_b, name_a, name_b):
         raise ValueError(f"tokenizer mismatch: policy {name_a!r} ({len(va)} tokens) and reference "
                          f"{name_b!r} ({len(vb)} tokens) do not share a vocabulary "
                          f"(e.g. only in the first: {only_a}, different ids: {diff}); "
-                         f"Rho-1 needs a reference model with the same tokenizer")
+                         f"{needs} with the same tokenizer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -671,7 +673,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
-    """Put the policy (trainable) and the reference (frozen) on their devices.
+    """Put the policy (trainable) and the reference (frozen, or None) on their devices.
 
     Single process: fp32 master weights on the device (autocast does the low-precision
     compute), reference cast to the compute dtype (it is never updated).
@@ -683,12 +685,12 @@ def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
         for block in transformer_blocks(model):
             block.compile()
     if dist.group is None:
-        return model.to(dist.device), ref.to(dist.device, dtype)
+        return model.to(dist.device), (ref.to(dist.device, dtype) if ref is not None else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(dist.device.type, (dist.world,))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for m in (model, ref):
+    for m in (model,) + ((ref,) if ref is not None else ()):
         for block in transformer_blocks(m):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(m, mesh=mesh, mp_policy=mp)
@@ -709,6 +711,37 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_cosine(params, lr, weight_decay, betas, warmup, total, min_ratio, device):
+    """AdamW + the warmup-cosine LR schedule. No weight decay on norms and biases (1-D tensors),
+    as in nanoGPT / Meta's recipes."""
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=lr, betas=betas, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+    return optimizer, schedule
+
+
+@torch.no_grad()
+def heldout_ce(model, batches, device, amp, chunk_size, group) -> list[float]:
+    """Mean CE per head over the completion tokens of held-out batches (all ranks)."""
+    was_training = model.training
+    model.eval()
+    n_heads = model.n_heads
+    tot = torch.zeros(2, n_heads, device=device)
+    for b in batches:
+        ids = b["input_ids"].to(device)
+        valid = align_to_heads(b["loss_mask"].to(device), n_heads)
+        with amp:
+            _, ce, _, _ = model(ids, align_to_heads(ids, n_heads), coef=valid.float(), chunk_size=chunk_size)
+        tot += torch.stack([(ce * valid).flatten(1).sum(1), valid.flatten(1).sum(1)])
+    model.train(was_training)
+    tot = all_reduce(tot, "sum", group)
+    return (tot[0] / tot[1].clamp_min(1)).tolist()
 
 
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
@@ -799,13 +832,14 @@ def load_checkpoint(which, out_dir, model, optimizer, schedule) -> int:
 def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None):
     """Gather the full state dict (all ranks take part) and let rank 0 write the consolidated
     checkpoint of `save_consolidated`."""
+    save = save_consolidated
     if dist.group is None:
-        save_consolidated(model, tokenizer, out_dir, extra=extra)
+        save(model, tokenizer, out_dir, extra=extra)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.rank == 0:
-        save_consolidated(model, tokenizer, out_dir, state_dict=sd, extra=extra)
+        save(model, tokenizer, out_dir, state_dict=sd, extra=extra)
     torch.distributed.barrier()
 
 
@@ -834,3 +868,4 @@ def start_mlflow(mcfg, cfg, master: bool, resume_step: int = 0):
     if resume_step:
         mlflow.set_tag("resumed_from_step", resume_step)
     return run
+
