@@ -512,24 +512,30 @@ def run_python(program: str, timeout: float = 5.0, memory_mb: int = 1024) -> boo
             return rc == 0 and out.read().decode("utf-8", "replace").rstrip().endswith(nonce)
 
 
-def default_executor(timeout: float):
-    """program -> passed?: eval.py's sandbox (check_completion) when eval.py is importable, else
-    `run_python`."""
+def default_executor(timeout: float, workers: int = 2):
+    """[program] -> [passed?]: eval.py's sandbox (`check_all`, which gives every concurrently
+    running program its own sandbox slot) when eval.py is importable, else `run_python` on
+    `workers` threads."""
     try:
         import eval as sandbox  # eval.py of this repository
     except ImportError:
-        return lambda program: run_python(program, timeout)
-    return lambda program: bool(sandbox.check_completion({"head": "", "tail": ""}, program, timeout=timeout)["passed"])
+        import concurrent.futures
+
+        def run_all(programs):
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # each waits on a subprocess
+                return list(pool.map(lambda p: run_python(p, timeout), programs))
+        return run_all
+    return lambda programs: [bool(r["passed"]) for r in sandbox.check_all(
+        [({"head": "", "tail": ""}, p) for p in programs], workers, timeout=timeout)]
 
 
 def mbpp_mutants(mbpp_path: str | None, split: str = "train", per_task: int = 4, seed: int = 0,
                  max_tasks: int = 0, cache_dir: str = "out/labels", timeout: float = 5.0,
-                 executor=None, workers: int = 2) -> str:
+                 executor=None) -> str:
     """Build (or find in the cache) the labelled MBPP set -> path of a generic labelled JSONL
     (source 'jsonl'). Each task gives its reference solution and `per_task` mutants, in the
     prompt/completion format of `load_examples("mbpp")`, labelled by running the task's tests
-    with `executor(program) -> bool` (default: `default_executor`)."""
-    import concurrent.futures
+    with `executor([program]) -> [passed?]` (default: `default_executor`)."""
     import random
     name = f"mbpp_{split}_mutants{per_task}_seed{seed}" + (f"_first{max_tasks}" if max_tasks else "") + ".jsonl"
     cache = os.path.join(cache_dir, name)
@@ -546,9 +552,13 @@ def mbpp_mutants(mbpp_path: str | None, split: str = "train", per_task: int = 4,
             rows.append({"prompt": mbpp_prompt(r["text"], list(r["test_list"])), "completion": c + "\n[DONE]",
                          "problem": f"MBPP/{r['task_id']}", "kind": kind})
             programs.append(c + tests)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # each waits on a subprocess
-        for row, passed in zip(rows, pool.map(executor, programs)):
-            row["passed"] = bool(passed)
+    for row, passed in zip(rows, executor(programs), strict=True):
+        row["passed"] = bool(passed)
+    failed_refs = sum(not r["passed"] for r in rows if r["kind"] == "reference")
+    if failed_refs:  # a few MBPP references are wrong; many failing suggests timeouts under load
+        import sys
+        print(f"mbpp_mutants: {failed_refs} of {len(tasks)} reference solutions failed their own tests "
+              f"(labelled 0, as executed; if that is many, raise the timeout, now {timeout}s)", file=sys.stderr)
     os.makedirs(cache_dir, exist_ok=True)
     with open(cache + ".tmp", "w") as f:
         for row in rows:
