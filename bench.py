@@ -125,7 +125,7 @@ def step_rho1(model, opt, ids, n_heads, targets, valid, denom, lambdas, ref, row
 def step_critic(model, opt, ids, n_heads, targets, valid, lambdas, value_model, mask, rows, **_):
     """(e): value-model forward, δ, GAE, whitening, exp(A/β) weights, weighted loss."""
     with torch.no_grad():
-        values = value_model(ids)
+        values = torch.sigmoid(value_model(ids))
         reward = torch.ones(ids.shape[0], device=ids.device)
         adv = mtp.gae(mtp.critic_deltas(values, mask, reward), mask, 0.95)
         mean, std = mtp.masked_mean_std([adv], [mask])
@@ -147,7 +147,7 @@ def measure(name, args, cfg, device, dtype, ckpt):
     base = build(cfg, device, dtype)
     model = base if name == "hf" else mtp.MTPModel(base, n_heads)
     if ckpt:  # HF's own for (a) and (b); ours leaves the heads un-checkpointed
-        mtp.enable_grad_checkpointing(model) if ours else mtp.checkpointing_enable(base)
+        mtp.enable_grad_checkpointing(model, args.ckpt_heads) if ours else mtp.checkpointing_enable(base)
     if ours and args.compile:
         for block in mtp.transformer_blocks(model):
             block.compile()
@@ -181,7 +181,7 @@ def measure(name, args, cfg, device, dtype, ckpt):
     if name == "critic":
         vm = mtp.ValueModel(build(args.small_cfg, device, dtype, seed=2)).to(device, dtype).eval().requires_grad_(False)
         if args.compile:
-            for block in mtp.transformer_blocks(vm.backbone):
+            for block in mtp.transformer_blocks(vm.base):
                 block.compile()
         kw["value_model"] = vm
         frozen.append(args.small_cfg)
@@ -201,6 +201,7 @@ def measure(name, args, cfg, device, dtype, ckpt):
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     fpt = flops_per_token(cfg, n_heads, args.seq, frozen)
     del model, base, opt, kw
+    torch._dynamo.reset()  # compiled graphs hold on to the previous variant's modules
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -217,6 +218,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="hf,naive_mtp,wmtp1,wmtp4,rho1_q,rho1_same,critic")
     p.add_argument("--no_compile", dest="compile", action="store_false")
+    p.add_argument("--ckpt_heads", action="store_true", help="checkpoint our MTP heads too (less memory, more compute)")
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
     p.add_argument("--json", default="", help="also write the results here")

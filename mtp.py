@@ -187,15 +187,18 @@ def checkpointing_enable(base):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def enable_grad_checkpointing(model: MTPModel):
+def enable_grad_checkpointing(model: MTPModel, heads: bool = False):
     """Recompute the trunk blocks' activations in the backward (memory for ~1/3 more compute).
 
-    The heads are not checkpointed: the backward starts at them, right after the loss, so
-    recomputing them would save only n-1 blocks' activations for a short moment while costing
-    n blocks of recomputation on every step.
+    The heads are checkpointed only if asked: the backward starts at them right after the loss,
+    so checkpointing them saves n-1 blocks' activations at the peak but costs n blocks of
+    recomputation every step (bench.py measures both).
     """
     checkpointing_enable(model.base)
-    model._last_block.gradient_checkpointing = False
+    model._last_block.gradient_checkpointing = heads
+    for head in model.extra_heads if heads else []:
+        head.gradient_checkpointing = True
+        head._gradient_checkpointing_func = model._last_block._gradient_checkpointing_func
 
 
 def align_to_heads(x: torch.Tensor, n_heads: int, fill=0) -> torch.Tensor:

@@ -38,7 +38,8 @@ class ModelConfig:
     head_discount: float = 1.0       # λ_k = head_discount**k (1 = Meta's uniform heads)
     reference: str = ""              # Rho-1 reference model (same tokenizer); "" = the policy's base model
     tokenizer: str = ""              # "" = the policy's own; needed for a random-init policy (.json)
-    grad_checkpointing: bool = False # recompute block activations in backward (memory for ~30% compute)
+    grad_checkpointing: bool = False # recompute the trunk's block activations in backward (memory for ~30% compute)
+    checkpoint_heads: bool = False   # with grad_checkpointing: the MTP heads too (bench.py: pays off at small vocab)
 
 
 @dataclass
@@ -153,7 +154,7 @@ def main(argv):
     else:
         ref = copy.deepcopy(base)  # before training touches it
     if cfg.model.grad_checkpointing:
-        mtp.enable_grad_checkpointing(model)
+        mtp.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
     ref = mtp.MTPModel(ref.requires_grad_(False).eval(), 1)
     n_params = sum(p.numel() for p in model.parameters())
     n_ref = sum(p.numel() for p in ref.parameters())
