@@ -645,6 +645,30 @@ def load_model_and_tokenizer(spec: str, dtype=torch.float32):
     return model, load_tokenizer(spec)
 
 
+def load_policy(spec: str, n_heads: int, tokenizer: str = ""):
+    """The policy to fine-tune -> (MTPModel, tokenizer): a Meta MTP checkpoint (its heads are
+    already trained, so its n_future_tokens must equal n_heads), or any causal LM wrapped with
+    n_heads heads. `tokenizer` overrides the model's own (needed for a random-init .json model).
+    Errors name the config key at fault."""
+    if is_meta_checkpoint(spec):
+        model, tok = load_meta_checkpoint(spec)
+        if model.n_heads != n_heads:
+            raise ConfigError(f"config key 'model.n_heads' is {n_heads} but {spec} has "
+                              f"n_future_tokens={model.n_heads}")
+    else:
+        base, tok = load_model_and_tokenizer(spec, dtype=torch.float32)
+        model = MTPModel(base, n_heads)
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    if tok is None:
+        raise ConfigError(f"config key 'model.tokenizer': policy {spec!r} has no tokenizer of its "
+                          f"own, name one")
+    if len(tok) > model.config.vocab_size:
+        raise ConfigError(f"config key 'model.tokenizer': {len(tok)} tokens do not fit the "
+                          f"policy's vocabulary of {model.config.vocab_size}")
+    return model, tok
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
     path, gguf = resolve_model(spec)

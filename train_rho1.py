@@ -125,25 +125,8 @@ def main(argv):
     # ---- models ----------------------------------------------------------------------------
     # Master weights stay fp32; compute runs in `dtype` (autocast on one device, FSDP's mixed
     # precision under torchrun), as mixed-precision training is meant to.
-    if mtp.is_meta_checkpoint(cfg.model.policy):
-        # Meta's released MTP model: its heads are already trained, so n_heads is theirs.
-        model, tok = mtp.load_meta_checkpoint(cfg.model.policy)
-        if model.n_heads != cfg.model.n_heads:
-            raise mtp.ConfigError(f"config key 'model.n_heads' is {cfg.model.n_heads} but "
-                                  f"{cfg.model.policy} has n_future_tokens={model.n_heads}")
-        base = model.base
-    else:
-        base, tok = mtp.load_model_and_tokenizer(cfg.model.policy, dtype=torch.float32)
-        model = mtp.MTPModel(base, cfg.model.n_heads)
-    n_heads = model.n_heads
-    if cfg.model.tokenizer:
-        tok = mtp.load_tokenizer(cfg.model.tokenizer)
-    if tok is None:
-        raise mtp.ConfigError(f"config key 'model.tokenizer': policy {cfg.model.policy!r} has no "
-                              f"tokenizer of its own, name one")
-    if len(tok) > base.config.vocab_size:
-        raise mtp.ConfigError(f"config key 'model.tokenizer': {len(tok)} tokens do not fit the "
-                              f"policy's vocabulary of {base.config.vocab_size}")
+    model, tok = mtp.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
+    base, n_heads = model.base, model.n_heads
     # The reference: another model with the same tokenizer, or (by default) a frozen copy of
     # the policy's starting point -- then excess loss measures what training has not yet learned.
     ref_spec = cfg.model.reference or cfg.model.policy
