@@ -4,6 +4,7 @@ bench.py — training-step speed and memory of WMTP against what users would run
     python bench.py                                   # GPU: the full table (vocab 32k and 128k, ckpt on/off)
     python bench.py --vocab=32000 --ckpt=on           # one slice of it
     python bench.py --device=cpu --tiny               # a seconds-long smoke run of every variant
+    python bench.py --loss_memory=both                # CPU: peak memory of the loss alone, naive vs fused
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
 full training steps -- forward, backward, optimizer -- after warm-up, for, in one process on
@@ -208,6 +209,32 @@ def measure(name, args, cfg, device, dtype, ckpt):
     return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12}
 
 
+def loss_memory(variant):
+    """Peak memory of the loss alone (forward + backward), CPU: 4 heads x 4 x 512 tokens, vocab
+    49152 (SmolLM2's). Each variant runs in its own process: peak RSS cannot be reset."""
+    import resource
+    import subprocess
+    import sys
+    if variant == "both":
+        for v in ("naive", "fused"):
+            subprocess.run([sys.executable, __file__, f"--loss_memory={v}"], check=True)
+        return
+    torch.manual_seed(0)
+    n, B, T, D, V = 4, 4, 512, 576, 49152
+    h = torch.randn(n, B, T, D, requires_grad=True)
+    W = (0.02 * torch.randn(V, D)).requires_grad_()
+    y = torch.randint(0, V, (n, B, T))
+    coef = torch.rand(n, B, T) / (n * B * T)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if variant == "naive":
+        loss = (coef.reshape(-1) * F.cross_entropy((h @ W.t()).flatten(0, 2), y.reshape(-1), reduction="none")).sum()
+    else:
+        loss, _, _ = mtp.weighted_ce(h, W, y, coef)
+    loss.backward()
+    print(f"{variant}: {(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20:.2f} GB "
+          f"peak resident memory above the inputs")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", default="32000,128256")
@@ -222,7 +249,10 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--loss_memory", default="", help="'both': the loss alone, naive vs fused, on CPU")
     args = p.parse_args()
+    if args.loss_memory:
+        return loss_memory(args.loss_memory)
     device = mtp.pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tiny:

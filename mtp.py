@@ -238,9 +238,12 @@ def _ce_chunk(logits, y, coef, acc: torch.dtype, need_grad: bool, out_dtype: tor
     correct = logits.argmax(-1) == y
     if not need_grad:
         return ce, correct, None
-    g = torch.exp(logits - lse[:, None])
-    g = g.scatter_add(1, y[:, None], -torch.ones_like(lse)[:, None])
-    return ce, correct, (g * coef[:, None].to(acc)).to(out_dtype)
+    minus_one = -torch.ones_like(lse)[:, None]
+    if torch.compiler.is_compiling():  # pure ops: inductor fuses them into one pass
+        g = torch.exp(logits - lse[:, None]).scatter_add(1, y[:, None], minus_one) * coef[:, None].to(acc)
+    else:  # eager: in place, so that one chunk of logits is the only chunk-sized buffer
+        g = logits.sub_(lse[:, None]).exp_().scatter_add_(1, y[:, None], minus_one).mul_(coef[:, None].to(acc))
+    return ce, correct, g.to(out_dtype)
 
 
 _ce_chunk_compiled = None
