@@ -83,3 +83,12 @@ def test_dry_run_cli(tiny_run):
     bad = subprocess.run([sys.executable, os.path.join(REPO, "train_rho1.py"), cfg, "--max_stepz=3"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "max_stepz" in bad.stderr
+
+
+def test_non_finite_loss_stops_before_the_update(tiny_run):
+    """A diverging run (absurd learning rate) stops with an error that names the step, before a
+    NaN reaches the weights."""
+    _, cfg = tiny_run
+    with pytest.raises(FloatingPointError, match=r"step \d+: non-finite .* weights not updated"):
+        train_rho1.main([cfg, "--lr=1e30", "--warmup_steps=0", "--max_steps=10", "--mlflow.enabled=false",
+                         "--eval_every=0"])
