@@ -10,6 +10,8 @@ target so the model learns to stop). Sources:
                docstring, completion = canonical solution. Ships with pip, so it is always
                available offline -- but a model trained on it can no longer be evaluated on it.
   - jsonl:     generic rows {"prompt": ..., "completion": ...}.
+The last section holds the critic's labelled data: (prompt, completion, passed) triples from
+CodeContests, eval.py's samples or JSONL, and the offline MBPP set labelled by execution.
 
 Batches are deterministic functions of (seed, step): step s of the run uses examples
 [s*G, (s+1)*G) of a seeded permutation of the epoch (G = global batch in sequences), so a

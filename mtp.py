@@ -1116,7 +1116,8 @@ class ValueModel(nn.Module):
     def forward(self, input_ids) -> torch.Tensor:
         """Value logits [B, T] (fp32); V = sigmoid of them."""
         h = self.base.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        return self.head(h).squeeze(-1).float()
+        # A copy, not a view: FSDP2 hooks the module's output for its backward all-gather.
+        return self.head(h).squeeze(-1).to(torch.float32, copy=True)
 
 
 def set_value_trainable(model: ValueModel, train_layers: int):
