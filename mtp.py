@@ -926,7 +926,8 @@ def adamw_cosine(params, lr, weight_decay, betas, warmup, total, min_ratio, devi
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=lr, betas=betas, fused=device.type == "cuda")
+        lr=lr, betas=betas,  # fused kernels on GPUs, and on the CPU of a single process
+        fused=device.type == "cuda" or (device.type == "cpu" and not torch.distributed.is_initialized()))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
     return optimizer, schedule

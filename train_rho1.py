@@ -250,7 +250,8 @@ def main(argv):
         denom = denominators(batches)
         # Per-head sums accumulated on the device (no host sync inside the step):
         # [weighted loss, Σ CE over valid, Σ correct, Σ valid, Σ w, Σ w², Σ excess of selected, Σ excess]
-        stats = torch.zeros(8, n_heads, device=device, dtype=torch.float64)
+        stats = torch.zeros(8, n_heads, device=device,  # MPS has no float64
+                            dtype=torch.float32 if device.type == "mps" else torch.float64)
         w_min = torch.full((n_heads,), torch.inf, device=device)
         w_max = torch.full((n_heads,), -torch.inf, device=device)
         for batch in batches:
@@ -264,7 +265,7 @@ def main(argv):
             stats += torch.stack([(coef * ce).flatten(1).sum(1), (ce * v).flatten(1).sum(1),
                                   (correct & v).flatten(1).sum(1), v.flatten(1).sum(1),
                                   w.flatten(1).sum(1), (w * w).flatten(1).sum(1),
-                                  (excess * (w > 0)).flatten(1).sum(1), excess.flatten(1).sum(1)]).double()
+                                  (excess * (w > 0)).flatten(1).sum(1), excess.flatten(1).sum(1)]).to(stats.dtype)
             w_min = torch.minimum(w_min, torch.where(v, w, torch.inf).flatten(1).amin(1))
             w_max = torch.maximum(w_max, torch.where(v, w, -torch.inf).flatten(1).amax(1))
             tokens_since += int(batch["n_tokens"])

@@ -17,6 +17,11 @@ import train_critic
 from conftest import char_tokenizer, tiny_llama, tiny_model_json
 
 
+def _tok(model_json):
+    """The --model.tokenizer flag for a random-init test model (its tokenizer dir sits beside it)."""
+    return f"--model.tokenizer={os.path.join(os.path.dirname(model_json), 'tok')}"
+
+
 # ---- TD errors and GAE --------------------------------------------------------------------
 
 def ragged_batch(B, T, seed):
@@ -349,9 +354,9 @@ def test_reward_model_labels_through_train_critic(tmp_path):
     scores = data.reward_model_scores(AutoModelForSequenceClassification.from_pretrained(rm_dir), rm_tok,
                                       [r["prompt"] + r["completion"] for r in rows])
     assert 0 < sum(x >= 0.5 for x in scores) < len(scores)
-    model_json = tiny_model_json(tmp_path / "model.json", tmp_path / "tok")
+    model_json = tiny_model_json(tmp_path / "model.json")
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    train_critic.main([f"--model.policy={model_json}", "--data.source=jsonl", f"--data.path={p}",
+    train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--data.source=jsonl", f"--data.path={p}",
                        f"--data.reward_model={rm_dir}", "--stages=value", "--value.max_steps=2",
                        "--value.global_batch=8", "--value.micro_batch=8", "--data.eval_frac=0.25",
                        "--train.device=cpu", f"--mlflow.tracking_uri={db}", "--mlflow.experiment=rm",
@@ -396,14 +401,14 @@ def toy_rows(n, seed):
 def toy_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
     char_tokenizer(tmp / "tok")
-    model_json = tiny_model_json(tmp / "model.json", tmp / "tok")
+    model_json = tiny_model_json(tmp / "model.json")
     _write(tmp / "toy.jsonl", toy_rows(480, seed=0))
     db = f"sqlite:///{tmp / 'mlflow.db'}"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is several times faster on a busy machine
     try:
         train_critic.main([
-            f"--model.policy={model_json}", "--model.n_heads=2", "--data.source=jsonl", f"--data.path={tmp / 'toy.jsonl'}",
+            f"--model.policy={model_json}", _tok(model_json), "--model.n_heads=2", "--data.source=jsonl", f"--data.path={tmp / 'toy.jsonl'}",
             "--data.max_seq_len=64", "--data.eval_frac=0.2", "--value.train_layers=-1", "--value.lr=3e-3",
             "--value.max_steps=120", "--value.global_batch=32", "--value.micro_batch=16", "--value.warmup_steps=5",
             "--value.eval_every=60", f"--value.out_dir={tmp / 'value'}", "--train.max_steps=6", "--train.global_batch=8",
@@ -497,7 +502,7 @@ def test_stage_two_from_a_saved_value_model(toy_run, tmp_path):
     """--stages=policy with critic.value_model, on another text source (R = 1)."""
     tmp, model_json, _ = toy_run
     passing = _write(tmp_path / "passing.jsonl", [r for r in toy_rows(40, seed=2) if r["passed"]])
-    train_critic.main([f"--model.policy={model_json}", "--model.n_heads=2", "--stages=policy",
+    train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--model.n_heads=2", "--stages=policy",
                        f"--critic.value_model={tmp / 'value'}", "--data.policy_source=jsonl",
                        f"--data.policy_path={passing}", "--train.max_steps=2", "--train.global_batch=4",
                        "--train.micro_batch=2", "--train.device=cpu", f"--train.out_dir={tmp_path / 'out'}",
@@ -508,15 +513,15 @@ def test_stage_two_from_a_saved_value_model(toy_run, tmp_path):
 def test_config_errors(toy_run):
     _, model_json, _ = toy_run
     with pytest.raises(mtp.ConfigError, match="needs critic.value_model"):
-        train_critic.main([f"--model.policy={model_json}", "--stages=policy"])
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=policy"])
     with pytest.raises(mtp.ConfigError, match="'stages'"):
-        train_critic.main([f"--model.policy={model_json}", "--stages=critic"])
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=critic"])
     with pytest.raises(mtp.ConfigError, match="resume continues stage 2"):
-        train_critic.main([f"--model.policy={model_json}", "--resume=latest"])
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--resume=latest"])
     with pytest.raises(mtp.ConfigError, match="'value.loss'"):
-        train_critic.main([f"--model.policy={model_json}", "--value.loss=huber"])
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--value.loss=huber"])
     with pytest.raises(FileNotFoundError, match="not a value-model directory"):
-        train_critic.main([f"--model.policy={model_json}", "--stages=policy", "--critic.value_model=/nonexistent",
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=policy", "--critic.value_model=/nonexistent",
                            "--data.policy_source=jsonl", "--data.policy_path=x"])
 
 
@@ -527,7 +532,7 @@ def test_dry_run_cli(toy_run, tmp_path):
     tmp, model_json, _ = toy_run
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
-    common = [sys.executable, os.path.join(repo, "train_critic.py"), f"--model.policy={model_json}",
+    common = [sys.executable, os.path.join(repo, "train_critic.py"), f"--model.policy={model_json}", _tok(model_json),
               "--data.source=jsonl", f"--data.path={tmp / 'toy.jsonl'}", "--train.device=cpu",
               f"--value.out_dir={tmp_path / 'v'}", f"--train.out_dir={tmp_path / 'o'}"]
     out = subprocess.run(common + ["--dry_run"], capture_output=True, text=True, env=env, timeout=600)
@@ -568,7 +573,7 @@ def test_two_ranks_train_like_one_process(toy_run, tmp_path):
     tmp, model_json, _ = toy_run
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
-    common = ["train_critic.py", f"--model.policy={model_json}", "--model.n_heads=2", "--stages=policy",
+    common = ["train_critic.py", f"--model.policy={model_json}", _tok(model_json), "--model.n_heads=2", "--stages=policy",
               f"--critic.value_model={tmp / 'value'}", "--data.source=jsonl", f"--data.path={tmp / 'toy.jsonl'}",
               "--data.eval_frac=0.2", "--train.max_steps=3", "--train.global_batch=8", "--train.lr=1e-2",
               "--train.device=cpu", "--mlflow.enabled=false"]
