@@ -67,6 +67,19 @@ def load_mbpp_rows(path: str | None, split: str) -> list[dict]:
     return list(datasets.load_dataset(MBPP_HUB_ID, "full", split=split))
 
 
+def _usable(ex, problem, where, skip_bad_rows) -> bool:
+    """Whether a converted row (prompt, completion, ...) can be trained on. A malformed one is an
+    error naming it (`where`), or False -- skipped and counted -- if the config says so."""
+    if problem is None:
+        if not isinstance(ex["prompt"], str) or not isinstance(ex["completion"], str):
+            problem = "prompt and completion must be strings"
+        elif not ex["completion"].strip():
+            problem = "the completion is empty"
+    if problem and not skip_bad_rows:
+        raise ValueError(f"{where}: {problem} (set data.skip_bad_rows=true to skip such rows)")
+    return problem is None
+
+
 def load_examples(source: str, path: str | None = None, split: str = "train",
                   skip_bad_rows: bool = False) -> tuple[list[dict], int]:
     """-> ([{"prompt", "completion"}], number of malformed rows skipped).
@@ -102,16 +115,8 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
     examples, skipped = [], 0
     for i, r in enumerate(raw, start=1):
         problem = next((f"field {f!r} is missing" for f in fields if r.get(f) is None), None)
-        if problem is None:
-            ex = convert(r)
-            if not isinstance(ex["prompt"], str) or not isinstance(ex["completion"], str):
-                problem = "prompt and completion must be strings"
-            elif not ex["completion"].strip():
-                problem = "the completion is empty"
-        if problem:
-            if not skip_bad_rows:
-                raise ValueError(f"{source} {path or ''} row {i}: {problem} "
-                                 f"(set data.skip_bad_rows=true to skip such rows)")
+        ex = convert(r) if problem is None else None
+        if not _usable(ex, problem, f"{source} {path or ''} row {i}", skip_bad_rows):
             skipped += 1
             continue
         examples.append(ex)
@@ -330,15 +335,7 @@ def load_labelled(source: str, path: str | None = None, split: str = "train", sk
     rows, skipped = [], 0
     for i, row in candidates:
         problem = row if isinstance(row, str) else None
-        if problem is None:
-            if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
-                problem = "prompt and completion must be strings"
-            elif not row["completion"].strip():
-                problem = "the completion is empty"
-        if problem:
-            if not skip_bad_rows:
-                raise ValueError(f"{source} {path or ''} row {i}: {problem} "
-                                 f"(set data.skip_bad_rows=true to skip such rows)")
+        if not _usable(row if problem is None else None, problem, f"{source} {path or ''} row {i}", skip_bad_rows):
             skipped += 1
             continue
         rows.append(row)

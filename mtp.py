@@ -29,7 +29,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import types
 import typing
 
@@ -1048,6 +1047,24 @@ def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None):
     if dist.rank == 0:
         save(model, tokenizer, out_dir, state_dict=sd, extra=extra)
     torch.distributed.barrier()
+
+
+def finish_training(model, tok, out_dir, dist: Dist, held_out: list[float], run, steps: int, script: str):
+    """The end of a training run, the same for every script: report the final held-out CE per
+    head, write the consolidated export (all ranks take part), close the MLflow run and the
+    process group."""
+    if dist.rank == 0:
+        print(f"final held-out CE per head: {[round(x, 4) for x in held_out]}")
+    final_dir = os.path.join(out_dir, "final")
+    export_consolidated(model, tok, final_dir, dist, extra={"trained_with": script, "steps": steps})
+    if dist.rank == 0:
+        print(f"saved {final_dir}")
+    if dist.rank == 0 and run is not None:
+        import mlflow
+        mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=steps)
+        mlflow.log_param("final_dir", os.path.abspath(final_dir))
+        mlflow.end_run()
+    shutdown(dist)
 
 
 def flatten_config(cfg, prefix="") -> dict:

@@ -505,17 +505,7 @@ def main(argv):
             mtp.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
 
     # ---- final held-out loss and consolidated export ----------------------------------------
-    held_out = evaluate()
-    say(f"final held-out CE per head: {[round(x, 4) for x in held_out]}")
-    final_dir = os.path.join(cfg.train.out_dir, "final")
-    mtp.export_consolidated(model, tok, final_dir, dist, extra={"trained_with": "train_critic.py",
-                                                                "steps": cfg.train.max_steps})
-    say(f"saved {final_dir}")
-    if master and run is not None:
-        mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=cfg.train.max_steps)
-        mlflow.log_param("final_dir", os.path.abspath(final_dir))
-        mlflow.end_run()
-    mtp.shutdown(dist)
+    mtp.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps, "train_critic.py")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ The algorithm (DESIGN.md §4-§5):
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -322,18 +321,7 @@ def main(argv):
     if t_run is not None and tokens_run:
         say(f"throughput {tokens_run / (time.perf_counter() - t_run):.0f} tokens/s after the first "
             f"step, peak memory {mtp.peak_memory_gb(device):.2f} GB (rank 0)")
-    held_out = evaluate()
-    say(f"final held-out CE per head: {[round(x, 4) for x in held_out]}")
-    final_dir = os.path.join(cfg.train.out_dir, "final")
-    mtp.export_consolidated(model, tok, final_dir, dist, extra={"trained_with": "train_rho1.py",
-                                                                "steps": cfg.train.max_steps})
-    say(f"saved {final_dir}")
-    if master and run is not None:
-        import mlflow
-        mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=cfg.train.max_steps)
-        mlflow.log_param("final_dir", os.path.abspath(final_dir))
-        mlflow.end_run()
-    mtp.shutdown(dist)
+    mtp.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps, "train_rho1.py")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import data
 import mtp
 import train_critic
-from conftest import char_tokenizer, tiny_llama, tiny_model_json
+from conftest import char_tokenizer, tiny_model_json
 
 
 def _tok(model_json):
