@@ -703,6 +703,39 @@ def pick_dtype(pref: str, device: torch.device) -> torch.dtype:
             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[pref]
 
 
+# The run sections every training script shares (each script sets its own defaults).
+@dataclasses.dataclass
+class TrainConfig:
+    max_steps: int = 100
+    global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
+    micro_batch: int = 4             # sequences per forward, per rank
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50             # held-out loss every N steps (0 = only at the end)
+    log_every: int = 1
+    save_every: int = 0              # sharded resumable checkpoint every N steps (0 = none)
+    keep_last: int = 2               # resumable checkpoints to keep
+    out_dir: str = "out/run"
+    device: str = "auto"             # auto = cuda > mps > cpu
+    dtype: str = "auto"              # auto = bf16 on cuda/mps, fp32 on cpu
+    seed: int = 1337
+    chunk_size: int = 0              # tokens per logits chunk in the loss; 0 = from vocab size
+    compile: bool = False            # torch.compile each transformer block
+
+
+@dataclasses.dataclass
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: str = ""           # "" = MLflow's own default local store
+    experiment: str = "wmtp"
+    run_name: str = ""
+
+
 class ConfigError(ValueError):
     pass
 

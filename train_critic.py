@@ -98,46 +98,16 @@ class CriticConfig:                  # stage 2: value model -> token weights
 
 
 @dataclass
-class TrainConfig:                   # stage 2 (device, dtype, seed, betas and min_lr_ratio also for stage 1)
-    max_steps: int = 100
-    global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
-    micro_batch: int = 4             # sequences per forward, per rank
-    lr: float = 2e-5
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 50             # held-out loss every N steps (0 = only at the end)
-    log_every: int = 1
-    save_every: int = 0              # sharded resumable checkpoint every N steps (0 = none)
-    keep_last: int = 2
-    out_dir: str = "out/critic"
-    device: str = "auto"             # auto = cuda > mps > cpu
-    dtype: str = "auto"              # auto = bf16 on cuda/mps, fp32 on cpu
-    seed: int = 1337
-    chunk_size: int = 0              # tokens per logits chunk in the loss; 0 = from vocab size
-    compile: bool = False            # torch.compile each transformer block
-
-
-@dataclass
-class MlflowConfig:
-    enabled: bool = True
-    tracking_uri: str = ""           # "" = MLflow's own default local store
-    experiment: str = "wmtp-critic"
-    run_name: str = ""               # runs are named <run_name>/value and <run_name>/policy
-
-
-@dataclass
 class Config:
     stages: Literal["both", "value", "policy"] = "both"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # stage 2 (device, dtype, seed, betas and min_lr_ratio also for stage 1)
+    train: mtp.TrainConfig = field(default_factory=lambda: mtp.TrainConfig(out_dir="out/critic"))
+    # runs are named <run_name>/value and <run_name>/policy
+    mlflow: mtp.MlflowConfig = field(default_factory=lambda: mtp.MlflowConfig(experiment="wmtp-critic"))
     dry_run: bool = False            # load everything, one forward/backward per stage, print sizes, exit
     resume: str = ""                 # continue stage 2 ("latest" or a checkpoint path); needs --stages=policy
 

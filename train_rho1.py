@@ -55,30 +55,6 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    max_steps: int = 100
-    global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
-    micro_batch: int = 4             # sequences per forward, per rank
-    lr: float = 2e-5
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 50             # held-out loss every N steps (0 = only at the end)
-    log_every: int = 1
-    save_every: int = 0              # sharded resumable checkpoint every N steps (0 = none)
-    keep_last: int = 2               # resumable checkpoints to keep
-    out_dir: str = "out/rho1"
-    device: str = "auto"             # auto = cuda > mps > cpu
-    dtype: str = "auto"              # auto = bf16 on cuda/mps, fp32 on cpu
-    seed: int = 1337
-    chunk_size: int = 0              # tokens per logits chunk in the loss; 0 = from vocab size
-    compile: bool = False            # torch.compile each transformer block
-
-
-@dataclass
 class Rho1Config:
     ratio: float = 0.7               # fraction of tokens kept per head (Rho-1: 60-70%); 1 = uniform MTP
     mode: str = "hard"               # hard = top-ρ selection; soft = w ∝ exp(excess / temperature)
@@ -86,20 +62,12 @@ class Rho1Config:
 
 
 @dataclass
-class MlflowConfig:
-    enabled: bool = True
-    tracking_uri: str = ""           # "" = MLflow's own default local store
-    experiment: str = "wmtp-rho1"
-    run_name: str = ""
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: mtp.TrainConfig = field(default_factory=lambda: mtp.TrainConfig(out_dir="out/rho1"))
     rho1: Rho1Config = field(default_factory=Rho1Config)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    mlflow: mtp.MlflowConfig = field(default_factory=lambda: mtp.MlflowConfig(experiment="wmtp-rho1"))
     dry_run: bool = False            # load everything, one forward/backward, print sizes, exit
     resume: str | bool = ""          # "" = fresh run; "latest"/true = newest checkpoint in out_dir; or a path
 
