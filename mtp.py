@@ -1082,19 +1082,26 @@ def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None):
     torch.distributed.barrier()
 
 
+def report_heldout(held_out: list[float], step: int, dist: Dist, run, label: str = ""):
+    """Print and (rank 0) log the held-out CE of every head at `step`."""
+    if dist.rank == 0:
+        print(f"\n{label or f'step {step}'} held-out CE per head: {[round(x, 4) for x in held_out]}")
+        if run is not None:
+            import mlflow
+            mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=step)
+
+
 def finish_training(model, tok, out_dir, dist: Dist, held_out: list[float], run, steps: int, script: str):
     """The end of a training run, the same for every script: report the final held-out CE per
     head, write the consolidated export (all ranks take part), close the MLflow run and the
     process group."""
-    if dist.rank == 0:
-        print(f"final held-out CE per head: {[round(x, 4) for x in held_out]}")
+    report_heldout(held_out, steps, dist, run, label="final")
     final_dir = os.path.join(out_dir, "final")
     export_consolidated(model, tok, final_dir, dist, extra={"trained_with": script, "steps": steps})
     if dist.rank == 0:
         print(f"saved {final_dir}")
     if dist.rank == 0 and run is not None:
         import mlflow
-        mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=steps)
         mlflow.log_param("final_dir", os.path.abspath(final_dir))
         mlflow.end_run()
     shutdown(dist)

@@ -467,10 +467,7 @@ def main(argv):
             if master and run is not None:
                 mlflow.log_metrics(metrics, step=step + 1)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
-            held_out = evaluate()
-            say(f"\nstep {step + 1}: held-out CE per head {[round(x, 4) for x in held_out]}")
-            if master and run is not None:
-                mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=step + 1)
+            mtp.report_heldout(evaluate(), step + 1, dist, run)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
             mtp.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
 

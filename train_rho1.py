@@ -201,11 +201,7 @@ def main(argv):
     # ---- train -----------------------------------------------------------------------------
     from tqdm import tqdm
     if start_step == 0:  # where the heads start: the baseline every held-out number compares to
-        held_out = evaluate()
-        say(f"step 0: held-out CE per head {[round(x, 4) for x in held_out]}")
-        if master and run is not None:
-            import mlflow
-            mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=0)
+        mtp.report_heldout(evaluate(), 0, dist, run)
     model.train()
     bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
                disable=not master, dynamic_ncols=True)
@@ -277,11 +273,7 @@ def main(argv):
                 import mlflow
                 mlflow.log_metrics(metrics, step=step + 1)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
-            held_out = evaluate()
-            say(f"\nstep {step + 1}: held-out CE per head {[round(x, 4) for x in held_out]}")
-            if master and run is not None:
-                import mlflow
-                mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=step + 1)
+            mtp.report_heldout(evaluate(), step + 1, dist, run)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
             mtp.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
 
