@@ -503,22 +503,44 @@ def finished(tok, tokens: list[int], n_new: int, stop: list[str], eos_ids: set[i
 
 
 @torch.no_grad()
-def generate(model, tok, prompt_ids, n, max_new_tokens, temperature, top_p, stop, eos_ids, generator=None):
-    """n continuations of one prompt [1, T] with a KV cache -> (token lists, forwards).
+def generate(model, tok, prompts, n, max_new_tokens, temperature, top_p, stop, eos_ids, generators=None):
+    """n continuations of each prompt with a KV cache -> (token lists, forwards).
 
-    The n rows share the prompt, so the batch needs no padding; a row that finished is dropped
-    from the batch (and the cache) so that it costs nothing afterwards. Uses the base model,
-    i.e. head 0 of an MTP model.
+    prompts: token-id lists (or a [P, T] tensor); row p*n + s of the result is sample s of
+    prompt p. Prompts of different lengths are left-padded, with an attention mask and position
+    ids that skip the padding, so every row decodes as if it were alone -- several problems
+    share a batch, which is what keeps a GPU busy (one problem's 10 samples do not). A row that
+    finished is dropped from the batch (and the cache) so that it costs nothing afterwards.
+    generators: one per prompt (or one for all): a prompt's rows draw only from its own
+    generator, so a problem's samples do not depend on which problems share its batch.
+    Uses the base model, i.e. head 0 of an MTP model.
     """
     from transformers import DynamicCache
+    prompts = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
+    if not isinstance(generators, (list, tuple)):
+        generators = [generators] * len(prompts)
+    device = model.lm_head_weight.device
+    rows = [p for p in prompts for _ in range(n)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)  # pad id: any token
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # every row's first real token is at position 0
     cache = DynamicCache()
-    out = model.base(prompt_ids.repeat(n, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    forwards = 1
-    tokens = [[] for _ in range(n)]
-    alive = list(range(n))  # which row of `tokens` each batch row is
+    out = model.base(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                     logits_to_keep=1)
+    pos, forwards = pos[:, -1:], 1
+    tokens = [[] for _ in rows]
+    alive = list(range(len(rows)))  # which row of `tokens` each batch row is
     for step in range(max_new_tokens):
         logits = out.logits[:, -1]
-        nxt = pick_next(logits.to(torch.promote_types(logits.dtype, torch.float32)), temperature, top_p, generator)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if temperature == 0 or len(prompts) == 1:
+            nxt = pick_next(logits, temperature, top_p, generators[0])
+        else:  # each prompt's rows from its own generator
+            nxt = torch.empty(len(alive), dtype=torch.long, device=device)
+            for p in sorted({a // n for a in alive}):
+                sel = torch.tensor([i for i, a in enumerate(alive) if a // n == p], device=device)
+                nxt[sel] = pick_next(logits[sel], temperature, top_p, generators[p])
         keep = []
         for i, t in enumerate(nxt.tolist()):
             tokens[alive[i]].append(t)
@@ -527,10 +549,11 @@ def generate(model, tok, prompt_ids, n, max_new_tokens, temperature, top_p, stop
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(alive):
-            idx = torch.tensor(keep, device=nxt.device)
+            idx = torch.tensor(keep, device=device)
             cache.batch_select_indices(idx)
-            nxt, alive = nxt[idx], [alive[i] for i in keep]
-        out = model.base(nxt[:, None], past_key_values=cache, use_cache=True)
+            nxt, mask, pos, alive = nxt[idx], mask[idx], pos[idx], [alive[i] for i in keep]
+        mask, pos = torch.cat([mask, mask.new_ones(len(alive), 1)], 1), pos + 1
+        out = model.base(nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         forwards += 1
     return tokens, forwards
 
@@ -632,7 +655,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=None, help="samples decoded together (default: n_samples)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="sequences decoded together: batch_size // n_samples problems at a time "
+                   "(default: n_samples, i.e. one problem; on a GPU use hundreds)")
     p.add_argument("--k", default="1,10", help="comma-separated k of pass@k (those <= n_samples)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--speculative", action="store_true",
@@ -696,16 +721,22 @@ def main(argv=None):
         generate(model, tok, ids, 1, 8, 0.0, 1.0, [], eos_ids)
         generate_speculative(model, tok, ids, 8, [], eos_ids)
     t_gen = time.time()
-    for done, i in enumerate(mine, start=1):
-        prob = problems[i]
-        ids = tok(prob["prompt"], return_tensors="pt").input_ids.to(device)
-        if args.speculative:
+
+    def add_rows(i, ids, samples):
+        for s, toks in enumerate(samples):
+            text, kept = completion_text(tok, ids, toks, problems[i]["stop"], eos_ids)
+            rows.append({"task": args.task, "task_id": problems[i]["task_id"], "sample": s,
+                         "prompt": problems[i]["prompt"], "completion": text, "n_tokens": len(kept), "_problem": i})
+
+    if args.speculative:
+        for done, i in enumerate(mine, start=1):
+            prob = problems[i]
+            ids = tok(prob["prompt"], return_tensors="pt").input_ids.to(device)
             t0 = time.perf_counter()
             plain, plain_fwd = generate(model, tok, ids, 1, args.max_new_tokens, 0.0, 1.0, prob["stop"], eos_ids)
             t1 = time.perf_counter()
             drafted, fwd = generate_speculative(model, tok, ids, args.max_new_tokens, prob["stop"], eos_ids)
             t2 = time.perf_counter()
-            samples = [drafted]
             spec["mismatches"] += (completion_text(tok, ids, plain[0], prob["stop"], eos_ids)[0]
                                    != completion_text(tok, ids, drafted, prob["stop"], eos_ids)[0])
             spec["plain_s"] += t1 - t0
@@ -713,21 +744,33 @@ def main(argv=None):
             spec["forwards"] += fwd
             spec["plain_forwards"] += plain_fwd
             spec["tokens"] += len(drafted)
-        else:
-            # A generator per problem, seeded by (seed, problem index): the samples of a problem
-            # do not depend on how problems are split across ranks.
-            gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + i)
-            bs = args.batch_size or args.n_samples
-            samples = []
-            for start in range(0, args.n_samples, bs):
-                samples += generate(model, tok, ids, min(bs, args.n_samples - start), args.max_new_tokens,
-                                    args.temperature, args.top_p, prob["stop"], eos_ids, gen)[0]
-        for s, toks in enumerate(samples):
-            text, kept = completion_text(tok, ids, toks, prob["stop"], eos_ids)
-            rows.append({"task": args.task, "task_id": prob["task_id"], "sample": s, "prompt": prob["prompt"],
-                         "completion": text, "n_tokens": len(kept), "_problem": i})
-        if master:
-            print(f"[gen {done}/{len(mine)}] {prob['task_id']}: {time.time() - t_gen:.0f}s", flush=True)
+            add_rows(i, ids, [drafted])
+            if master:
+                print(f"[gen {done}/{len(mine)}] {prob['task_id']}: {time.time() - t_gen:.0f}s", flush=True)
+    else:
+        # --batch_size rows decode together: batch_size // n_samples whole problems at a time, or
+        # one problem's samples in chunks of batch_size. A generator per problem, seeded by (seed,
+        # problem index): a problem's samples do not depend on how problems are split across
+        # ranks or batches (up to the rounding of padded batches in low precision).
+        bs = args.batch_size or args.n_samples
+        per_batch, chunk = max(1, bs // args.n_samples), min(bs, args.n_samples)
+        for start in range(0, len(mine), per_batch):
+            group = mine[start:start + per_batch]
+            ids = [tok(problems[i]["prompt"]).input_ids for i in group]
+            gens = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + i) for i in group]
+            samples = [[] for _ in group]
+            for s0 in range(0, args.n_samples, chunk):
+                m = min(chunk, args.n_samples - s0)
+                # one task, so one list of stop strings for the whole batch
+                toks, _ = generate(model, tok, ids, m, args.max_new_tokens, args.temperature, args.top_p,
+                                   problems[group[0]]["stop"], eos_ids, gens)
+                for j in range(len(group)):
+                    samples[j] += toks[j * m:(j + 1) * m]
+            for i, p_ids, s in zip(group, ids, samples):
+                add_rows(i, torch.tensor([p_ids]), s)
+            if master:
+                print(f"[gen {start + len(group)}/{len(mine)}] {problems[group[-1]]['task_id']}: "
+                      f"{time.time() - t_gen:.0f}s", flush=True)
     gen_seconds = time.time() - t_gen
 
     # ---- execute ----

