@@ -136,6 +136,8 @@ def main(argv):
     # ---- the policy's base model and tokenizer ---------------------------------------------
     model, tok = mtp.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
     base, n_heads = model.base, model.n_heads
+    if cfg.train.heads_only_steps and n_heads == 1:
+        raise mtp.ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # ---- labelled data: (prompt, completion, passed) ---------------------------------------
@@ -441,6 +443,8 @@ def main(argv):
             stats += torch.stack([(coef * ce).flatten(1).sum(1), (ce * v).flatten(1).sum(1),
                                   (correct & v).flatten(1).sum(1), v.flatten(1).sum(1)]).float()
             tokens_since += int(batch["n_tokens"])
+        if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
+            mtp.drop_base_grads(model)
         grad_norm = mtp.clip_grad_norm(model, cfg.train.grad_clip)
         stats = mtp.all_reduce(stats, "sum", dist.group)
         loss_total = stats[0].sum()

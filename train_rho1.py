@@ -94,6 +94,8 @@ def main(argv):
     # precision under torchrun), as mixed-precision training is meant to.
     model, tok = mtp.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
     base, n_heads = model.base, model.n_heads
+    if cfg.train.heads_only_steps and n_heads == 1:
+        raise mtp.ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up")
     # The reference: another model with the same tokenizer, or (by default) a frozen copy of
     # the policy's starting point -- then excess loss measures what training has not yet learned.
     ref_spec = cfg.model.reference or cfg.model.policy
@@ -232,6 +234,8 @@ def main(argv):
             w_min = torch.minimum(w_min, torch.where(v, w, torch.inf).flatten(1).amin(1))
             w_max = torch.maximum(w_max, torch.where(v, w, -torch.inf).flatten(1).amax(1))
             tokens_since += int(batch["n_tokens"])
+        if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
+            mtp.drop_base_grads(model)
         grad_norm = mtp.clip_grad_norm(model, cfg.train.grad_clip)
         stats = mtp.all_reduce(stats, "sum", dist.group)
         w_min, w_max = mtp.all_reduce(w_min, "min", dist.group), mtp.all_reduce(w_max, "max", dist.group)

@@ -1,6 +1,7 @@
 """train_rho1.py end to end on a tiny in-process model: the loss falls, MLflow has the metrics,
 the checkpoint loads; config errors name the key."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,3 +92,34 @@ def test_non_finite_loss_stops_before_the_update(tiny_run):
     with pytest.raises(FloatingPointError, match=r"step \d+: non-finite .* weights not updated"):
         train_rho1.main([cfg, "--lr=1e30", "--warmup_steps=0", "--max_steps=10", "--mlflow.enabled=false",
                          "--eval_every=0"])
+
+
+def test_head_warm_up_leaves_the_base_model_untouched(tiny_run):
+    """train.heads_only_steps: during warm-up only heads 1..n-1 move; the base model (embeddings,
+    trunk, head 0, norm, unembedding) stays bit for bit; after warm-up everything trains."""
+    import torch
+    tmp_path, cfg = tiny_run
+    start, _ = mtp.load_model_and_tokenizer(str(tmp_path / "model.json"))
+    start.save_pretrained(tmp_path / "start")
+    shutil.copytree(tmp_path / "tok", tmp_path / "start", dirs_exist_ok=True)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    last_block = {k.split("layers.1.", 1)[1]: v for k, v in before.items() if "layers.1." in k}
+    common = [cfg, f"--model.policy={tmp_path / 'start'}", "--max_steps=3", "--eval_every=0",
+              "--mlflow.enabled=false"]
+
+    def run(warm_up):
+        out = tmp_path / f"warm{warm_up}"
+        train_rho1.main(common + [f"--heads_only_steps={warm_up}", f"--out_dir={out}"])
+        model, _ = mtp.load_consolidated(str(out / "final"))
+        return model
+
+    warm = run(3)
+    for k, v in warm.base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    moved = [k for k, v in warm.extra_heads[0].state_dict().items() if not torch.equal(v, last_block[k])]
+    assert len(moved) == len(last_block)  # every tensor of head 1 trained
+    joint = run(1)  # warm-up ends after step 1: the base trains in steps 2 and 3
+    assert not torch.equal(joint.base.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                           before["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(mtp.ConfigError, match="heads_only_steps"):
+        train_rho1.main(common + ["--heads_only_steps=2", "--model.n_heads=1"])
