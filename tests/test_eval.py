@@ -276,6 +276,14 @@ def test_cli_batches_of_problems_equal_one_problem_at_a_time(tiny_checkpoint, tm
     assert rows[0] == rows[1] and len(rows[0]) == 10
 
 
+def test_speculative_defaults_to_float32():
+    """bf16 rounds a block forward and a one-token forward differently (near-ties flip), so
+    --speculative computes in fp32 unless a dtype is named."""
+    assert ev.parse_args(["m", "--speculative"]).dtype == "float32"
+    assert ev.parse_args(["m", "--speculative", "--dtype=bfloat16"]).dtype == "bfloat16"
+    assert ev.parse_args(["m"]).dtype == "auto"
+
+
 def test_cli_speculative_end_to_end(tiny_checkpoint, tmp_path):
     out = tmp_path / "spec"
     res = ev.main([tiny_checkpoint, "--task", "humaneval", "--limit=3", "--speculative", "--max_new_tokens=24",
