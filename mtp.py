@@ -1006,6 +1006,20 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def optimizer_step(model, optimizer, schedule, loss: torch.Tensor, max_norm: float, where: str) -> torch.Tensor:
+    """Clip, then update -- unless the loss (all ranks' sum) or the gradient norm is NaN/inf: a
+    diverging step must not reach the weights, so we stop before the update (the last
+    checkpoint stays good) and say where it happened. Returns the gradient norm before clipping."""
+    grad_norm = clip_grad_norm(model, max_norm)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise FloatingPointError(f"{where}: non-finite loss ({loss.item()}) or grad norm "
+                                 f"({grad_norm.item()}); weights not updated")
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def peak_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30

@@ -272,14 +272,9 @@ def main(argv):
                     loss, bce = value_loss(batch, denom)
                     (loss * world).backward()  # FSDP averages over ranks; our loss is a global sum
                     stats += torch.stack([loss.detach(), bce])
-                grad_norm = mtp.clip_grad_norm(value_model, v.grad_clip)
                 stats = mtp.all_reduce(stats, "sum", dist.group)
-                if not (torch.isfinite(stats[0]) and torch.isfinite(grad_norm)):
-                    raise FloatingPointError(f"stage 1 step {step}: non-finite loss ({stats[0].item()}) or "
-                                             f"grad norm ({grad_norm.item()}); weights not updated")
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = mtp.optimizer_step(value_model, optimizer, schedule, stats[0], v.grad_clip,
+                                               f"stage 1 step {step}")
                 metrics = {"value/loss": float(stats[0]), "value/bce": float(stats[1] / denom[0]),
                            "value/lr": schedule.get_last_lr()[0], "value/grad_norm": float(grad_norm)}
                 bar.set_postfix(bce=f"{metrics['value/bce']:.4f}")
@@ -445,15 +440,8 @@ def main(argv):
             tokens_since += int(batch["n_tokens"])
         if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
             mtp.drop_base_grads(model)
-        grad_norm = mtp.clip_grad_norm(model, cfg.train.grad_clip)
         stats = mtp.all_reduce(stats, "sum", dist.group)
-        loss_total = stats[0].sum()
-        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            raise FloatingPointError(f"step {step}: non-finite loss ({loss_total.item()}) or grad "
-                                     f"norm ({grad_norm.item()}); weights not updated")
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = mtp.optimizer_step(model, optimizer, schedule, stats[0].sum(), cfg.train.grad_clip, f"step {step}")
 
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
             s = stats.cpu()
@@ -461,7 +449,7 @@ def main(argv):
             tok_s = tokens_since * world / dt
             t_last, tokens_since = time.perf_counter(), 0
             n_v = s[3].clamp_min(1)
-            metrics = {"loss": float(loss_total), "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
+            metrics = {"loss": float(s[0].sum()), "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "tokens_per_s": tok_s, **{k: float(x) for k, x in wstats.items()}}
             for k in range(n_heads):
                 metrics |= {f"head{k}/loss": float(s[0, k]), f"head{k}/ce": float(s[1, k] / n_v[k]),

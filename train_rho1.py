@@ -236,18 +236,9 @@ def main(argv):
             tokens_since += int(batch["n_tokens"])
         if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
             mtp.drop_base_grads(model)
-        grad_norm = mtp.clip_grad_norm(model, cfg.train.grad_clip)
         stats = mtp.all_reduce(stats, "sum", dist.group)
         w_min, w_max = mtp.all_reduce(w_min, "min", dist.group), mtp.all_reduce(w_max, "max", dist.group)
-        loss_total = stats[0].sum()
-        # A NaN/inf loss or gradient must not reach the weights: stop before the update, so the
-        # last checkpoint stays good, and say where it happened.
-        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            raise FloatingPointError(f"step {step}: non-finite loss ({loss_total.item()}) or grad "
-                                     f"norm ({grad_norm.item()}); weights not updated")
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = mtp.optimizer_step(model, optimizer, schedule, stats[0].sum(), cfg.train.grad_clip, f"step {step}")
         if t_run is None:
             t_run = time.perf_counter()
         else:
