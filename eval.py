@@ -31,6 +31,7 @@ import argparse
 import concurrent.futures
 import errno
 import functools
+import itertools
 import json
 import math
 import os
@@ -536,11 +537,13 @@ def generate(model, tok, prompts, n, max_new_tokens, temperature, top_p, stop, e
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if temperature == 0 or len(prompts) == 1:
             nxt = pick_next(logits, temperature, top_p, generators[0])
-        else:  # each prompt's rows from its own generator
-            nxt = torch.empty(len(alive), dtype=torch.long, device=device)
-            for p in sorted({a // n for a in alive}):
-                sel = torch.tensor([i for i, a in enumerate(alive) if a // n == p], device=device)
-                nxt[sel] = pick_next(logits[sel], temperature, top_p, generators[p])
+        else:  # each prompt's rows (contiguous: `alive` keeps row order) from its own generator
+            nxt, start = [], 0
+            for p, rows_p in itertools.groupby(alive, key=lambda a: a // n):
+                end = start + len(list(rows_p))
+                nxt.append(pick_next(logits[start:end], temperature, top_p, generators[p]))
+                start = end
+            nxt = torch.cat(nxt)
         keep = []
         for i, t in enumerate(nxt.tolist()):
             tokens[alive[i]].append(t)
