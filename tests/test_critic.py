@@ -510,6 +510,25 @@ def test_stage_two_from_a_saved_value_model(toy_run, tmp_path):
     assert os.path.exists(tmp_path / "out" / "final" / "mtp_heads.safetensors")
 
 
+def test_stage_two_head_warm_up_keeps_the_base_model(toy_run, tmp_path):
+    """train.heads_only_steps in stage 2: after warm-up steps only, the base model equals that of
+    a run with lr = 0 (which cannot move anything), while head 1 has moved."""
+    import torch
+    tmp, model_json, _ = toy_run
+    passing = _write(tmp_path / "passing.jsonl", [r for r in toy_rows(40, seed=2) if r["passed"]])
+    common = [f"--model.policy={model_json}", _tok(model_json), "--model.n_heads=2", "--stages=policy",
+              f"--critic.value_model={tmp / 'value'}", "--data.policy_source=jsonl",
+              f"--data.policy_path={passing}", "--train.max_steps=2", "--train.global_batch=4",
+              "--train.micro_batch=2", "--train.device=cpu", "--mlflow.enabled=false"]
+    models = {}
+    for name, extra in (("warm", ["--train.heads_only_steps=2"]), ("frozen", ["--train.lr=0"])):
+        train_critic.main(common + extra + [f"--train.out_dir={tmp_path / name}"])
+        models[name], _ = mtp.load_consolidated(str(tmp_path / name / "final"))
+    frozen = models["frozen"].state_dict()
+    for k, v in models["warm"].state_dict().items():
+        assert torch.equal(v, frozen[k]) == (not k.startswith("extra_heads.")), k
+
+
 def test_config_errors(toy_run):
     _, model_json, _ = toy_run
     with pytest.raises(mtp.ConfigError, match="needs critic.value_model"):
