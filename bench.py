@@ -37,7 +37,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import common
 import mtp
+import train_critic
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
 
@@ -128,9 +130,9 @@ def step_critic(model, opt, ids, n_heads, targets, valid, lambdas, value_model, 
     with torch.no_grad():
         values = torch.sigmoid(value_model(ids))
         reward = torch.ones(ids.shape[0], device=ids.device)
-        adv = mtp.gae(mtp.critic_deltas(values, mask, reward), mask, 0.95)
-        mean, std = mtp.masked_mean_std([adv], [mask])
-        w = mtp.critic_weights((adv - mean) / std, mask, 1.0, 0.1, 5.0)
+        adv = train_critic.gae(train_critic.critic_deltas(values, mask, reward), mask, 0.95)
+        mean, std = train_critic.masked_mean_std([adv], [mask])
+        w = train_critic.critic_weights((adv - mean) / std, mask, 1.0, 0.1, 5.0)
         w = mtp.align_to_heads(w, n_heads)
         denom = (w * valid).flatten(1).sum(1)
         coef = mtp.loss_coefficients(w, valid, denom, lambdas)
@@ -150,7 +152,7 @@ def measure(name, args, cfg, device, dtype, ckpt):
     if ckpt:  # HF's own for (a) and (b); ours leaves the heads un-checkpointed
         mtp.enable_grad_checkpointing(model, args.ckpt_heads) if ours else mtp.checkpointing_enable(base)
     if ours and args.compile:
-        for block in mtp.transformer_blocks(model):
+        for block in common.transformer_blocks(model):
             block.compile()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=ours and device.type == "cuda")
@@ -175,14 +177,14 @@ def measure(name, args, cfg, device, dtype, ckpt):
         rcfg = cfg if name == "rho1_same" else args.small_cfg
         ref = mtp.MTPModel(build(rcfg, device, dtype, seed=1).eval().requires_grad_(False), 1)
         if args.compile:
-            for block in mtp.transformer_blocks(ref):
+            for block in common.transformer_blocks(ref):
                 block.compile()
         kw["ref"] = ref
         frozen.append(rcfg)
     if name == "critic":
-        vm = mtp.ValueModel(build(args.small_cfg, device, dtype, seed=2)).to(device, dtype).eval().requires_grad_(False)
+        vm = train_critic.ValueModel(build(args.small_cfg, device, dtype, seed=2)).to(device, dtype).eval().requires_grad_(False)
         if args.compile:
-            for block in mtp.transformer_blocks(vm.base):
+            for block in common.transformer_blocks(vm.base):
                 block.compile()
         kw["value_model"] = vm
         frozen.append(args.small_cfg)
@@ -253,7 +255,7 @@ def main():
     args = p.parse_args()
     if args.loss_memory:
         return loss_memory(args.loss_memory)
-    device = mtp.pick_device(args.device)
+    device = common.pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tiny:
         args.seq, args.batch, args.steps, args.warmup = 64, 2, 2, 1

@@ -472,58 +472,10 @@ def mutate(code: str, n: int, rng) -> list[tuple[str, str]]:
     return out
 
 
-def run_python(program: str, timeout: float = 5.0, memory_mb: int = 1024) -> bool:
-    """Fallback executor: does `program` run to its end with exit status 0? Its own session
-    (killed whole afterwards), a scratch directory, an environment built from scratch (no
-    tokens or keys), a wall-clock timeout and an address-space limit. This is *not* a security
-    sandbox (no uid separation, no process limit): it runs our own mutants of reference
-    solutions. Model-written code goes through eval.py's sandbox."""
-    import secrets
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    nonce = secrets.token_hex(8)  # printed last, so an early sys.exit(0) does not pass
-    launcher = ("import resource, runpy, sys\n"
-                "m = int(sys.argv[2]) << 20\n"
-                "resource.setrlimit(resource.RLIMIT_AS, (m, m))\n"
-                "runpy.run_path(sys.argv[1], run_name='__main__')\n")
-    with tempfile.TemporaryDirectory(prefix="wmtp-label-") as scratch:
-        src = os.path.join(scratch, "program.py")
-        with open(src, "w") as f:
-            f.write(program + f"\nprint({nonce!r})\n")
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch,
-               "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-        with tempfile.TemporaryFile(dir=scratch) as out:
-            proc = subprocess.Popen([sys.executable, "-s", "-c", launcher, src, str(memory_mb)], cwd=scratch,
-                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = None
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
-            out.seek(0)
-            return rc == 0 and out.read().decode("utf-8", "replace").rstrip().endswith(nonce)
-
-
 def default_executor(timeout: float, workers: int = 2):
-    """[program] -> [passed?]: eval.py's sandbox (`check_all`, which gives every concurrently
-    running program its own sandbox slot) when eval.py is importable, else `run_python` on
-    `workers` threads."""
-    try:
-        import eval as sandbox  # eval.py of this repository
-    except ImportError:
-        import concurrent.futures
-
-        def run_all(programs):
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # each waits on a subprocess
-                return list(pool.map(lambda p: run_python(p, timeout), programs))
-        return run_all
+    """[program] -> [passed?] through the sandbox (sandbox.check_all gives every concurrently
+    running program its own slot: uid, process cap, scratch directory)."""
+    import sandbox
     return lambda programs: [bool(r["passed"]) for r in sandbox.check_all(
         [({"head": "", "tail": ""}, p) for p in programs], workers, timeout=timeout)]
 

@@ -1,18 +1,22 @@
 """
-mtp.py — the multi-token-prediction model, its weighted loss, and the weighting math.
+mtp.py — the card's "head wrapper plus weighted loss": the multi-token-prediction model, its
+token-weighted loss, Rho-1's weights, and the checkpoint formats.
 
 Read top to bottom:
   1. MTPModel: wraps any Hugging Face causal LM whose blocks form one stack into Meta's
      parameter-matched MTP model (Gloeckle et al. 2024, "Better & Faster Large Language Models
      via Multi-token Prediction"): trunk = blocks 0..L-2, head 0 = block L-1, heads 1..n-1 =
      copies of block L-1, one shared final norm and unembedding.
-  2. The weighted MTP loss (DESIGN.md §4), computed chunk by chunk so that the logits of at
-     most one chunk of one head are alive at any time.
-  3. Weights: Rho-1 excess-loss selection (Lin et al. 2024, "Not All Tokens Are What You Need").
-  4. Save / load of a consolidated checkpoint.
-  5. Small run plumbing shared by the scripts: config parsing, device, model loading.
-  6. Training plumbing: processes, sharding, schedule, checkpoints, tracking.
-  7. Critic weights (DESIGN.md §6): the value model, TD errors, GAE, whitening, exp(A/β).
+  2. The weighted MTP loss (docs/design.md §4), computed chunk by chunk so that the logits of
+     at most one chunk of one head are alive at any time.
+  3. Rho-1 weights: excess-loss selection (Lin et al. 2024, "Not All Tokens Are What You Need"),
+     over the global batch (the two collectives it needs live here too).
+  4. Checkpoint formats: the consolidated WMTP directory, Meta's released MTP checkpoints, and
+     loading any causal LM from a spec (hub id, directory, .gguf, pkg:..., model-config .json).
+
+The critic's math (value model, TD errors, GAE, exp(A/β)) is in train_critic.py; the training
+plumbing both scripts share (config, devices, FSDP2, optimizer, checkpoints, MLflow) in
+common.py; program execution in sandbox.py.
 
 Conventions used everywhere below (B = batch, T = sequence length, n = number of heads):
   - "target indexing": a per-token tensor x[b, j] belongs to token j (its weight, its mask,
@@ -23,13 +27,11 @@ Conventions used everywhere below (B = batch, T = sequence length, n = number of
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import importlib.util
 import json
-import math
 import os
-import types
 import typing
 
 import torch
@@ -152,7 +154,7 @@ class MTPModel(nn.Module):
 
     def forward(self, input_ids, targets, coef=None, coef_fn=None, chunk_size=None, rows=None,
                 n_nonzero=None):
-        """Weighted MTP loss of one micro-batch (DESIGN.md §4).
+        """Weighted MTP loss of one micro-batch (docs/design.md §4).
 
         targets: [n, B, T] token ids in position indexing (see `align_to_heads`).
         coef:    [n, B, T] the loss coefficient λ_k · m · w / Σ(m · w) of every (head, position);
@@ -209,7 +211,7 @@ def align_to_heads(x: torch.Tensor, n_heads: int, fill=0) -> torch.Tensor:
     """Target indexing [B, T] -> position indexing [n, B, T]: out[k, b, t] = x[b, t+k+1].
 
     Head k at position t predicts token t+k+1, so it gets that token's id, mask and weight
-    (DESIGN.md §4: weights are indexed by the target token). Positions whose target would lie
+    (docs/design.md §4: weights are indexed by the target token). Positions whose target would lie
     past the end of the sequence get `fill` (0 = masked out).
     """
     B, T = x.shape
@@ -227,7 +229,7 @@ def default_chunk_size(vocab_size: int) -> int:
     # ~64M logits per chunk (128 MB in bf16), at least 2048 rows: large enough to keep the
     # matmuls efficient and the grad_W accumulations few at vocab 128k, small enough that the
     # loss never dominates memory
-    # (DESIGN.md §3: naive MTP at vocab 128k needs 1.6x the memory of next-token training).
+    # (docs/design.md §3: naive MTP at vocab 128k needs 1.6x the memory of next-token training).
     return max(2048, (1 << 26) // vocab_size)
 
 
@@ -409,7 +411,7 @@ def selected_count(n_valid: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def rho1_weights(excess, valid, ratio, mode="hard", temperature=1.0, group=None):
-    """Rho-1 token weights from the signed excess loss CE_policy - CE_ref (DESIGN.md §5).
+    """Rho-1 token weights from the signed excess loss CE_policy - CE_ref (docs/design.md §5).
 
     excess, valid: [n, B, T] in position indexing. Per head, independently:
       hard: keep exactly the top ceil(ρ·n_valid) valid (head, position) pairs by excess,
@@ -455,6 +457,17 @@ def _all_gather_cat(x, group):
     torch.distributed.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=1)
 
+def all_reduce(x, op, group):
+    """Sum / max / min over ranks (identity in a single process)."""
+    if group is None:
+        return x
+    x = x.clone()
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+           "min": torch.distributed.ReduceOp.MIN}
+    torch.distributed.all_reduce(x, op=ops[op], group=group)
+    return x
+
+
 
 def check_same_tokenizer(tok_a, tok_b, name_a, name_b, needs="Rho-1 needs a reference model"):
     """Rho-1's excess loss compares two models' CE of the *same token id* (and the critic's value
@@ -471,7 +484,7 @@ def check_same_tokenizer(tok_a, tok_b, name_a, name_b, needs="Rho-1 needs a refe
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Consolidated checkpoints
+# 4. Checkpoint formats and model loading
 # --------------------------------------------------------------------------------------------
 # A consolidated WMTP checkpoint is a normal Hugging Face model directory (trunk + head 0, plus
 # the tokenizer: `AutoModelForCausalLM.from_pretrained(dir)` gives the next-token model) with
@@ -507,8 +520,8 @@ def save_consolidated(model: MTPModel, tokenizer, out_dir: str, state_dict=None,
 def load_consolidated(path: str, dtype=torch.float32, device="cpu"):
     """Load a WMTP checkpoint directory -> (MTPModel, tokenizer). A plain HF model directory
     or hub id (no mtp_config.json) loads as a 1-head model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(path)
     n_heads = 1
@@ -605,10 +618,6 @@ def load_meta_checkpoint(path: str, dtype=torch.float32):
     return model, tok
 
 
-# --------------------------------------------------------------------------------------------
-# 5. Run plumbing shared by the scripts
-# --------------------------------------------------------------------------------------------
-
 def resolve_model(spec: str) -> tuple[str, str | None]:
     """Model spec -> (from_pretrained path or hub id, gguf file name or None).
 
@@ -641,7 +650,8 @@ def load_model_and_tokenizer(spec: str, dtype=torch.float32):
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=dtype), None
     path, gguf = resolve_model(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"gguf_file": gguf} if gguf else {}))
+    with _hub_errors(spec):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"gguf_file": gguf} if gguf else {}))
     if gguf:
         # transformers de-quantizes GGUF weights into ordinary tensors but still marks the model
         # as quantized, which blocks save_pretrained; after de-quantization it is a plain model.
@@ -652,727 +662,25 @@ def load_model_and_tokenizer(spec: str, dtype=torch.float32):
     return model, load_tokenizer(spec)
 
 
-def load_policy(spec: str, n_heads: int, tokenizer: str = ""):
-    """The policy to fine-tune -> (MTPModel, tokenizer): a Meta MTP checkpoint (its heads are
-    already trained, so its n_future_tokens must equal n_heads), or any causal LM wrapped with
-    n_heads heads. `tokenizer` overrides the model's own (needed for a random-init .json model).
-    Errors name the config key at fault."""
-    if is_meta_checkpoint(spec):
-        model, tok = load_meta_checkpoint(spec)
-        if model.n_heads != n_heads:
-            raise ConfigError(f"config key 'model.n_heads' is {n_heads} but {spec} has "
-                              f"n_future_tokens={model.n_heads}")
-    else:
-        base, tok = load_model_and_tokenizer(spec, dtype=torch.float32)
-        model = MTPModel(base, n_heads)
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-    if tok is None:
-        raise ConfigError(f"config key 'model.tokenizer': policy {spec!r} has no tokenizer of its "
-                          f"own, name one")
-    if len(tok) > model.config.vocab_size:
-        raise ConfigError(f"config key 'model.tokenizer': {len(tok)} tokens do not fit the "
-                          f"policy's vocabulary of {model.config.vocab_size}")
-    return model, tok
-
-
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
     path, gguf = resolve_model(spec)
-    return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    with _hub_errors(spec):
+        return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
 
 
-def pick_device(pref: str = "auto") -> torch.device:
-    """cuda > mps > cpu unless the config names one."""
-    if pref != "auto":
-        return torch.device(pref)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(pref: str, device: torch.device) -> torch.dtype:
-    """Compute dtype: bf16 where the device supports it (cuda, mps), fp32 on cpu, or as named."""
-    if pref == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.bfloat16 if device.type == "mps" else torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[pref]
-
-
-# The run sections every training script shares (each script sets its own defaults).
-@dataclasses.dataclass
-class TrainConfig:
-    max_steps: int = 100
-    global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
-    micro_batch: int = 4             # sequences per forward, per rank
-    lr: float = 2e-5
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 50             # held-out loss every N steps (0 = only at the end)
-    log_every: int = 1
-    save_every: int = 0              # sharded resumable checkpoint every N steps (0 = none)
-    keep_last: int = 2               # resumable checkpoints to keep
-    out_dir: str = "out/run"
-    device: str = "auto"             # auto = cuda > mps > cpu
-    dtype: str = "auto"              # auto = bf16 on cuda/mps, fp32 on cpu
-    seed: int = 1337
-    chunk_size: int = 0              # tokens per logits chunk in the loss; 0 = from vocab size
-    compile: bool = False            # torch.compile each transformer block
-    heads_only_steps: int = 0        # head warm-up: the first N steps train heads 1..n-1 alone
-
-
-@dataclasses.dataclass
-class MlflowConfig:
-    enabled: bool = True
-    tracking_uri: str = ""           # "" = MLflow's own default local store
-    experiment: str = "wmtp"
-    run_name: str = ""
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def parse_config(cls, argv: list[str]):
-    """YAML file + `--key=value` overrides -> an instance of the dataclass `cls`.
-
-    `python train_rho1.py configs/tiny.yaml --train.max_steps=3 --dry_run`: the first
-    positional argument is the YAML file, nested sections are nested dataclasses addressed
-    with dots, a bare `--flag` means `--flag=true`; a bare key that names a field of exactly
-    one section is accepted too (`--max_steps=3`). Unknown keys and values of the wrong type
-    are errors that name the key.
-    """
-    import yaml
-    values: dict = {}
-    paths = [a for a in argv if not a.startswith("--")]
-    if len(paths) > 1:
-        raise ConfigError(f"expected one YAML config file, got {paths}")
-    if paths:
-        if not os.path.isfile(paths[0]):
-            raise ConfigError(f"config file {paths[0]!r} does not exist")
-        with open(paths[0]) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{paths[0]}: top level must be a mapping of keys to values")
-    for a in argv:
-        if not a.startswith("--"):
-            continue
-        key, eq, raw = a[2:].partition("=")
-        value = yaml.safe_load(raw) if eq else True
-        if raw.strip() == "":
-            value = "" if eq else True
-        key = _expand_key(cls, key)
-        node = values
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--{key}: {p!r} is not a section")
-        node[leaf] = value
-    return _build(cls, values, "")
-
-
-def _expand_key(cls, key):
-    hints = typing.get_type_hints(cls)
-    if "." in key or key in hints:
-        return key
-    owners = [name for name, t in hints.items() if dataclasses.is_dataclass(t) and key in typing.get_type_hints(t)]
-    if len(owners) == 1:
-        return f"{owners[0]}.{key}"
-    if len(owners) > 1:
-        raise ConfigError(f"--{key} is ambiguous: it exists in sections {owners}; write --<section>.{key}")
-    raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(_all_keys(cls))}")
-
-
-def _all_keys(cls, prefix=""):
-    for name, t in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(t):
-            yield from _all_keys(t, f"{prefix}{name}.")
-        else:
-            yield prefix + name
-
-
-def _build(cls, values, prefix):
-    if not isinstance(values, dict):
-        raise ConfigError(f"config key {prefix.rstrip('.')!r} must be a section (mapping), got {values!r}")
-    hints = typing.get_type_hints(cls)
-    unknown = set(values) - set(hints)
-    if unknown:
-        k = sorted(unknown)[0]
-        raise ConfigError(f"unknown config key {prefix + k!r}; valid keys here: "
-                          f"{sorted(prefix + n for n in hints)}")
-    kwargs = {}
-    for name, t in hints.items():
-        if name not in values:
-            continue
-        v = values[name]
-        if dataclasses.is_dataclass(t):
-            kwargs[name] = _build(t, v, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(prefix + name, v, t)
+@contextlib.contextmanager
+def _hub_errors(spec: str):
+    """A spec that is no local path is a hub id: say so when it cannot be fetched (no network,
+    a typo in a directory name), instead of transformers' 'Repo id must be in the form...'."""
     try:
-        obj = cls(**kwargs)
-    except TypeError as e:  # a required field without a value
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'}: {e}") from None
-    return obj
-
-
-def _check_type(key, v, t):
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            if a is type(None) and v is None:
-                return None
-        for a in args:
-            if a is not type(None):
-                try:
-                    return _check_type(key, v, a)
-                except ConfigError:
-                    pass
-        raise ConfigError(f"config key {key!r}: {v!r} is not a valid {t}")
-    if origin is typing.Literal:
-        if v not in args:
-            raise ConfigError(f"config key {key!r}: {v!r} is not one of {list(args)}")
-        return v
-    if origin in (list, tuple):
-        if not isinstance(v, (list, tuple)):
-            raise ConfigError(f"config key {key!r}: expected a list, got {v!r}")
-        return type(v)(_check_type(key, x, args[0]) for x in v) if args else v
-    if t is float and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    if t is float and isinstance(v, str):
-        try:
-            return float(v)  # YAML reads "5e-5" (no dot) as a string
-        except ValueError:
-            pass
-    if t in (int, float, str, bool) and not (isinstance(v, t) and not (t is int and isinstance(v, bool))):
-        raise ConfigError(f"config key {key!r}: expected {t.__name__}, got {v!r}")
-    return v
-
-
-# --------------------------------------------------------------------------------------------
-# 6. Training plumbing: processes, sharding, schedule, checkpoints, tracking
-# --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-    group: typing.Any  # the default process group under torchrun, None in a single process
-
-
-def init_distributed(device_pref: str = "auto") -> Dist:
-    """Under torchrun (RANK is set), join the process group: NCCL on GPUs, gloo on CPU.
-    Otherwise a single process on the preferred device."""
-    if "RANK" not in os.environ:
-        return Dist(0, 1, pick_device(device_pref), None)
-    import torch.distributed as tdist
-    device = pick_device(device_pref)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                             device_id=device if device.type == "cuda" else None)
-    return Dist(tdist.get_rank(), tdist.get_world_size(), device, tdist.group.WORLD)
-
-
-def shutdown(dist: Dist):
-    if dist.group is not None:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def all_reduce(x, op, group):
-    """Sum / max / min over ranks (identity in a single process)."""
-    if group is None:
-        return x
-    x = x.clone()
-    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
-           "min": torch.distributed.ReduceOp.MIN}
-    torch.distributed.all_reduce(x, op=ops[op], group=group)
-    return x
-
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every transformer block of an MTP model, a value model or a plain HF causal LM (FSDP /
-    compile units)."""
-    base = model.base if isinstance(model, (MTPModel, ValueModel)) else model
-    _, blocks, _ = find_blocks(base)
-    return list(blocks) + (list(model.extra_heads) if isinstance(model, MTPModel) else [])
-
-
-def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
-    """Put the policy (trainable) and the reference (frozen, or None) on their devices.
-
-    Single process: fp32 master weights on the device (autocast does the low-precision
-    compute), reference cast to the compute dtype (it is never updated).
-    torchrun: FSDP2 (`fully_shard`) on every block -- trunk and heads -- then the root, bf16
-    parameters for compute with fp32 gradient reduction (MixedPrecisionPolicy); the reference is
-    sharded the same way.
-    """
-    if compile:
-        for block in transformer_blocks(model):
-            block.compile()
-    if dist.group is None:
-        return model.to(dist.device), (ref.to(dist.device, dtype) if ref is not None else None)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(dist.device.type, (dist.world,))
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for m in (model,) + ((ref,) if ref is not None else ()):
-        for block in transformer_blocks(m):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(m, mesh=mesh, mp_policy=mp)
-    return model, ref
-
-
-def autocast(device, dtype, dist: Dist):
-    """Low-precision compute on one device; under FSDP its mixed-precision policy does this."""
-    import contextlib
-    if dtype == torch.float32 or dist.group is not None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to min_ratio at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def adamw_cosine(params, lr, weight_decay, betas, warmup, total, min_ratio, device):
-    """AdamW + the warmup-cosine LR schedule. No weight decay on norms and biases (1-D tensors),
-    as in nanoGPT / Meta's recipes."""
-    params = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=lr, betas=betas,  # fused kernels on GPUs, and on the CPU of a single process
-        fused=device.type == "cuda" or (device.type == "cpu" and not torch.distributed.is_initialized()))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
-    return optimizer, schedule
-
-
-@torch.no_grad()
-def heldout_ce(model, batches, device, amp, chunk_size, group) -> list[float]:
-    """Mean CE per head over the completion tokens of held-out batches (all ranks)."""
-    was_training = model.training
-    model.eval()
-    n_heads = model.n_heads
-    tot = torch.zeros(2, n_heads, device=device)
-    for b in batches:
-        ids = b["input_ids"].to(device)
-        valid = align_to_heads(b["loss_mask"].to(device), n_heads)
-        with amp:
-            _, ce, _, _ = model(ids, align_to_heads(ids, n_heads), coef=valid.float(), chunk_size=chunk_size)
-        tot += torch.stack([(ce * valid).flatten(1).sum(1), valid.flatten(1).sum(1)])
-    model.train(was_training)
-    tot = all_reduce(tot, "sum", group)
-    return (tot[0] / tot[1].clamp_min(1)).tolist()
-
-
-def drop_base_grads(model):
-    """Head warm-up (train.heads_only_steps): forget every gradient but the extra heads', so that
-    the optimizer step trains heads 1..n-1 alone. AdamW skips a parameter without a gradient
-    entirely (no update, no weight decay, no moment update), so the base model -- embeddings,
-    trunk, head 0, final norm, unembedding -- stays bit for bit what it was, and its moments
-    start clean when warm-up ends. Why: fresh heads start far from their targets (CE ~12 on
-    SmolLM2, issue 2's demo) and, trained jointly from step 0, their large gradients pull the
-    shared trunk and unembedding away from next-token prediction (head 0's held-out CE 1.44 ->
-    2.52 in that demo). Medusa (Cai et al. 2024, §2.2.2) trains its heads on a frozen backbone
-    before joint training for the same reason. The trunk's backward still runs (its gradients
-    are simply dropped): simple, and warm-up is short."""
-    for p in model.base.parameters():
-        p.grad = None
-
-
-def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm; works on FSDP's DTensor gradients too."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-def optimizer_step(model, optimizer, schedule, loss: torch.Tensor, max_norm: float, where: str) -> torch.Tensor:
-    """Clip, then update -- unless the loss (all ranks' sum) or the gradient norm is NaN/inf: a
-    diverging step must not reach the weights, so we stop before the update (the last
-    checkpoint stays good) and say where it happened. Returns the gradient norm before clipping."""
-    grad_norm = clip_grad_norm(model, max_norm)
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        raise FloatingPointError(f"{where}: non-finite loss ({loss.item()}) or grad norm "
-                                 f"({grad_norm.item()}); weights not updated")
-    optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2 ** 30
-    import resource  # CPU: the process's peak resident set
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def _ckpt_dirs(out_dir):
-    root = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(os.path.join(root, d) for d in os.listdir(root)
-                  if d.startswith("step_") and not d.endswith(".tmp"))
-
-
-def save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last=2):
-    """A sharded, resumable checkpoint (torch.distributed.checkpoint): model, optimizer, LR
-    schedule, step, RNG. Every rank writes its shards into `step_N.tmp`; only when all are done
-    does rank 0 rename it to `step_N`, so a run killed mid-write leaves the previous checkpoint
-    as the latest. The data position is the step itself (data.step_batches)."""
-    import shutil
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd,
-             "meta": {"step": step, "schedule": schedule.state_dict(),
-                      "rng_cpu": torch.get_rng_state(),
-                      "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
-    final = os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
-    tmp = final + ".tmp"
-    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
-    master = not dist_on or torch.distributed.get_rank() == 0
-    if master and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    if dist_on:
-        torch.distributed.barrier()
-    dcp.save(state, checkpoint_id=tmp)
-    if dist_on:
-        torch.distributed.barrier()
-    if master:
-        os.replace(tmp, final)
-        for old in _ckpt_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    if dist_on:
-        torch.distributed.barrier()
-
-
-def load_checkpoint(which, out_dir, model, optimizer, schedule) -> int:
-    """Restore a checkpoint written by save_checkpoint (`which` = "latest" or a path) into the
-    live, already sharded model and optimizer; -> the step to continue from. The checkpoint may
-    come from a run with a different number of ranks (DCP reshards on load)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if which in ("latest", "true", "True"):
-        found = _ckpt_dirs(out_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir}/checkpoints")
-        path = found[-1]
-    else:
-        path = which
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"--resume: {path!r} is not a complete checkpoint")
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd,
-             "meta": {"step": 0, "schedule": schedule.state_dict(), "rng_cpu": torch.get_rng_state(),
-                      "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = state["meta"]
-    schedule.load_state_dict(meta["schedule"])
-    torch.set_rng_state(meta["rng_cpu"])
-    if meta["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(meta["rng_cuda"])
-    return int(meta["step"])
-
-
-def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None):
-    """Gather the full state dict (all ranks take part) and let rank 0 write the consolidated
-    checkpoint of `save_consolidated` (an MTP model) or `save_value_model` (a value model)."""
-    save = save_value_model if isinstance(model, ValueModel) else save_consolidated
-    if dist.group is None:
-        save(model, tokenizer, out_dir, extra=extra)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.rank == 0:
-        save(model, tokenizer, out_dir, state_dict=sd, extra=extra)
-    torch.distributed.barrier()
-
-
-def report_heldout(held_out: list[float], step: int, dist: Dist, run, label: str = ""):
-    """Print and (rank 0) log the held-out CE of every head at `step`."""
-    if dist.rank == 0:
-        print(f"\n{label or f'step {step}'} held-out CE per head: {[round(x, 4) for x in held_out]}")
-        if run is not None:
-            import mlflow
-            mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=step)
-
-
-def finish_training(model, tok, out_dir, dist: Dist, held_out: list[float], run, steps: int, script: str):
-    """The end of a training run, the same for every script: report the final held-out CE per
-    head, write the consolidated export (all ranks take part), close the MLflow run and the
-    process group."""
-    report_heldout(held_out, steps, dist, run, label="final")
-    final_dir = os.path.join(out_dir, "final")
-    export_consolidated(model, tok, final_dir, dist, extra={"trained_with": script, "steps": steps})
-    if dist.rank == 0:
-        print(f"saved {final_dir}")
-    if dist.rank == 0 and run is not None:
-        import mlflow
-        mlflow.log_param("final_dir", os.path.abspath(final_dir))
-        mlflow.end_run()
-    shutdown(dist)
-
-
-def flatten_config(cfg, prefix="") -> dict:
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out |= flatten_config(v, f"{prefix}{f.name}.")
-        else:
-            out[prefix + f.name] = v
-    return out
-
-
-def start_mlflow(mcfg, cfg, master: bool, resume_step: int = 0):
-    """Start an MLflow run on rank 0 and log the whole config as params. MLflow's own default
-    local store unless the config names a tracking URI."""
-    if not (master and mcfg.enabled):
-        return None
-    import mlflow
-    if mcfg.tracking_uri:
-        mlflow.set_tracking_uri(mcfg.tracking_uri)
-    mlflow.set_experiment(mcfg.experiment)
-    run = mlflow.start_run(run_name=mcfg.run_name or None)
-    mlflow.log_params(flatten_config(cfg))
-    if resume_step:
-        mlflow.set_tag("resumed_from_step", resume_step)
-    return run
-
-
-# --------------------------------------------------------------------------------------------
-# 7. Critic weights (DESIGN.md §6)
-# --------------------------------------------------------------------------------------------
-# A value model V(prefix) ≈ P(the solution passes | prompt, completion tokens so far) is read as
-# the value function of a token-level MDP whose only reward is the outcome R at the end (γ = 1:
-# the episode is finite and V is a probability, so there is nothing to discount). Its temporal
-# differences say which tokens moved the solution toward or away from passing; GAE (Schulman et
-# al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation") turns
-# them into advantages, and exp(A/β) -- the weighting of advantage-weighted regression (Peng et
-# al. 2019, "Advantage-Weighted Regression"; Nair et al. 2020, AWAC) -- into token weights.
-#
-# Indexing: values[b, j] is V after token j (the value model's output at position j, which has
-# seen tokens <= j), so values, δ, A and w are all in target indexing: they belong to token j,
-# and `align_to_heads` hands head k at position t the weight of its target token t+k+1.
-# A row is prompt, then one contiguous completion (mask 1, EOS included), then padding.
-
-class ValueModel(nn.Module):
-    """V_t = σ(head(h_t)) on the last (final-normed) hidden states of a causal LM's body.
-
-    The causal LM is kept whole as `base` (its unembedding is unused) so that the FSDP / block
-    plumbing and `save_pretrained` work on it exactly as on the policy. The head is one linear
-    layer, initialised to output the data's pass rate everywhere (zero weights, bias = its
-    logit), so training starts from the best constant guess.
-    """
-
-    def __init__(self, base: nn.Module, init_pass_rate: float = 0.5):
-        super().__init__()
-        self.base = base
-        self.head = nn.Linear(base.config.hidden_size, 1)
-        p = min(max(init_pass_rate, 1e-3), 1 - 1e-3)
-        nn.init.zeros_(self.head.weight)
-        nn.init.constant_(self.head.bias, math.log(p / (1 - p)))
-
-    @property
-    def config(self):
-        return self.base.config
-
-    def forward(self, input_ids) -> torch.Tensor:
-        """Value logits [B, T] (fp32); V = sigmoid of them."""
-        h = self.base.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        # A copy, not a view: FSDP2 hooks the module's output for its backward all-gather.
-        return self.head(h).squeeze(-1).to(torch.float32, copy=True)
-
-
-def set_value_trainable(model: ValueModel, train_layers: int):
-    """Which parameters stage 1 trains: 0 = the head only (frozen backbone), N = the last N blocks
-    + the final norm + the head, -1 = everything."""
-    model.base.requires_grad_(train_layers < 0)
-    if train_layers > 0:
-        _, blocks, norm = find_blocks(model.base)
-        for block in list(blocks)[-train_layers:]:
-            block.requires_grad_(True)
-        norm.requires_grad_(True)
-    model.head.requires_grad_(True)
-
-
-# A value-model directory: a normal HF causal-LM directory (the backbone + tokenizer) with
-#     value_head.safetensors   <- the head ("weight" [1, D], "bias" [1])
-#     value_config.json        <- {"format": "wmtp-value-1", ...: how it was trained, held-out metrics}
-VALUE_CONFIG, VALUE_HEAD = "value_config.json", "value_head.safetensors"
-
-
-def save_value_model(model: ValueModel, tokenizer, out_dir: str, state_dict=None, extra=None):
-    from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
-    sd = state_dict if state_dict is not None else model.state_dict()
-    model.base.save_pretrained(out_dir, state_dict={k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    save_file({k[len("head."):]: v.contiguous().float() for k, v in sd.items() if k.startswith("head.")},
-              os.path.join(out_dir, VALUE_HEAD))
-    with open(os.path.join(out_dir, VALUE_CONFIG), "w") as f:
-        json.dump({"format": "wmtp-value-1", **(extra or {})}, f, indent=2)
-
-
-def load_value_model(path: str, dtype=torch.float32):
-    """A directory written by `save_value_model` -> (ValueModel, tokenizer, its value_config)."""
-    from safetensors.torch import load_file
-    if not os.path.isfile(os.path.join(path, VALUE_CONFIG)):
-        raise FileNotFoundError(f"{path!r} is not a value-model directory (no {VALUE_CONFIG}); "
-                                f"stage 1 of train_critic.py writes one")
-    base, tok = load_model_and_tokenizer(path, dtype=dtype)
-    model = ValueModel(base)
-    model.head.load_state_dict(load_file(os.path.join(path, VALUE_HEAD)))
-    with open(os.path.join(path, VALUE_CONFIG)) as f:
-        meta = json.load(f)
-    return model.to(dtype), tok, meta
-
-
-def last_token(mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] mask -> bool [B, T], True at each row's last masked token (the final completion token)."""
-    m = mask.bool()
-    return m & ~F.pad(m[:, 1:], (0, 1), value=False)
-
-
-def last_prompt_token(mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] completion mask -> bool [B, T], True at the token just before the completion: its
-    value is V_{-1}, the value of the prompt alone."""
-    m = mask.bool()
-    return ~m & F.pad(m[:, 1:], (0, 1), value=False)
-
-
-def value_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Where V is trained and used: every completion token and the last prompt token (V_{-1} of
-    the first TD error)."""
-    return mask.bool() | last_prompt_token(mask)
-
-
-def critic_deltas(values: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
-    """TD errors δ [B, T] of the completion tokens (0 elsewhere), γ = 1, reward only at the end:
-
-        δ_j = V_j − V_{j−1}       for completion tokens j (V_{−1} = V at the last prompt token)
-        δ_T = R − V_{T−1}         at the final completion token T (the episode ends: V_T := R)
-
-    values: V after every token [B, T]; mask: completion tokens [B, T]; reward: R per row [B].
-    Σ_j δ_j = R − V_{−1}: the tokens share out how much better the outcome was than expected.
-    """
-    v = values.float()
-    prev = torch.cat([v[:, :1], v[:, :-1]], dim=1)  # V_{j-1} (a row with no prompt: V_{-1} := V_0)
-    after = torch.where(last_token(mask), reward.float().to(v.device)[:, None], v)
-    return torch.where(mask.bool(), after - prev, torch.zeros_like(v))
-
-
-def gae(deltas: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """A_t = Σ_{l≥0} λ^l δ_{t+l} within each row (GAE with γ = 1; Schulman et al. 2016, eq. 16),
-    0 off the mask. λ = 1: A_t = R − V_{t−1} (Monte-Carlo); λ = 0: A_t = δ_t (one-step TD).
-
-    Vectorised as a doubling (Hillis–Steele) scan of the recurrence A_t = δ_t + λ A_{t+1}: after
-    the pass with offset s = 1, 2, 4, ..., A_t holds Σ_{l<2s} λ^l δ_{t+l}, so ceil(log2 T)
-    element-wise passes replace the loop over tokens. Numerically this only ever multiplies by
-    λ^s ≤ 1 (which underflows harmlessly to 0 for far tokens), unlike the closed form
-    λ^{−t} · revcumsum(λ^j δ_j), whose λ^j underflows and λ^{−t} overflows in fp32 after a few
-    hundred tokens (0.95^2000 ≈ 1e-45); and it needs O(BT) memory, unlike the exact
-    B × T × T matrix of λ^{j−t} powers. δ is 0 outside the completion and the completion ends
-    the row's content, so the scan never mixes rows or crosses into padding.
-    """
-    m = mask.to(torch.float32)
-    adv = deltas.float() * m
-    s = 1
-    while s < adv.shape[1]:
-        adv = adv + (lam ** s) * F.pad(adv[:, s:], (0, s))
-        s *= 2
-    return adv * m
-
-
-def masked_mean_std(xs: list[torch.Tensor], masks: list[torch.Tensor], group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (population) std of x over the masked entries of every tensor in `xs` (all
-    micro-batches of an optimizer step) and every rank of `group`. Two passes -- the mean, then
-    Σ m(x − mean)² -- instead of Σx² − n·mean², which cancels catastrophically in fp32 (and MPS
-    has no fp64)."""
-    dev = xs[0].device
-    s = torch.stack([torch.stack([m.float().sum(), (x.float() * m).sum()]) for x, m in zip(xs, masks)]).sum(0)
-    s = all_reduce(s.to(dev), "sum", group)
-    mean = s[1] / s[0].clamp_min(1)
-    sq = torch.stack([(((x.float() - mean) * m) ** 2).sum() for x, m in zip(xs, masks)]).sum()
-    var = all_reduce(sq.to(dev), "sum", group) / s[0].clamp_min(1)
-    return mean, var.sqrt()
-
-
-def critic_weights(adv: torch.Tensor, mask: torch.Tensor, beta: float, w_min: float, w_max: float) -> torch.Tensor:
-    """w = clip(exp(A/β), w_min, w_max) on the mask, 0 elsewhere (target indexing).
-
-    exp(A/β) is the closed-form solution of maximising advantage under a KL constraint to the
-    data distribution (Peng et al. 2019, AWR eq. 7): tokens that raised the chance of passing
-    get more weight, tokens that lowered it less. β is the temperature (with whitened A, β = 1
-    gives weights spread over ~e^{±2}); clipping bounds the influence of any one token (AWR
-    clips at w_max = 20) and w_min > 0 keeps every token of a passing solution in the loss.
-    """
-    w = torch.exp(adv.float() / beta).clamp(w_min, w_max)  # exp overflow -> inf -> clamped to w_max
-    return w * mask.to(w.dtype)
-
-
-def value_targets(values: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor, mode: str = "mc",
-                  lam: float = 0.95) -> torch.Tensor:
-    """BCE targets of the value model at every `value_positions` entry, [B, T]:
-
-      mc:     R everywhere (Monte-Carlo value: V_t ≈ E[R | prefix]);
-      lambda: the λ-return G_t = V_t + A_{t+1} = (1−λ) V_{t+1} + λ G_{t+1}, with V_T := G_T := R
-              at the final token T (as in δ_T), bootstrapped from the model's own (detached)
-              values (TD(λ), Sutton 1988): lower variance than R on long solutions, biased by the
-              model's own errors. λ = 1 gives back `mc`; λ = 0 is one-step TD.
-    """
-    R = reward.float().to(values.device)[:, None].expand_as(values)
-    if mode == "mc":
-        return R.clone()
-    if mode != "lambda":
-        raise ValueError(f"value loss mode must be 'mc' or 'lambda', got {mode!r}")
-    v = values.detach().float()
-    adv = gae(critic_deltas(v, mask, reward), mask, lam)
-    g = v + F.pad(adv[:, 1:], (0, 1))  # A_{t+1}: the advantage of the next token
-    return torch.where(last_token(mask), R, g).clamp(0, 1)
-
-
-def rank_pairs(passed: torch.Tensor, problem: torch.Tensor) -> torch.Tensor:
-    """[B, B] bool: (i, j) where i passes, j fails, and both solve the same problem."""
-    pos = passed >= 0.5
-    return pos[:, None] & ~pos[None, :] & (problem[:, None] == problem[None, :])
-
-
-def binary_auc(scores, labels) -> float:
-    """Area under the ROC curve = P(score of a random positive > score of a random negative),
-    ties counting 1/2: the Mann–Whitney U statistic, (R₊ − n₊(n₊+1)/2) / (n₊ n₋), with R₊ the
-    sum of the positives' ranks (tied scores get their average rank). NaN with one class."""
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
-    y = torch.as_tensor(labels).flatten().cpu() >= 0.5
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()                # 1-based rank of each distinct value's last copy
-    avg_rank = (ends - (counts.double() - 1) / 2)[inverse]
-    return float((avg_rank[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        yield
+    except (OSError, ValueError) as e:
+        if os.path.exists(spec):
+            raise
+        looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+        raise FileNotFoundError(
+            f"model {spec!r}: " + ("no such file or directory" if looks_like_path else
+                                   "not a local path, and the Hugging Face hub could not provide it "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); on a machine "
+                                   "without the hub, download it elsewhere and pass the local directory")) from None

@@ -6,9 +6,10 @@ weights, top to bottom.
     python train_critic.py configs/tiny_critic.yaml --dry_run     # load, one fwd/bwd per stage, exit
     python train_critic.py configs/tiny_critic.yaml --stages=value                  # stage 1 only
     python train_critic.py configs/tiny_critic.yaml --stages=policy --critic.value_model=out/tiny_critic/value
+    python train_critic.py configs/m3.yaml                        # Apple silicon (MPS); the M3 config serves both scripts
     torchrun --nproc_per_node=8 train_critic.py <config>.yaml     # FSDP2, as train_rho1.py
 
-The algorithm (DESIGN.md §6):
+The algorithm (docs/design.md §6):
   Stage 1 -- value model. A causal-LM backbone + a linear value head, V_t = σ(head(h_t)) ≈
     P(pass | prompt, completion tokens ≤ t), trained on labelled (prompt, completion, passed)
     triples with BCE against the outcome R on every completion token (Monte-Carlo value); or
@@ -21,19 +22,25 @@ The algorithm (DESIGN.md §6):
     target token t+k+1, and
         L = Σ_k λ_k Σ_t m w CE / Σ_t m w      (sums over the whole optimizer batch)
     as in train_rho1.py: with all w = 1 this is plain MTP fine-tuning on the passing solutions.
+
+Read top to bottom: the config; 1. the critic's math (value model, δ, GAE, whitening, exp(A/β));
+2. the labelled data; 3. stage 1, `train_value_model`; 4. stage 2, `train_policy`; main().
 """
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
 import mtp
 
@@ -50,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mbpp_mutants"     # labelled data: mbpp_mutants | code_contests | samples (eval.py's) | jsonl
+    source: str = "mbpp_mutants"     # labelled data: mbpp_mutants (alias mbpp) | code_contests | samples (eval.py's) | jsonl
     path: str = ""                   # mbpp_mutants: MBPP JSONL; code_contests: JSONL/parquet; "" = hub; samples/jsonl: file
     split: str = "train"
     max_problems: int = 0            # use the first N problems (0 = all)
@@ -105,316 +112,527 @@ class Config:
     value: ValueConfig = field(default_factory=ValueConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     # stage 2 (device, dtype, seed, betas and min_lr_ratio also for stage 1)
-    train: mtp.TrainConfig = field(default_factory=lambda: mtp.TrainConfig(out_dir="out/critic"))
+    train: common.TrainConfig = field(default_factory=lambda: common.TrainConfig(out_dir="out/critic"))
     # runs are named <run_name>/value and <run_name>/policy
-    mlflow: mtp.MlflowConfig = field(default_factory=lambda: mtp.MlflowConfig(experiment="wmtp-critic"))
+    mlflow: common.MlflowConfig = field(default_factory=lambda: common.MlflowConfig(experiment="wmtp-critic"))
     dry_run: bool = False            # load everything, one forward/backward per stage, print sizes, exit
-    resume: str = ""                 # continue stage 2 ("latest" or a checkpoint path); needs --stages=policy
+    resume: str | bool = ""          # continue stage 2 ("latest" or a checkpoint path); needs --stages=policy
 
 
-def main(argv):
-    cfg = mtp.parse_config(Config, argv)
-    if cfg.resume is True:
-        cfg.resume = "latest"
-    if cfg.stages == "policy" and not cfg.critic.value_model:
-        raise mtp.ConfigError("--stages=policy needs critic.value_model (a directory written by stage 1)")
-    if cfg.resume and cfg.stages != "policy":
-        raise mtp.ConfigError("resume continues stage 2: run with --stages=policy --critic.value_model=<dir>")
-    if not (cfg.critic.beta > 0 and 0 <= cfg.critic.w_min <= cfg.critic.w_max and 0 <= cfg.critic.lam <= 1):
-        raise mtp.ConfigError("config keys critic.*: need beta > 0, 0 <= w_min <= w_max, 0 <= lam <= 1")
+# Keys of configs/*.yaml that only train_rho1.py reads: one M3 config serves both scripts.
+RHO1_ONLY_KEYS = ("rho1", "model.reference", "data.eval_source", "data.eval_path", "data.eval_split",
+                  "data.eval_limit")
 
-    # ---- processes and devices -------------------------------------------------------------
-    dist = mtp.init_distributed(cfg.train.device)
-    rank, world, device, master = dist.rank, dist.world, dist.device, dist.rank == 0
-    dtype = mtp.pick_dtype(cfg.train.dtype, device)
-    torch.manual_seed(cfg.train.seed)
-    say = print if master else (lambda *a, **k: None)
-    amp = mtp.autocast(device, dtype, dist)
-    chunk = cfg.train.chunk_size or None
-    run_name = cfg.mlflow.run_name or "critic"
 
-    # ---- the policy's base model and tokenizer ---------------------------------------------
-    model, tok = mtp.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
-    base, n_heads = model.base, model.n_heads
-    if cfg.train.heads_only_steps and n_heads == 1:
-        raise mtp.ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up")
+# --------------------------------------------------------------------------------------------
+# 1. The critic's math (docs/design.md §6)
+# --------------------------------------------------------------------------------------------
+# A value model V(prefix) ≈ P(the solution passes | prompt, completion tokens so far) is read as
+# the value function of a token-level MDP whose only reward is the outcome R at the end (γ = 1:
+# the episode is finite and V is a probability, so there is nothing to discount). Its temporal
+# differences say which tokens moved the solution toward or away from passing; GAE (Schulman et
+# al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation") turns
+# them into advantages, and exp(A/β) -- the weighting of advantage-weighted regression (Peng et
+# al. 2019, "Advantage-Weighted Regression"; Nair et al. 2020, AWAC) -- into token weights.
+#
+# Indexing: values[b, j] is V after token j (the value model's output at position j, which has
+# seen tokens <= j), so values, δ, A and w are all in target indexing: they belong to token j,
+# and `align_to_heads` hands head k at position t the weight of its target token t+k+1.
+# A row is prompt, then one contiguous completion (mask 1, EOS included), then padding.
+
+class ValueModel(nn.Module):
+    """V_t = σ(head(h_t)) on the last (final-normed) hidden states of a causal LM's body.
+
+    The causal LM is kept whole as `base` (its unembedding is unused) so that the FSDP / block
+    plumbing and `save_pretrained` work on it exactly as on the policy. The head is one linear
+    layer, initialised to output the data's pass rate everywhere (zero weights, bias = its
+    logit), so training starts from the best constant guess.
+    """
+
+    def __init__(self, base: nn.Module, init_pass_rate: float = 0.5):
+        super().__init__()
+        self.base = base
+        self.head = nn.Linear(base.config.hidden_size, 1)
+        p = min(max(init_pass_rate, 1e-3), 1 - 1e-3)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, math.log(p / (1 - p)))
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def forward(self, input_ids) -> torch.Tensor:
+        """Value logits [B, T] (fp32); V = sigmoid of them."""
+        h = self.base.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        # A copy, not a view: FSDP2 hooks the module's output for its backward all-gather.
+        return self.head(h).squeeze(-1).to(torch.float32, copy=True)
+
+
+def set_value_trainable(model: ValueModel, train_layers: int):
+    """Which parameters stage 1 trains: 0 = the head only (frozen backbone), N = the last N blocks
+    + the final norm + the head, -1 = everything."""
+    model.base.requires_grad_(train_layers < 0)
+    if train_layers > 0:
+        _, blocks, norm = mtp.find_blocks(model.base)
+        for block in list(blocks)[-train_layers:]:
+            block.requires_grad_(True)
+        norm.requires_grad_(True)
+    model.head.requires_grad_(True)
+
+
+# A value-model directory: a normal HF causal-LM directory (the backbone + tokenizer) with
+#     value_head.safetensors   <- the head ("weight" [1, D], "bias" [1])
+#     value_config.json        <- {"format": "wmtp-value-1", ...: how it was trained, held-out metrics}
+VALUE_CONFIG, VALUE_HEAD = "value_config.json", "value_head.safetensors"
+
+
+def save_value_model(model: ValueModel, tokenizer, out_dir: str, state_dict=None, extra=None):
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    model.base.save_pretrained(out_dir, state_dict={k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    save_file({k[len("head."):]: v.contiguous().float() for k, v in sd.items() if k.startswith("head.")},
+              os.path.join(out_dir, VALUE_HEAD))
+    with open(os.path.join(out_dir, VALUE_CONFIG), "w") as f:
+        json.dump({"format": "wmtp-value-1", **(extra or {})}, f, indent=2)
+
+
+def load_value_model(path: str, dtype=torch.float32):
+    """A directory written by `save_value_model` -> (ValueModel, tokenizer, its value_config)."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(os.path.join(path, VALUE_CONFIG)):
+        raise FileNotFoundError(f"{path!r} is not a value-model directory (no {VALUE_CONFIG}); "
+                                f"stage 1 of train_critic.py writes one")
+    base, tok = mtp.load_model_and_tokenizer(path, dtype=dtype)
+    model = ValueModel(base)
+    model.head.load_state_dict(load_file(os.path.join(path, VALUE_HEAD)))
+    with open(os.path.join(path, VALUE_CONFIG)) as f:
+        meta = json.load(f)
+    return model.to(dtype), tok, meta
+
+
+def last_token(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask -> bool [B, T], True at each row's last masked token (the final completion token)."""
+    m = mask.bool()
+    return m & ~F.pad(m[:, 1:], (0, 1), value=False)
+
+
+def last_prompt_token(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] completion mask -> bool [B, T], True at the token just before the completion: its
+    value is V_{-1}, the value of the prompt alone."""
+    m = mask.bool()
+    return ~m & F.pad(m[:, 1:], (0, 1), value=False)
+
+
+def value_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Where V is trained and used: every completion token and the last prompt token (V_{-1} of
+    the first TD error)."""
+    return mask.bool() | last_prompt_token(mask)
+
+
+def critic_deltas(values: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
+    """TD errors δ [B, T] of the completion tokens (0 elsewhere), γ = 1, reward only at the end:
+
+        δ_j = V_j − V_{j−1}       for completion tokens j (V_{−1} = V at the last prompt token)
+        δ_T = R − V_{T−1}         at the final completion token T (the episode ends: V_T := R)
+
+    values: V after every token [B, T]; mask: completion tokens [B, T]; reward: R per row [B].
+    Σ_j δ_j = R − V_{−1}: the tokens share out how much better the outcome was than expected.
+    """
+    v = values.float()
+    prev = torch.cat([v[:, :1], v[:, :-1]], dim=1)  # V_{j-1} (a row with no prompt: V_{-1} := V_0)
+    after = torch.where(last_token(mask), reward.float().to(v.device)[:, None], v)
+    return torch.where(mask.bool(), after - prev, torch.zeros_like(v))
+
+
+def gae(deltas: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """A_t = Σ_{l≥0} λ^l δ_{t+l} within each row (GAE with γ = 1; Schulman et al. 2016, eq. 16),
+    0 off the mask. λ = 1: A_t = R − V_{t−1} (Monte-Carlo); λ = 0: A_t = δ_t (one-step TD).
+
+    Vectorised as a doubling (Hillis–Steele) scan of the recurrence A_t = δ_t + λ A_{t+1}: after
+    the pass with offset s = 1, 2, 4, ..., A_t holds Σ_{l<2s} λ^l δ_{t+l}, so ceil(log2 T)
+    element-wise passes replace the loop over tokens. Numerically this only ever multiplies by
+    λ^s ≤ 1 (which underflows harmlessly to 0 for far tokens), unlike the closed form
+    λ^{−t} · revcumsum(λ^j δ_j), whose λ^j underflows and λ^{−t} overflows in fp32 after a few
+    hundred tokens (0.95^2000 ≈ 1e-45); and it needs O(BT) memory, unlike the exact
+    B × T × T matrix of λ^{j−t} powers. δ is 0 outside the completion and the completion ends
+    the row's content, so the scan never mixes rows or crosses into padding.
+    """
+    m = mask.to(torch.float32)
+    adv = deltas.float() * m
+    s = 1
+    while s < adv.shape[1]:
+        adv = adv + (lam ** s) * F.pad(adv[:, s:], (0, s))
+        s *= 2
+    return adv * m
+
+
+def masked_mean_std(xs: list[torch.Tensor], masks: list[torch.Tensor], group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) std of x over the masked entries of every tensor in `xs` (all
+    micro-batches of an optimizer step) and every rank of `group`. Two passes -- the mean, then
+    Σ m(x − mean)² -- instead of Σx² − n·mean², which cancels catastrophically in fp32 (and MPS
+    has no fp64)."""
+    dev = xs[0].device
+    s = torch.stack([torch.stack([m.float().sum(), (x.float() * m).sum()]) for x, m in zip(xs, masks)]).sum(0)
+    s = mtp.all_reduce(s.to(dev), "sum", group)
+    mean = s[1] / s[0].clamp_min(1)
+    sq = torch.stack([(((x.float() - mean) * m) ** 2).sum() for x, m in zip(xs, masks)]).sum()
+    var = mtp.all_reduce(sq.to(dev), "sum", group) / s[0].clamp_min(1)
+    return mean, var.sqrt()
+
+
+def critic_weights(adv: torch.Tensor, mask: torch.Tensor, beta: float, w_min: float, w_max: float) -> torch.Tensor:
+    """w = clip(exp(A/β), w_min, w_max) on the mask, 0 elsewhere (target indexing).
+
+    exp(A/β) is the closed-form solution of maximising advantage under a KL constraint to the
+    data distribution (Peng et al. 2019, AWR eq. 7): tokens that raised the chance of passing
+    get more weight, tokens that lowered it less. β is the temperature (with whitened A, β = 1
+    gives weights spread over ~e^{±2}); clipping bounds the influence of any one token (AWR
+    clips at w_max = 20) and w_min > 0 keeps every token of a passing solution in the loss.
+    """
+    w = torch.exp(adv.float() / beta).clamp(w_min, w_max)  # exp overflow -> inf -> clamped to w_max
+    return w * mask.to(w.dtype)
+
+
+def value_targets(values: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor, mode: str = "mc",
+                  lam: float = 0.95) -> torch.Tensor:
+    """BCE targets of the value model at every `value_positions` entry, [B, T]:
+
+      mc:     R everywhere (Monte-Carlo value: V_t ≈ E[R | prefix]);
+      lambda: the λ-return G_t = V_t + A_{t+1} = (1−λ) V_{t+1} + λ G_{t+1}, with V_T := G_T := R
+              at the final token T (as in δ_T), bootstrapped from the model's own (detached)
+              values (TD(λ), Sutton 1988): lower variance than R on long solutions, biased by the
+              model's own errors. λ = 1 gives back `mc`; λ = 0 is one-step TD.
+    """
+    R = reward.float().to(values.device)[:, None].expand_as(values)
+    if mode == "mc":
+        return R.clone()
+    if mode != "lambda":
+        raise ValueError(f"value loss mode must be 'mc' or 'lambda', got {mode!r}")
+    v = values.detach().float()
+    adv = gae(critic_deltas(v, mask, reward), mask, lam)
+    g = v + F.pad(adv[:, 1:], (0, 1))  # A_{t+1}: the advantage of the next token
+    return torch.where(last_token(mask), R, g).clamp(0, 1)
+
+
+def rank_pairs(passed: torch.Tensor, problem: torch.Tensor) -> torch.Tensor:
+    """[B, B] bool: (i, j) where i passes, j fails, and both solve the same problem."""
+    pos = passed >= 0.5
+    return pos[:, None] & ~pos[None, :] & (problem[:, None] == problem[None, :])
+
+
+def binary_auc(scores, labels) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative),
+    ties counting 1/2: the Mann–Whitney U statistic, (R₊ − n₊(n₊+1)/2) / (n₊ n₋), with R₊ the
+    sum of the positives' ranks (tied scores get their average rank). NaN with one class."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+    y = torch.as_tensor(labels).flatten().cpu() >= 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()                # 1-based rank of each distinct value's last copy
+    avg_rank = (ends - (counts.double() - 1) / 2)[inverse]
+    return float((avg_rank[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Labelled data: (prompt, completion, passed)
+# --------------------------------------------------------------------------------------------
+
+def load_labelled_data(cfg, tok, dist, device):
+    """-> (train items, held-out items, counts): tokenized labelled solutions, split by problem."""
+    d, say = cfg.data, (print if dist.rank == 0 else (lambda *a, **k: None))
+    source, path = d.source, d.path or None
+    if source in ("mbpp", "mbpp_mutants"):
+        # Built once (running every program in the sandbox), then read from the cache. Rank 0
+        # builds it.
+        def build():
+            return data.mbpp_mutants(path, d.split, d.mutants_per_task, cfg.train.seed, d.max_problems,
+                                     d.label_cache, d.exec_timeout)
+        if dist.rank == 0:
+            say(f"labelled data: {build()}")
+        if dist.group is not None:
+            torch.distributed.barrier()
+        source, path = "jsonl", build()
+    rows, skipped = data.load_labelled(source, path, d.split, d.skip_bad_rows, d.max_problems,
+                                       d.max_per_problem, cfg.train.seed, need_label=not d.reward_model)
+    if d.reward_model:
+        # No tests: a reward model's score stands in for `passed`. It reads the decoded text
+        # with its own tokenizer, so it may come from another model family than the policy.
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        rm_path, _ = mtp.resolve_model(d.reward_model)
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_path).to(device)
+        scores = data.reward_model_scores(rm, AutoTokenizer.from_pretrained(rm_path),
+                                          [r["prompt"] + r["completion"] for r in rows],
+                                          max_len=d.max_seq_len, positive_index=d.reward_positive_index)
+        rows = [{**r, "passed": s} for r, s in zip(rows, scores)]
+        del rm
+    counts = data.class_balance(rows, f"labelled data ({d.source})")
+    items, tok_counts = data.tokenize_labelled(tok, rows, d.max_seq_len)
+    train_items, eval_items = data.split_by_problem(items, d.eval_frac, cfg.train.seed)
+    counts |= tok_counts | {"skipped_bad_rows": skipped, "train_examples": len(train_items),
+                            "heldout_examples": len(eval_items)}
+    say(f"labelled data: {counts}")
+    return train_items, eval_items, counts
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Stage 1: the value model
+# --------------------------------------------------------------------------------------------
+
+def value_loss(value_model, batch, denom, v: ValueConfig, amp, device):
+    """The loss of one micro-batch, normalised by the global batch's counts `denom` = [value
+    positions, ranking pairs] (all micro-batches, all ranks), like the policy's loss: how the
+    batch is split does not change the gradient. -> (loss, Σ BCE detached)."""
+    ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
+    passed, problem = batch["passed"].to(device), batch["problem"].to(device)
+    pos = value_positions(mask)
+    with amp:
+        logits = value_model(ids)
+    target = value_targets(torch.sigmoid(logits), mask, passed, v.loss, v.target_lambda)
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * pos).sum()
+    loss = bce / denom[0]
+    if v.rank_weight:
+        # Bradley–Terry on the final-token logits (as in reward-model training, Ouyang et al.
+        # 2022): a passing solution should score above a failing one of the same problem. The
+        # BCE keeps V calibrated; ranking sharpens the ordering.
+        z = logits[last_token(mask)]
+        pairs = rank_pairs(passed, problem)
+        loss = loss + v.rank_weight * (F.softplus(z[None, :] - z[:, None]) * pairs).sum() / denom[1].clamp_min(1)
+    return loss, bce.detach()
+
+
+def value_denominators(batches, device, group):
+    counts = torch.stack([torch.stack([value_positions(b["loss_mask"]).sum(),
+                                       rank_pairs(b["passed"], b["problem"]).sum()]) for b in batches])
+    return mtp.all_reduce(counts.sum(0).float().to(device), "sum", group)
+
+
+@torch.no_grad()
+def evaluate_value(value_model, eval_items, micro_batch, amp, dist, pad_id) -> dict:
+    """Held-out problems: the final-token V against the label (accuracy, AUC), the BCE of V
+    against R on every value position, and the AUC of V at the last prompt token, which can
+    only know the problem (how much of the AUC the solution itself explains)."""
+    value_model.eval()
+    device = dist.device
+    final, prompt_v, labels, tot = [], [], [], torch.zeros(2, device=device)
+    for b in data.eval_batches(eval_items, micro_batch, dist.rank, dist.world, pad_id):
+        ids, mask, passed = b["input_ids"].to(device), b["loss_mask"].to(device), b["passed"].to(device)
+        with amp:
+            logits = value_model(ids)
+        pos = value_positions(mask)
+        bce = F.binary_cross_entropy_with_logits(logits, passed[:, None].expand_as(logits), reduction="none")
+        tot += torch.stack([(bce * pos).sum(), pos.sum()])
+        final += torch.sigmoid(logits[last_token(mask)]).tolist()
+        prompt_v += torch.sigmoid(logits[last_prompt_token(mask)]).tolist()
+        labels += passed[mask.bool().any(1)].tolist()  # a rank with nothing left gets mask-free filler rows
+    if dist.group is not None:
+        gathered = [None] * dist.world
+        torch.distributed.all_gather_object(gathered, (final, prompt_v, labels), group=dist.group)
+        final, prompt_v, labels = (sum((g[i] for g in gathered), []) for i in range(3))
+    tot = mtp.all_reduce(tot, "sum", dist.group)
+    value_model.train()
+    y = torch.tensor(labels) >= 0.5
+    return {"eval/auc": binary_auc(final, labels), "eval/auc_prompt": binary_auc(prompt_v, labels),
+            "eval/acc": float(((torch.tensor(final) >= 0.5) == y).float().mean()),
+            "eval/bce": float(tot[0] / tot[1].clamp_min(1)), "eval/pass_rate": float(y.float().mean()),
+            "eval/n": len(labels)}
+
+
+def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, label_counts):
+    """Stage 1 -> the trained value model, frozen, on the device (None after a dry run's one step
+    is still returned, untrained, for stage 2's dry run)."""
+    v, device, world = cfg.value, dist.device, dist.world
+    say = print if dist.rank == 0 else (lambda *a, **k: None)
+    amp = common.autocast(device, dtype, dist)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    # ---- labelled data: (prompt, completion, passed) ---------------------------------------
-    train_items, eval_items, label_counts = [], [], {}
-    if cfg.stages != "policy" or not cfg.data.policy_source:
-        d = cfg.data
-        source, path = d.source, d.path or None
-        if source == "mbpp_mutants":
-            # Built once (running every program), then read from the cache. Rank 0 builds it.
-            build = lambda: data.mbpp_mutants(path, d.split, d.mutants_per_task, cfg.train.seed, d.max_problems,
-                                              d.label_cache, d.exec_timeout)
-            if master:
-                t0 = time.perf_counter()
-                say(f"labelled data: {build()} ({time.perf_counter() - t0:.0f}s)")
-            if dist.group is not None:
-                torch.distributed.barrier()
-            source, path = "jsonl", build()
-        rows, skipped = data.load_labelled(source, path, d.split, d.skip_bad_rows, d.max_problems,
-                                           d.max_per_problem, cfg.train.seed, need_label=not d.reward_model)
-        if d.reward_model:
-            # No tests: a reward model's score stands in for `passed`. It reads the decoded text
-            # with its own tokenizer, so it may come from another model family than the policy.
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-            rm_path, _ = mtp.resolve_model(d.reward_model)
-            rm = AutoModelForSequenceClassification.from_pretrained(rm_path).to(device)
-            scores = data.reward_model_scores(rm, AutoTokenizer.from_pretrained(rm_path),
-                                              [r["prompt"] + r["completion"] for r in rows],
-                                              max_len=d.max_seq_len, positive_index=d.reward_positive_index)
-            rows = [{**r, "passed": s} for r, s in zip(rows, scores)]
-            del rm
-        label_counts = data.class_balance(rows, f"labelled data ({d.source})")
-        items, tok_counts = data.tokenize_labelled(tok, rows, d.max_seq_len)
-        train_items, eval_items = data.split_by_problem(items, d.eval_frac, cfg.train.seed)
-        label_counts |= tok_counts | {"skipped_bad_rows": skipped, "train_examples": len(train_items),
-                                      "heldout_examples": len(eval_items)}
-        say(f"labelled data: {label_counts}")
-
-    # ==== stage 1: the value model ==========================================================
-    value_model = None
-    if cfg.stages in ("both", "value"):
-        v = cfg.value
-        if v.backbone:
-            vbase, vtok = mtp.load_model_and_tokenizer(v.backbone, dtype=torch.float32)
-            mtp.check_same_tokenizer(tok, vtok or tok, cfg.model.policy, v.backbone,
-                                     needs="the critic needs a value model")
-        else:
-            vbase = copy.deepcopy(base)
-        value_model = mtp.ValueModel(vbase, init_pass_rate=label_counts["mean_label"])
-        mtp.set_value_trainable(value_model, v.train_layers)
-        n_trainable = sum(p.numel() for p in value_model.parameters() if p.requires_grad)
-        value_model, _ = mtp.prepare_for_training(value_model, None, dist, dtype, compile=cfg.train.compile)
-        optimizer, schedule = mtp.adamw_cosine(
-            value_model.parameters(), v.lr, v.weight_decay, (cfg.train.beta1, cfg.train.beta2),
-            v.warmup_steps, v.max_steps, cfg.train.min_lr_ratio, device)
-
-        # The loss of one micro-batch, normalised by the global batch's counts (all micro-batches,
-        # all ranks), like the policy's loss: how the batch is split does not change the gradient.
-        def value_loss(batch, denom):
-            ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
-            passed, problem = batch["passed"].to(device), batch["problem"].to(device)
-            pos = mtp.value_positions(mask)
-            with amp:
-                logits = value_model(ids)
-            target = mtp.value_targets(torch.sigmoid(logits), mask, passed, v.loss, v.target_lambda)
-            bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * pos).sum()
-            loss = bce / denom[0]
-            if v.rank_weight:
-                # Bradley–Terry on the final-token logits (as in reward-model training,
-                # Ouyang et al. 2022): a passing solution should score above a failing one of the
-                # same problem. The BCE keeps V calibrated; ranking sharpens the ordering.
-                z = logits[mtp.last_token(mask)]
-                pairs = mtp.rank_pairs(passed, problem)
-                loss = loss + v.rank_weight * (F.softplus(z[None, :] - z[:, None]) * pairs).sum() / denom[1].clamp_min(1)
-            return loss, bce.detach()
-
-        def value_denominators(batches):
-            counts = torch.stack([torch.stack([mtp.value_positions(b["loss_mask"]).sum(),
-                                               mtp.rank_pairs(b["passed"], b["problem"]).sum()]) for b in batches])
-            return mtp.all_reduce(counts.sum(0).float().to(device), "sum", dist.group)
-
-        @torch.no_grad()
-        def evaluate_value():
-            """Held-out problems: the final-token V against the label (accuracy, AUC), the BCE of V
-            against R on every value position, and the AUC of V at the last prompt token, which
-            can only know the problem (how much of the AUC the solution itself explains)."""
-            value_model.eval()
-            final, prompt_v, labels, tot = [], [], [], torch.zeros(2, device=device)
-            for b in data.eval_batches(eval_items, v.micro_batch, rank, world, pad_id):
-                ids, mask, passed = b["input_ids"].to(device), b["loss_mask"].to(device), b["passed"].to(device)
-                with amp:
-                    logits = value_model(ids)
-                pos = mtp.value_positions(mask)
-                bce = F.binary_cross_entropy_with_logits(logits, passed[:, None].expand_as(logits), reduction="none")
-                tot += torch.stack([(bce * pos).sum(), pos.sum()])
-                final += torch.sigmoid(logits[mtp.last_token(mask)]).tolist()
-                prompt_v += torch.sigmoid(logits[mtp.last_prompt_token(mask)]).tolist()
-                labels += passed[mask.bool().any(1)].tolist()  # a rank with nothing left gets mask-free filler rows
-            if dist.group is not None:
-                gathered = [None] * world
-                torch.distributed.all_gather_object(gathered, (final, prompt_v, labels), group=dist.group)
-                final, prompt_v, labels = (sum((g[i] for g in gathered), []) for i in range(3))
-            tot = mtp.all_reduce(tot, "sum", dist.group)
-            value_model.train()
-            y = torch.tensor(labels) >= 0.5
-            return {"eval/auc": mtp.binary_auc(final, labels), "eval/auc_prompt": mtp.binary_auc(prompt_v, labels),
-                    "eval/acc": float(((torch.tensor(final) >= 0.5) == y).float().mean()),
-                    "eval/bce": float(tot[0] / tot[1].clamp_min(1)), "eval/pass_rate": float(y.float().mean()),
-                    "eval/n": len(labels)}
-
-        if cfg.dry_run:
-            batches = data.step_batches(train_items, 0, v.global_batch, v.micro_batch, cfg.train.seed, rank, world, pad_id)
-            loss, _ = value_loss(batches[0], value_denominators(batches[:1]))
-            (loss * world).backward()
-            say(f"dry run, stage 1: value model {sum(p.numel() for p in value_model.parameters()) / 1e6:.1f}M "
-                f"params ({n_trainable / 1e6:.3f}M trained), loss {loss.item():.4f}")
-        else:
-            run = mtp.start_mlflow(replace(cfg.mlflow, run_name=f"{run_name}/value"), cfg, master)
-            if master and run is not None:
-                import mlflow
-                mlflow.set_tag("stage", "value")
-                mlflow.log_params({"value.n_trainable": n_trainable, "world_size": world,
-                                   **{f"labels.{k}": x for k, x in label_counts.items()}})
-            from tqdm import tqdm
-            value_model.train()
-            bar = tqdm(range(v.max_steps), disable=not master, dynamic_ncols=True, desc="stage 1 (value)")
-            for step in bar:
-                batches = data.step_batches(train_items, step, v.global_batch, v.micro_batch, cfg.train.seed,
-                                            rank, world, pad_id, by_problem=v.rank_weight > 0)
-                denom = value_denominators(batches)
-                stats = torch.zeros(2, device=device)  # [loss, Σ BCE]
-                for batch in batches:
-                    loss, bce = value_loss(batch, denom)
-                    (loss * world).backward()  # FSDP averages over ranks; our loss is a global sum
-                    stats += torch.stack([loss.detach(), bce])
-                stats = mtp.all_reduce(stats, "sum", dist.group)
-                grad_norm = mtp.optimizer_step(value_model, optimizer, schedule, stats[0], v.grad_clip,
-                                               f"stage 1 step {step}")
-                metrics = {"value/loss": float(stats[0]), "value/bce": float(stats[1] / denom[0]),
-                           "value/lr": schedule.get_last_lr()[0], "value/grad_norm": float(grad_norm)}
-                bar.set_postfix(bce=f"{metrics['value/bce']:.4f}")
-                if v.eval_every and (step + 1) % v.eval_every == 0 and step + 1 < v.max_steps:
-                    held_out = evaluate_value()
-                    say(f"\nstage 1 step {step + 1}: held-out {held_out}")
-                    metrics |= held_out
-                if master and run is not None:
-                    mlflow.log_metrics(metrics, step=step + 1)
-            held_out = evaluate_value()
-            say(f"stage 1 final held-out: {held_out}")
-            mtp.export_consolidated(value_model, tok, v.out_dir, dist, extra={
-                "trained_with": "train_critic.py", "steps": v.max_steps, "loss": v.loss,
-                "train_layers": v.train_layers, "labelled_data": label_counts, "heldout": held_out})
-            say(f"saved value model {v.out_dir}")
-            if master and run is not None:
-                mlflow.log_metrics(held_out, step=v.max_steps)
-                mlflow.log_param("value_model_dir", os.path.abspath(v.out_dir))
-                mlflow.end_run()
-        del optimizer, schedule
-        value_model.requires_grad_(False).eval()  # stage 2 uses it frozen, as it is (already on the device)
-
-    if cfg.stages == "value":
-        mtp.shutdown(dist)
-        return
-
-    # ==== stage 2: critic-weighted MTP ======================================================
-    c = cfg.critic
-    if value_model is None:
-        value_model, vtok, vmeta = mtp.load_value_model(c.value_model)
-        mtp.check_same_tokenizer(tok, vtok, cfg.model.policy, c.value_model, needs="the critic needs a value model")
-        value_model.requires_grad_(False).eval()
-        say(f"value model {c.value_model}: held-out {vmeta.get('heldout')}")
-    if cfg.model.grad_checkpointing:
-        mtp.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
-    n_params = sum(p.numel() for p in model.parameters())
-    # A value model loaded from disk is put on the device (sharded under torchrun) beside the
-    # policy; one that stage 1 just trained is already there.
-    if cfg.stages == "policy":
-        model, value_model = mtp.prepare_for_training(model, value_model, dist, dtype, compile=cfg.train.compile)
+    if v.backbone:
+        vbase, vtok = mtp.load_model_and_tokenizer(v.backbone, dtype=torch.float32)
+        mtp.check_same_tokenizer(tok, vtok or tok, cfg.model.policy, v.backbone, needs="the critic needs a value model")
     else:
-        model, _ = mtp.prepare_for_training(model, None, dist, dtype, compile=cfg.train.compile)
+        vbase = copy.deepcopy(base)
+    value_model = ValueModel(vbase, init_pass_rate=label_counts["mean_label"])
+    set_value_trainable(value_model, v.train_layers)
+    n_trainable = sum(p.numel() for p in value_model.parameters() if p.requires_grad)
+    value_model, _ = common.prepare_for_training(value_model, None, dist, dtype, compile=cfg.train.compile)
+    optimizer, schedule = common.adamw_cosine(
+        value_model.parameters(), v.lr, v.weight_decay, (cfg.train.beta1, cfg.train.beta2),
+        v.warmup_steps, v.max_steps, cfg.train.min_lr_ratio, device)
+
+    if cfg.dry_run:
+        batches = data.step_batches(train_items, 0, v.global_batch, v.micro_batch, cfg.train.seed, dist.rank, world, pad_id)
+        loss, _ = value_loss(value_model, batches[0], value_denominators(batches[:1], device, dist.group), v, amp, device)
+        (loss * world).backward()
+        say(f"dry run, stage 1: value model {sum(p.numel() for p in value_model.parameters()) / 1e6:.1f}M "
+            f"params ({n_trainable / 1e6:.3f}M trained), loss {loss.item():.4f}")
+        return value_model.requires_grad_(False).eval()
+
+    run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg, dist.rank == 0)
+    if run is not None:
+        import mlflow
+        mlflow.set_tag("stage", "value")
+        mlflow.log_params({"value.n_trainable": n_trainable, "world_size": world,
+                           **{f"labels.{k}": x for k, x in label_counts.items()}})
+    from tqdm import tqdm
+    value_model.train()
+    bar = tqdm(total=v.max_steps, disable=dist.rank != 0, dynamic_ncols=True, desc="stage 1 (value)")
+    for step in range(v.max_steps):
+        batches = data.step_batches(train_items, step, v.global_batch, v.micro_batch, cfg.train.seed,
+                                    dist.rank, world, pad_id, by_problem=v.rank_weight > 0)
+        denom = value_denominators(batches, device, dist.group)
+        stats = torch.zeros(2, device=device)  # [loss, Σ BCE]
+        for batch in batches:
+            loss, bce = value_loss(value_model, batch, denom, v, amp, device)
+            (loss * world).backward()  # FSDP averages over ranks; our loss is a global sum
+            stats += torch.stack([loss.detach(), bce])
+        stats = mtp.all_reduce(stats, "sum", dist.group)
+        grad_norm = common.optimizer_step(value_model, optimizer, schedule, stats[0], v.grad_clip, f"stage 1 step {step}")
+        metrics = {"value/loss": float(stats[0]), "value/bce": float(stats[1] / denom[0]),
+                   "value/lr": schedule.get_last_lr()[0], "value/grad_norm": float(grad_norm)}
+        if common.every(step, v.eval_every, v.max_steps):
+            metrics |= evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
+            say(f"\nstage 1 step {step + 1}: held-out {metrics}")
+        common.log_metrics(metrics, step, run, bar, bce=f"{metrics['value/bce']:.4f}")
+        bar.update()
+    bar.close()
+    held_out = evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
+    say(f"stage 1 final held-out: {held_out}")
+    common.export_consolidated(value_model, tok, v.out_dir, dist, save=save_value_model, extra={
+        "trained_with": "train_critic.py", "steps": v.max_steps, "loss": v.loss,
+        "train_layers": v.train_layers, "labelled_data": label_counts, "heldout": held_out})
+    say(f"saved value model {v.out_dir}")
+    if run is not None:
+        mlflow.log_metrics(held_out, step=v.max_steps)
+        mlflow.log_param("value_model_dir", os.path.abspath(v.out_dir))
+        mlflow.end_run()
+    return value_model.requires_grad_(False).eval()  # stage 2 uses it frozen, as it is
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Stage 2: critic-weighted MTP
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def critic_step_weights(value_model, batches, c: CriticConfig, n_heads, amp, device, group):
+    """The critic's weights for all micro-batches of one optimizer step -> (weights [B, T] per
+    micro-batch in target indexing, Σ m·w per head over the global batch, statistics).
+
+    Whitening and the loss normaliser Σ m·w need the whole optimizer batch, so the (cheap,
+    no-grad) value forward runs over every micro-batch before the policy's first forward."""
+    masks, values, advs = [], [], []
+    for b in batches:
+        ids, mask = b["input_ids"].to(device), b["loss_mask"].to(device)
+        with amp:
+            val = torch.sigmoid(value_model(ids))
+        masks.append(mask)
+        values.append(val)
+        advs.append(gae(critic_deltas(val, mask, b["passed"].to(device)), mask, c.lam))
+    mean, std = masked_mean_std(advs, masks, group)
+    # Whitening (zero mean, unit variance over the batch, as PPO implementations do with
+    # advantages) makes β a scale-free temperature: the raw A of a value model that is sure of
+    # everything is tiny, of an unsure one large.
+    z = [(a - mean) / (std + 1e-6) if c.whiten else a for a in advs]
+    weights = [critic_weights(a, m, c.beta, c.w_min, c.w_max) for a, m in zip(z, masks)]
+    # Σ m·w per head over the global batch: the normaliser of the weighted loss (docs/design.md §4).
+    denom = torch.stack([(mtp.align_to_heads(w, n_heads) * mtp.align_to_heads(m, n_heads)).flatten(1).sum(1)
+                         for w, m in zip(weights, masks)]).sum(0)
+    return weights, mtp.all_reduce(denom, "sum", group), weight_stats(masks, values, advs, z, weights, c, mean, std, group)
+
+
+def weight_stats(masks, values, advs, z, weights, c: CriticConfig, mean, std, group) -> dict:
+    """Statistics over completion tokens: weights, clipping, values, raw advantages."""
+    device = masks[0].device
+    s = torch.zeros(10, device=device)
+    w_lo = torch.full((), torch.inf, device=device)
+    w_hi = torch.full((), -torch.inf, device=device)
+    for m, val, zz, w in zip(masks, values, z, weights):
+        mb = m.bool()
+        raw = torch.exp(zz / c.beta)
+        first, last = last_prompt_token(m), last_token(m)  # V_{-1} and V_T
+        s += torch.stack([mb.sum(), w[mb].sum(), (w[mb] ** 2).sum(), (raw[mb] < c.w_min).sum(),
+                          (raw[mb] > c.w_max).sum(), val.float()[mb].sum(), val.float()[first].sum(),
+                          first.sum(), val.float()[last].sum(), last.sum()]).float()
+        w_lo, w_hi = torch.minimum(w_lo, w[mb].min()), torch.maximum(w_hi, w[mb].max())
+    s = mtp.all_reduce(s, "sum", group)
+    n = s[0].clamp_min(1)
+    w_mean = s[1] / n
+    return {"weights/mean": w_mean, "weights/std": (s[2] / n - w_mean ** 2).clamp_min(0).sqrt(),
+            "weights/min": mtp.all_reduce(w_lo, "min", group), "weights/max": mtp.all_reduce(w_hi, "max", group),
+            "weights/clip_low_frac": s[3] / n, "weights/clip_high_frac": s[4] / n,
+            "value/mean": s[5] / n, "value/prompt_mean": s[6] / s[7].clamp_min(1),
+            "value/final_mean": s[8] / s[9].clamp_min(1), "adv/mean": mean, "adv/std": std}
+
+
+def policy_data(cfg, tok, train_items, eval_items):
+    """Stage 2's text -> (train, held-out) items. The policy learns from passing solutions only
+    (R = their label: 1 for tested solutions, the score for reward-model labels); the critic's
+    weights redistribute the loss over their tokens. Or another source, all with R = 1."""
+    d = cfg.data
+    if not d.policy_source:
+        return [it for it in train_items if it[2] >= 0.5], [it for it in eval_items if it[2] >= 0.5]
+
+    def load(split):
+        examples, _ = data.load_examples(d.policy_source, d.policy_path or None, split, d.skip_bad_rows)
+        return [(ids, m, 1.0, 0) for ids, m in data.tokenize_examples(tok, examples, d.max_seq_len)[0]]
+    return load(d.policy_split), load(d.policy_eval_split)
+
+
+def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval):
+    """Stage 2: critic-weighted MTP fine-tuning of `model` (on the device already, as is the
+    frozen value model) -> nothing; writes the consolidated export."""
+    c, device, world, master = cfg.critic, dist.device, dist.world, dist.rank == 0
+    say = print if master else (lambda *a, **k: None)
+    amp = common.autocast(device, dtype, dist)
+    chunk = cfg.train.chunk_size or None
+    n_heads, pad_id = model.n_heads, (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     lambdas = mtp.head_lambdas(n_heads, cfg.model.head_discount).to(device)
-
-    # The policy learns from passing solutions only (R = their label: 1 for tested solutions, the
-    # score for reward-model labels); the critic's weights redistribute the loss over their tokens.
-    if cfg.data.policy_source:
-        examples, _ = data.load_examples(cfg.data.policy_source, cfg.data.policy_path or None,
-                                         cfg.data.policy_split, cfg.data.skip_bad_rows)
-        policy_set = [(ids, m, 1.0, 0) for ids, m in data.tokenize_examples(tok, examples, cfg.data.max_seq_len)[0]]
-        held, _ = data.load_examples(cfg.data.policy_source, cfg.data.policy_path or None,
-                                     cfg.data.policy_eval_split, cfg.data.skip_bad_rows)
-        policy_eval = [(ids, m, 1.0, 0) for ids, m in data.tokenize_examples(tok, held, cfg.data.max_seq_len)[0]]
-    else:
-        policy_set = [it for it in train_items if it[2] >= 0.5]
-        policy_eval = [it for it in eval_items if it[2] >= 0.5]
-    say(f"stage 2 data: {len(policy_set)} passing solutions, {len(policy_eval)} held out")
+    n_params = sum(p.numel() for p in model.parameters())
     micro_steps = cfg.train.global_batch // (cfg.train.micro_batch * world)
-    optimizer, schedule = mtp.adamw_cosine(
+    say(f"stage 2 data: {len(policy_set)} passing solutions, {len(policy_eval)} held out")
+    optimizer, schedule = common.adamw_cosine(
         model.parameters(), cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
         cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio, device)
 
-    # ---- the critic's weights for all micro-batches of one optimizer step -----------------
-    # Whitening and the loss normaliser Σ m·w need the whole optimizer batch, so the (cheap,
-    # no-grad) value forward runs over every micro-batch before the policy's first forward.
-    @torch.no_grad()
-    def step_weights(batches):
-        masks, values, advs = [], [], []
-        for b in batches:
-            ids, mask = b["input_ids"].to(device), b["loss_mask"].to(device)
-            with amp:
-                val = torch.sigmoid(value_model(ids))
-            masks.append(mask)
-            values.append(val)
-            advs.append(mtp.gae(mtp.critic_deltas(val, mask, b["passed"].to(device)), mask, c.lam))
-        mean, std = mtp.masked_mean_std(advs, masks, dist.group)
-        # Whitening (zero mean, unit variance over the batch, as PPO implementations do with
-        # advantages) makes β a scale-free temperature: the raw A of a value model that is sure
-        # of everything is tiny, of an unsure one large.
-        z = [(a - mean) / (std + 1e-6) if c.whiten else a for a in advs]
-        weights = [mtp.critic_weights(a, m, c.beta, c.w_min, c.w_max) for a, m in zip(z, masks)]
-        # Statistics over completion tokens: weights, clipping, values, raw advantages.
-        s = torch.zeros(10, device=device)
-        w_lo = torch.full((), torch.inf, device=device)
-        w_hi = torch.full((), -torch.inf, device=device)
-        for m, val, a, zz, w in zip(masks, values, advs, z, weights):
-            mb = m.bool()
-            raw = torch.exp(zz / c.beta)
-            first, last = mtp.last_prompt_token(m), mtp.last_token(m)  # V_{-1} and V_T
-            s += torch.stack([mb.sum(), w[mb].sum(), (w[mb] ** 2).sum(), (raw[mb] < c.w_min).sum(),
-                              (raw[mb] > c.w_max).sum(), val.float()[mb].sum(), val.float()[first].sum(),
-                              first.sum(), val.float()[last].sum(), last.sum()]).float()
-            w_lo, w_hi = torch.minimum(w_lo, w[mb].min()), torch.maximum(w_hi, w[mb].max())
-        s = mtp.all_reduce(s, "sum", dist.group)
-        n = s[0].clamp_min(1)
-        w_mean = s[1] / n
-        stats = {"weights/mean": w_mean, "weights/std": (s[2] / n - w_mean ** 2).clamp_min(0).sqrt(),
-                 "weights/min": mtp.all_reduce(w_lo, "min", dist.group),
-                 "weights/max": mtp.all_reduce(w_hi, "max", dist.group),
-                 "weights/clip_low_frac": s[3] / n, "weights/clip_high_frac": s[4] / n,
-                 "value/mean": s[5] / n, "value/prompt_mean": s[6] / s[7].clamp_min(1),
-                 "value/final_mean": s[8] / s[9].clamp_min(1), "adv/mean": mean, "adv/std": std}
-        # Σ m·w per head over the global batch: the normaliser of the weighted loss (DESIGN §4).
-        denom = torch.stack([(mtp.align_to_heads(w, n_heads) * mtp.align_to_heads(m, n_heads)).flatten(1).sum(1)
-                             for w, m in zip(weights, masks)]).sum(0)
-        return weights, mtp.all_reduce(denom, "sum", dist.group), stats
-
-    def micro_step(batch, w, denom):
+    def micro_step(batch, w, denom):  # w: this micro-batch's critic weights, target indexing
         ids = batch["input_ids"].to(device)
         valid = mtp.align_to_heads(batch["loss_mask"].to(device), n_heads)
-        coef = mtp.loss_coefficients(mtp.align_to_heads(w, n_heads), valid, denom, lambdas)
+        w = mtp.align_to_heads(w, n_heads)
+        coef = mtp.loss_coefficients(w, valid, denom, lambdas)
         with amp:
             loss, ce, correct, _ = model(ids, mtp.align_to_heads(ids, n_heads), coef=coef, chunk_size=chunk)
-        return loss, ce, correct, coef, valid
+        return loss, ce, correct, coef, valid, w
 
     def evaluate():
         if not policy_eval:
             return []
-        return mtp.heldout_ce(model, data.eval_batches(policy_eval, cfg.train.micro_batch, rank, world, pad_id),
-                              device, amp, chunk, dist.group)
+        return common.heldout_ce(model, data.eval_batches(policy_eval, cfg.train.micro_batch, dist.rank, world, pad_id),
+                                 device, amp, chunk, dist.group)
+
+    def batches_of(step):
+        return data.step_batches(policy_set, step, cfg.train.global_batch, cfg.train.micro_batch,
+                                 cfg.train.seed, dist.rank, world, pad_id)
 
     if cfg.dry_run:
-        batches = data.step_batches(policy_set, 0, cfg.train.global_batch, cfg.train.micro_batch,
-                                    cfg.train.seed, rank, world, pad_id)
-        weights, denom, wstats = step_weights(batches[:1])
+        batches = batches_of(0)
+        weights, denom, wstats = critic_step_weights(value_model, batches[:1], c, n_heads, amp, device, dist.group)
         loss, *_ = micro_step(batches[0], weights[0], denom)
         (loss * world).backward()
         say(f"dry run, stage 2: policy {n_params / 1e6:.1f}M params ({n_heads} heads), device {device} "
             f"{dtype}, world {world}, micro-steps/step {micro_steps}, loss {loss.item():.4f}, weights "
             f"mean {wstats['weights/mean']:.3f} max {wstats['weights/max']:.3f}, "
-            f"peak memory {mtp.peak_memory_gb(device):.2f} GB")
-        mtp.shutdown(dist)
+            f"peak memory {common.peak_memory_gb(device):.2f} GB")
         return
 
     start_step = 0
     if cfg.resume:
-        start_step = mtp.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule)
+        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule)
         say(f"resumed from step {start_step}")
-    run = mtp.start_mlflow(replace(cfg.mlflow, run_name=f"{run_name}/policy"), cfg, master, resume_step=start_step)
-    if master and run is not None:
+    run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/policy"), cfg, master,
+                              resume_step=start_step)
+    if run is not None:
         import mlflow
         mlflow.set_tag("stage", "policy")
         mlflow.log_params({"n_params": n_params, "world_size": world, "policy_examples": len(policy_set),
@@ -422,53 +640,95 @@ def main(argv):
 
     from tqdm import tqdm
     model.train()
-    bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
-               disable=not master, dynamic_ncols=True, desc="stage 2 (policy)")
-    t_last, tokens_since = time.perf_counter(), 0
-    for step in bar:
-        batches = data.step_batches(policy_set, step, cfg.train.global_batch, cfg.train.micro_batch,
-                                    cfg.train.seed, rank, world, pad_id)
-        weights, denom, wstats = step_weights(batches)
-        # Per head, on the device: [weighted loss, Σ CE over valid, Σ correct, Σ valid]
-        stats = torch.zeros(4, n_heads, device=device)
+    bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True,
+               desc="stage 2 (policy)")
+    speed = common.Throughput()
+    for step in range(start_step, cfg.train.max_steps):
+        batches = batches_of(step)
+        weights, denom, wstats = critic_step_weights(value_model, batches, c, n_heads, amp, device, dist.group)
+        stats = common.HeadStats(n_heads, device)
         for batch, w in zip(batches, weights):
-            loss, ce, correct, coef, valid = micro_step(batch, w, denom)
+            loss, ce, correct, coef, valid, w = micro_step(batch, w, denom)
             (loss * world).backward()  # FSDP averages over ranks; the loss is a global-batch sum
-            v = valid.bool()
-            stats += torch.stack([(coef * ce).flatten(1).sum(1), (ce * v).flatten(1).sum(1),
-                                  (correct & v).flatten(1).sum(1), v.flatten(1).sum(1)]).float()
-            tokens_since += int(batch["n_tokens"])
+            stats.add(coef, ce, correct, valid, w)
         if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
-            mtp.drop_base_grads(model)
-        stats = mtp.all_reduce(stats, "sum", dist.group)
-        grad_norm = mtp.optimizer_step(model, optimizer, schedule, stats[0].sum(), cfg.train.grad_clip, f"step {step}")
+            common.drop_base_grads(model)
+        total_loss = stats.reduce(dist.group)
+        grad_norm = common.optimizer_step(model, optimizer, schedule, total_loss, cfg.train.grad_clip, f"step {step}")
+        speed.step_done(sum(int(b["n_tokens"]) for b in batches) * world)
 
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-            s = stats.cpu()
-            dt = time.perf_counter() - t_last
-            tok_s = tokens_since * world / dt
-            t_last, tokens_since = time.perf_counter(), 0
-            n_v = s[3].clamp_min(1)
-            metrics = {"loss": float(s[0].sum()), "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "tokens_per_s": tok_s, **{k: float(x) for k, x in wstats.items()}}
-            for k in range(n_heads):
-                metrics |= {f"head{k}/loss": float(s[0, k]), f"head{k}/ce": float(s[1, k] / n_v[k]),
-                            f"head{k}/acc": float(s[2, k] / n_v[k])}
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", ce0=f"{metrics['head0/ce']:.3f}",
-                            w_max=f"{metrics['weights/max']:.2f}", tok_s=f"{tok_s:.0f}")
-            if master and run is not None:
-                mlflow.log_metrics(metrics, step=step + 1)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
-            mtp.report_heldout(evaluate(), step + 1, dist, run)
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
-            mtp.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
+            tok_s = speed.rate()
+            m = stats.metrics() | {k: float(x) for k, x in wstats.items()} | {
+                "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+            common.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}",
+                               w_max=f"{m['weights/max']:.2f}", tok_s=f"{tok_s:.0f}")
+        bar.update()
+        if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
+            common.report_heldout(evaluate(), step + 1, dist, run)
+        if common.every(step, cfg.train.save_every, cfg.train.max_steps):
+            common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
+    bar.close()
+    common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps,
+                           "train_critic.py")
 
-    # ---- final held-out loss and consolidated export ----------------------------------------
-    mtp.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps, "train_critic.py")
+
+# --------------------------------------------------------------------------------------------
+# main: load, stage 1, stage 2
+# --------------------------------------------------------------------------------------------
+
+def main(argv):
+    cfg = common.parse_config(Config, argv, ignore=RHO1_ONLY_KEYS)
+    if cfg.resume is True:
+        cfg.resume = "latest"
+    if cfg.resume and cfg.stages == "both":
+        # Checkpoints are stage 2's (stage 1 is short and ends in its export): continue stage 2
+        # with the value model that stage 1 of this run saved.
+        cfg.stages, cfg.critic.value_model = "policy", cfg.critic.value_model or cfg.value.out_dir
+    if cfg.stages == "policy" and not cfg.critic.value_model:
+        raise common.ConfigError("--stages=policy needs critic.value_model (a directory written by stage 1)")
+    if cfg.resume and cfg.stages != "policy":
+        raise common.ConfigError("resume continues stage 2, but --stages=value trains only stage 1")
+    if not (cfg.critic.beta > 0 and 0 <= cfg.critic.w_min <= cfg.critic.w_max and 0 <= cfg.critic.lam <= 1):
+        raise common.ConfigError("config keys critic.*: need beta > 0, 0 <= w_min <= w_max, 0 <= lam <= 1")
+
+    dist = common.init_distributed(cfg.train.device)
+    dtype = common.pick_dtype(cfg.train.dtype, dist.device)
+    torch.manual_seed(cfg.train.seed)
+    say = print if dist.rank == 0 else (lambda *a, **k: None)
+    model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
+    if cfg.train.heads_only_steps and model.n_heads == 1:
+        raise common.ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up")
+
+    train_items, eval_items, label_counts = [], [], {}
+    if cfg.stages != "policy" or not cfg.data.policy_source:
+        train_items, eval_items, label_counts = load_labelled_data(cfg, tok, dist, dist.device)
+
+    # ---- stage 1 ---------------------------------------------------------------------------
+    if cfg.stages in ("both", "value"):
+        value_model = train_value_model(cfg, model.base, tok, dist, dtype, train_items, eval_items, label_counts)
+        if cfg.stages == "value":
+            common.shutdown(dist)
+            return
+    else:
+        value_model, vtok, vmeta = load_value_model(cfg.critic.value_model)
+        mtp.check_same_tokenizer(tok, vtok, cfg.model.policy, cfg.critic.value_model,
+                                 needs="the critic needs a value model")
+        value_model.requires_grad_(False).eval()
+        say(f"value model {cfg.critic.value_model}: held-out {vmeta.get('heldout')}")
+
+    # ---- stage 2 ---------------------------------------------------------------------------
+    if cfg.model.grad_checkpointing:
+        mtp.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
+    # A value model loaded from disk is put on the device (sharded under torchrun) beside the
+    # policy; one that stage 1 just trained is already there.
+    loaded = value_model if cfg.stages == "policy" else None
+    model, loaded = common.prepare_for_training(model, loaded, dist, dtype, compile=cfg.train.compile)
+    value_model = loaded or value_model
+    policy_set, policy_eval = policy_data(cfg, tok, train_items, eval_items)
+    train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval)
+    common.shutdown(dist)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except mtp.ConfigError as e:
-        sys.exit(f"config error: {e}")
+    common.run_main(main, sys.argv[1:])

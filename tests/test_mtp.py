@@ -3,9 +3,10 @@ a naive float64 loss that materialises every head's logits, and hand-computed ex
 import pytest
 import torch
 import torch.nn.functional as F
-
-import mtp
 from conftest import tiny_gpt2, tiny_llama
+
+import common
+import mtp
 
 
 @pytest.mark.parametrize("make", [tiny_llama, lambda **kw: tiny_llama(tie=True, **kw), tiny_gpt2],
@@ -247,7 +248,7 @@ def test_consolidated_checkpoint_round_trip(tmp_path):
 
 
 def test_warmup_cosine():
-    lr = [mtp.warmup_cosine(s, 2, 10, 0.1) for s in range(11)]
+    lr = [common.warmup_cosine(s, 2, 10, 0.1) for s in range(11)]
     assert lr[0] == 0.5 and lr[1] == 1.0 and lr[2] == 1.0
     assert abs(lr[10] - 0.1) < 1e-9 and all(a >= b for a, b in zip(lr[2:], lr[3:]))
 

@@ -1,4 +1,4 @@
-"""eval.py's sandbox: benchmark solutions pass, wrong ones fail, and hostile programs are
+"""sandbox.py: benchmark solutions pass, wrong ones fail, and hostile programs are
 contained, reported with their kind, and leave no process or file behind.
 
 Most of the hostile tests need root (the sandbox then runs each program under its own uid, the
@@ -14,23 +14,24 @@ import time
 import pytest
 
 import eval as ev
+import sandbox
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MBPP = os.path.join(REPO, "..", "shared", "data", "mbpp.jsonl")
-needs_root = pytest.mark.skipif(not ev.DROP_PRIVILEGES, reason="a separate sandbox uid needs root on Linux")
+needs_root = pytest.mark.skipif(not sandbox.DROP_PRIVILEGES, reason="a separate sandbox uid needs root on Linux")
 
 # A toy problem in HumanEval's shape: the completion must define f() returning 1.
 TOY = {"task_id": "toy", "prompt": "", "stop": [], "head": "", "tail": "\n\nassert f() == 1\n"}
 
 
 def sandbox_uids():
-    return {ev.sandbox_uid(s) for s in range(ev.MAX_WORKERS)}
+    return {sandbox.sandbox_uid(s) for s in range(sandbox.MAX_WORKERS)}
 
 
 def stray_files():
     """Files in the world-writable directories that belong to a sandbox uid, and scratch dirs."""
     uids, found = sandbox_uids(), []
-    for d in {*ev.WORLD_WRITABLE_DIRS, ev.tempfile.gettempdir()}:
+    for d in {*sandbox.WORLD_WRITABLE_DIRS, sandbox.tempfile.gettempdir()}:
         if os.path.isdir(d):
             for e in os.scandir(d):
                 st = e.stat(follow_symlinks=False)
@@ -40,22 +41,22 @@ def stray_files():
 
 
 def assert_machine_clean(scratch_before):
-    procs = [p for uid in sandbox_uids() for p in ev._processes(uid=uid)]
+    procs = [p for uid in sandbox_uids() for p in sandbox._processes(uid=uid)]
     assert procs == [], f"sandbox processes survived: {procs}"
     assert stray_files() == []
-    scratch_now = {e for e in os.listdir(ev.tempfile.gettempdir()) if e.startswith("wmtp-sandbox-")}
+    scratch_now = {e for e in os.listdir(sandbox.tempfile.gettempdir()) if e.startswith("wmtp-sandbox-")}
     assert scratch_now <= scratch_before, f"scratch directories left: {scratch_now - scratch_before}"
 
 
 @pytest.fixture
 def clean_machine():
-    before = {e for e in os.listdir(ev.tempfile.gettempdir()) if e.startswith("wmtp-sandbox-")}
+    before = {e for e in os.listdir(sandbox.tempfile.gettempdir()) if e.startswith("wmtp-sandbox-")}
     yield
     assert_machine_clean(before)
 
 
 def toy(completion, **kw):
-    return ev.check_completion(TOY, completion, **kw)
+    return sandbox.check_completion(TOY, completion, **kw)
 
 
 # ---- benchmark solutions ----------------------------------------------------------------
@@ -71,13 +72,13 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(clean_machine):
         prompt = raw[task_id]["prompt"]
         return prompt[len(prompt.rstrip()):] + raw[task_id]["canonical_solution"]
 
-    verdicts = ev.check_all([(p, canonical(p["task_id"])) for p in problems], workers=2)
+    verdicts = sandbox.check_all([(p, canonical(p["task_id"])) for p in problems], workers=2)
     failed = [(p["task_id"], v) for p, v in zip(problems, verdicts) if not v["passed"]]
     assert failed == []
     # Wrong: every problem answered with the next problem's solution, and a bare `pass`.
     wrong = [(p, canonical(problems[(i + 1) % 164]["task_id"])) for i, p in enumerate(problems[:20])]
     wrong += [(p, "\n    pass\n") for p in problems[:5]]
-    verdicts = ev.check_all(wrong, workers=2)
+    verdicts = sandbox.check_all(wrong, workers=2)
     assert not any(v["passed"] for v in verdicts)
     assert all(v["error"] in ("wrong_answer", "runtime_error", "syntax_error", "timeout") for v in verdicts)
 
@@ -94,18 +95,18 @@ def test_mbpp_reference_solutions_pass_sample(clean_machine):
     by_id = {r["task_id"]: r for r in rows}
     # 48 random tasks plus the two whose test_setup_code needs the solution's classes.
     sample = random.Random(0).sample(rows, 48) + [by_id[367], by_id[927]]
-    verdicts = ev.check_all([(ev.mbpp_problem(r), r["code"]) for r in sample], workers=2)
+    verdicts = sandbox.check_all([(ev.mbpp_problem(r), r["code"]) for r in sample], workers=2)
     assert [r["task_id"] for r, v in zip(sample, verdicts) if not v["passed"]] == []
     # A wrong solution fails with an assertion.
     r = by_id[11]
-    assert ev.check_completion(ev.mbpp_problem(r), "def remove_Occ(s, ch):\n    return s\n")["error"] == "wrong_answer"
+    assert sandbox.check_completion(ev.mbpp_problem(r), "def remove_Occ(s, ch):\n    return s\n")["error"] == "wrong_answer"
 
 
 @pytest.mark.slow
 def test_mbpp_all_974_reference_solutions_pass(clean_machine):
     rows = _mbpp_rows()
     assert len(rows) == 974
-    verdicts = ev.check_all([(ev.mbpp_problem(r), r["code"]) for r in rows], workers=2)
+    verdicts = sandbox.check_all([(ev.mbpp_problem(r), r["code"]) for r in rows], workers=2)
     assert [r["task_id"] for r, v in zip(rows, verdicts) if not v["passed"]] == []
 
 
@@ -135,16 +136,16 @@ def test_code_contests_schema_fixture(tmp_path, clean_machine):
     [p] = ev.load_problems("code_contests", str(path))
     assert p["task_id"] == "sum_two" and len(p["io_tests"]) == 4 and p["time_limit"] == 2.0
     assert "Read two integers" in p["prompt"] and p["prompt"].endswith("```python\n")
-    correct = ev.check_completion(p, row["solutions"]["solution"][0])
+    correct = sandbox.check_completion(p, row["solutions"]["solution"][0])
     assert correct["passed"] and correct["error"] is None
     # Output compared token by token, so trailing spaces / a missing newline are fine.
-    assert ev.check_completion(p, "a, b = map(int, input().split())\nprint(a + b, end='  ')")["passed"]
-    wrong = ev.check_completion(p, row["incorrect_solutions"]["solution"][0])
+    assert sandbox.check_completion(p, "a, b = map(int, input().split())\nprint(a + b, end='  ')")["passed"]
+    wrong = sandbox.check_completion(p, row["incorrect_solutions"]["solution"][0])
     assert not wrong["passed"] and wrong["error"] == "wrong_answer" and wrong["detail"].startswith("test 0")
-    crash = ev.check_completion(p, "import sys\nprint(int(sys.stdin.read().split()[0]) // 0)")
+    crash = sandbox.check_completion(p, "import sys\nprint(int(sys.stdin.read().split()[0]) // 0)")
     assert crash["error"] == "runtime_error" and "ZeroDivisionError" in crash["detail"]
     p_fast = dict(p, time_limit=0.5)
-    slow = ev.check_completion(p_fast, "while True:\n    pass\n")
+    slow = sandbox.check_completion(p_fast, "while True:\n    pass\n")
     assert slow["error"] == "timeout"
 
 
@@ -164,10 +165,10 @@ def test_error_kinds(clean_machine):
 
 
 def test_output_is_captured_truncated_and_stdin_closed(clean_machine):
-    run = ev.run_program("import sys\nprint(repr(sys.stdin.read()))\nprint('x' * 100, file=sys.stderr)")
+    run = sandbox.run_program("import sys\nprint(repr(sys.stdin.read()))\nprint('x' * 100, file=sys.stderr)")
     assert run["returncode"] == 0 and run["stdout"] == "''\n" and "x" * 100 in run["stderr"]
-    flood = ev.run_program("import sys\nwhile True:\n    sys.stdout.write('y' * 65536)\n", timeout=20, max_output_mb=1)
-    assert ev.error_kind(flood) == "output_limit" and len(flood["stdout"]) <= 1 << 20
+    flood = sandbox.run_program("import sys\nwhile True:\n    sys.stdout.write('y' * 65536)\n", timeout=20, max_output_mb=1)
+    assert sandbox.error_kind(flood) == "output_limit" and len(flood["stdout"]) <= 1 << 20
 
 
 # ---- hostile programs -----------------------------------------------------------------------
@@ -191,16 +192,16 @@ def test_children_of_a_timed_out_program_die_with_it(clean_machine):
 def test_process_cap_applies_then_fork_bomb_is_contained(clean_machine):
     # First prove on a handful of processes that the cap holds (so that the bomb below cannot
     # take the machine down): 3 allowed, the launcher is one of them.
-    run = ev.run_program("import os, time\nkids = []\nfor i in range(6):\n    pid = os.fork()\n"
+    run = sandbox.run_program("import os, time\nkids = []\nfor i in range(6):\n    pid = os.fork()\n"
                          "    if pid == 0:\n        time.sleep(5)\n        os._exit(0)\n    kids.append(pid)\n",
                          max_procs=3, timeout=10)
-    assert ev.error_kind(run) == "process_limit", run
+    assert sandbox.error_kind(run) == "process_limit", run
     assert "BlockingIOError" in run["stderr"]
     # Threads count too.
-    run = ev.run_program("import threading, time\nfor i in range(6):\n"
+    run = sandbox.run_program("import threading, time\nfor i in range(6):\n"
                          "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n",
                          max_procs=3, timeout=10)
-    assert ev.error_kind(run) == "process_limit", run
+    assert sandbox.error_kind(run) == "process_limit", run
     # The bomb: every process forks forever, ignoring failures.
     t = time.monotonic()
     v = toy("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
@@ -235,7 +236,7 @@ def test_writing_outside_the_scratch_directory(clean_machine):
 
 @pytest.mark.parametrize("drop", [True, False], ids=["own-uid", "same-uid"])
 def test_secrets_do_not_reach_the_program(monkeypatch, drop, clean_machine):
-    if drop and not ev.DROP_PRIVILEGES:
+    if drop and not sandbox.DROP_PRIVILEGES:
         pytest.skip("needs root")
     secret = "hf_" + secrets.token_hex(12)
     for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY", "MY_SECRET", "WANDB_KEY"):
@@ -245,9 +246,9 @@ def test_secrets_do_not_reach_the_program(monkeypatch, drop, clean_machine):
     if drop:  # under its own uid it cannot read our environment through /proc either
         code += ("for pid in (os.getppid(), 1):\n"
                  "    print(open('/proc/%d/environ' % pid, 'rb').read())\n")
-    run = ev.run_program(code + TOY["tail"], drop_privileges=drop)
+    run = sandbox.run_program(code + TOY["tail"], drop_privileges=drop)
     assert secret not in run["stdout"] + run["stderr"]
-    assert ev.error_kind(run) in ("wrong_answer", "runtime_error")
+    assert sandbox.error_kind(run) in ("wrong_answer", "runtime_error")
     if drop:
         assert "PermissionError" in run["stderr"]
     names = eval(run["stdout"].splitlines()[0]).keys()
@@ -256,7 +257,7 @@ def test_secrets_do_not_reach_the_program(monkeypatch, drop, clean_machine):
 
 @pytest.mark.parametrize("drop", [True, False], ids=["own-uid", "same-uid"])
 def test_daemon_that_outlives_its_parent_is_killed(drop, clean_machine):
-    if drop and not ev.DROP_PRIVILEGES:
+    if drop and not sandbox.DROP_PRIVILEGES:
         pytest.skip("needs root")
     marker = f"/tmp/wmtp-daemon-{secrets.token_hex(6)}"
     # Classic double fork: the grandchild leaves the session and the process group, is
@@ -271,12 +272,12 @@ def test_daemon_that_outlives_its_parent_is_killed(drop, clean_machine):
             "    os._exit(0)\n"
             "time.sleep(0.3)\n"
             "def f():\n    return 2\n")
-    v = ev.check_completion(TOY, code, drop_privileges=drop)
+    v = sandbox.check_completion(TOY, code, drop_privileges=drop)
     assert v["error"] == "wrong_answer"
     time.sleep(1.5)
     assert not os.path.exists(marker)
     if not drop:  # the same-uid fallback finds leftovers by the marker in their environment
-        assert not [p for p in ev._processes(marker="WMTP_SANDBOX=") if p != os.getpid()]
+        assert not [p for p in sandbox._processes(marker="WMTP_SANDBOX=") if p != os.getpid()]
 
 
 def test_parallel_workers_do_not_interfere(clean_machine):
@@ -292,6 +293,6 @@ def test_parallel_workers_do_not_interfere(clean_machine):
             jobs.append((TOY, "import os, time\nif os.fork() == 0:\n    time.sleep(30)\ndef f():\n    return 1\n"))
         else:
             jobs.append((TOY, "def f():\n    return 1\n"))
-    verdicts = ev.check_all(jobs, workers=4)
+    verdicts = sandbox.check_all(jobs, workers=4)
     expected = [True, False, True, True] * 4
     assert [v["passed"] for v in verdicts] == expected

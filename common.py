@@ -1,0 +1,688 @@
+"""
+common.py — the training plumbing train_rho1.py and train_critic.py share (in the spirit of
+nanochat's common.py): how a run is configured, placed on devices, optimized, checkpointed and
+tracked. None of the MTP or weighting math is here (that is mtp.py and train_critic.py).
+
+Read top to bottom:
+  1. Config: YAML + `--key=value` overrides -> plain dataclasses: the one command-line dialect of
+     every script, eval.py's included. Unknown keys and bad values are errors naming the key.
+  2. Devices, processes and models: cuda > mps > cpu; torchrun -> a process group and FSDP2
+     sharding; the policy loaded from a spec.
+  3. Optimizer: AdamW with warmup + cosine, clipping, the NaN/inf guard, head warm-up.
+  4. Held-out loss, resumable sharded checkpoints (torch.distributed.checkpoint), the
+     consolidated export, MLflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+
+import torch
+import torch.nn as nn
+
+import mtp
+
+# --------------------------------------------------------------------------------------------
+# 1. Config
+# --------------------------------------------------------------------------------------------
+
+# The run sections every training script shares (each script sets its own defaults).
+@dataclasses.dataclass
+class TrainConfig:
+    max_steps: int = 100
+    global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
+    micro_batch: int = 4             # sequences per forward, per rank
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50             # held-out loss every N steps (0 = only at the end)
+    log_every: int = 1
+    save_every: int = 0              # sharded resumable checkpoint every N steps (0 = none)
+    keep_last: int = 2               # resumable checkpoints to keep
+    out_dir: str = "out/run"
+    device: str = "auto"             # auto = cuda > mps > cpu
+    dtype: str = "auto"              # auto = bf16 on cuda/mps, fp32 on cpu
+    seed: int = 1337
+    chunk_size: int = 0              # tokens per logits chunk in the loss; 0 = from vocab size
+    compile: bool = False            # torch.compile each transformer block
+    heads_only_steps: int = 0        # head warm-up: the first N steps train heads 1..n-1 alone
+
+
+@dataclasses.dataclass
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: str = ""           # "" = MLflow's own default local store
+    experiment: str = "wmtp"
+    run_name: str = ""
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def run_main(main, argv: list[str]):
+    """A script's entry point: a user's mistake -- a bad config value, a missing file or model --
+    is one line on stderr and exit status 2, before anything heavy when it can be; a traceback
+    means a bug in WMTP."""
+    import sys
+    try:
+        main(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_config(cls, argv: list[str], positional: str = "", ignore: tuple[str, ...] = ()):
+    """YAML file + `--key=value` overrides -> an instance of the dataclass `cls`.
+
+    `python train_rho1.py configs/tiny.yaml --train.max_steps=3 --dry_run`: a positional argument
+    ending in .yaml/.yml is the config file; any other positional argument fills the field named
+    by `positional` (eval.py's model). Nested sections are nested dataclasses addressed with dots,
+    a bare `--flag` means `--flag=true`, and a bare key that names a field of exactly one section
+    is accepted too (`--max_steps=3`). Unknown keys and values of the wrong type are errors that
+    name the key. `ignore`: keys (or whole sections) that belong to the *other* training script,
+    so that one config file serves both (configs/m3.yaml); they are dropped, and said so.
+    """
+    import yaml
+    values: dict = {}
+    files = [a for a in argv if not a.startswith("--") and a.endswith((".yaml", ".yml"))]
+    others = [a for a in argv if not a.startswith("--") and not a.endswith((".yaml", ".yml"))]
+    for flag, nxt in zip(argv, argv[1:]):
+        if flag.startswith("--") and "=" not in flag and not nxt.startswith("--") and nxt in others[1 if positional else 0:]:
+            raise ConfigError(f"'{flag} {nxt}': write {flag}={nxt} (options are --key=value)")
+    if len(files) > 1:
+        raise ConfigError(f"expected one YAML config file, got {files}")
+    if others and (not positional or len(others) > 1):
+        raise ConfigError(f"unexpected argument(s) {others}: options are written --key=value"
+                          + (f", and one positional argument sets {positional!r}" if positional else
+                             ", and the one positional argument is a .yaml config file"))
+    if files:
+        if not os.path.isfile(files[0]):
+            raise ConfigError(f"config file {files[0]!r} does not exist")
+        try:
+            with open(files[0]) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{files[0]} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{files[0]}: top level must be a mapping of keys to values")
+    if others:
+        values[positional] = others[0]
+    for a in argv:
+        if not a.startswith("--"):
+            continue
+        key, eq, raw = a[2:].partition("=")
+        try:
+            value = yaml.safe_load(raw) if eq else True
+        except yaml.YAMLError:
+            raise ConfigError(f"--{key}: cannot read {raw!r} as a value (quote it if it is a string)") from None
+        if raw.strip() == "":
+            value = "" if eq else True
+        if any(key == k or key.startswith(k + ".") for k in ignore):
+            values.setdefault("__ignored__", {})[key] = value
+            continue
+        key = _expand_key(cls, key)
+        node = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {p!r} is not a section")
+        node[leaf] = value
+    dropped = list(values.pop("__ignored__", {})) + [k for k in ignore if _pop_key(values, k)]
+    if dropped:
+        print(f"config: ignoring {dropped} (used by the other training script)")
+    return _build(cls, values, "")
+
+
+def _pop_key(values: dict, dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        values = values.get(p)
+        if not isinstance(values, dict):
+            return False
+    return values.pop(leaf, None) is not None
+
+
+def _expand_key(cls, key):
+    hints = typing.get_type_hints(cls)
+    if "." in key or key in hints:
+        return key
+    owners = [name for name, t in hints.items() if dataclasses.is_dataclass(t) and key in typing.get_type_hints(t)]
+    if len(owners) == 1:
+        return f"{owners[0]}.{key}"
+    if len(owners) > 1:
+        raise ConfigError(f"--{key} is ambiguous: it exists in sections {owners}; write --<section>.{key}")
+    raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(_all_keys(cls))}")
+
+
+def _all_keys(cls, prefix=""):
+    for name, t in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(t):
+            yield from _all_keys(t, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def _build(cls, values, prefix):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.')!r} must be a section (mapping), got {values!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        k = sorted(unknown)[0]
+        raise ConfigError(f"unknown config key {prefix + k!r}; valid keys here: "
+                          f"{sorted(prefix + n for n in hints)}")
+    kwargs = {}
+    for name, t in hints.items():
+        if name not in values:
+            continue
+        v = values[name]
+        if dataclasses.is_dataclass(t):
+            kwargs[name] = _build(t, v, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, v, t)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field without a value
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'}: {e}") from None
+    return obj
+
+
+def _check_type(key, v, t):
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if v is True and bool not in (args if origin in (typing.Union, types.UnionType) else (t,)):
+        raise ConfigError(f"config key {key!r} needs a value: write --{key}=VALUE")  # a bare --key
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a is type(None) and v is None:
+                return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _check_type(key, v, a)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"config key {key!r}: {v!r} is not a valid {t}")
+    if origin is typing.Literal:
+        if v not in args:
+            raise ConfigError(f"config key {key!r}: {v!r} is not one of {list(args)}")
+        return v
+    if origin in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {v!r}")
+        return type(v)(_check_type(key, x, args[0]) for x in v) if args else v
+    if t is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if t is float and isinstance(v, str):
+        try:
+            return float(v)  # YAML reads "5e-5" (no dot) as a string
+        except ValueError:
+            pass
+    if t in (int, float, str, bool) and not (isinstance(v, t) and not (t is int and isinstance(v, bool))):
+        raise ConfigError(f"config key {key!r}: expected {t.__name__}, got {v!r}")
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Devices, processes, models
+# --------------------------------------------------------------------------------------------
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """cuda > mps > cpu unless the config names one."""
+    if pref != "auto":
+        kind = pref.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not (
+                getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ConfigError(f"config key 'device': {pref!r} is not available on this machine "
+                              f"(--device=auto picks cuda > mps > cpu)")
+        return torch.device(pref)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(pref: str, device: torch.device) -> torch.dtype:
+    """Compute dtype: bf16 where the device supports it (cuda, mps), fp32 on cpu, or as named."""
+    if pref == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "mps" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[pref]
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    group: typing.Any  # the default process group under torchrun, None in a single process
+
+
+def init_distributed(device_pref: str = "auto") -> Dist:
+    """Under torchrun (RANK is set), join the process group: NCCL on GPUs, gloo on CPU.
+    Otherwise a single process on the preferred device."""
+    if "RANK" not in os.environ:
+        return Dist(0, 1, pick_device(device_pref), None)
+    import torch.distributed as tdist
+    device = pick_device(device_pref)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                             device_id=device if device.type == "cuda" else None)
+    return Dist(tdist.get_rank(), tdist.get_world_size(), device, tdist.group.WORLD)
+
+
+def shutdown(dist: Dist):
+    if dist.group is not None and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block of an MTP model, a value model or a plain HF causal LM (FSDP /
+    compile units)."""
+    _, blocks, _ = mtp.find_blocks(getattr(model, "base", model))
+    return list(blocks) + list(getattr(model, "extra_heads", []))
+
+
+def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
+    """Put the policy (trainable) and the reference (frozen, or None) on their devices.
+
+    Single process: fp32 master weights on the device (autocast does the low-precision
+    compute), reference cast to the compute dtype (it is never updated).
+    torchrun: FSDP2 (`fully_shard`) on every block -- trunk and heads -- then the root, bf16
+    parameters for compute with fp32 gradient reduction (MixedPrecisionPolicy); the reference is
+    sharded the same way.
+    """
+    if compile:
+        for block in transformer_blocks(model):
+            block.compile()
+    if dist.group is None:
+        return model.to(dist.device), (ref.to(dist.device, dtype) if ref is not None else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(dist.device.type, (dist.world,))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for m in (model,) + ((ref,) if ref is not None else ()):
+        for block in transformer_blocks(m):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(m, mesh=mesh, mp_policy=mp)
+    return model, ref
+
+
+def autocast(device, dtype, dist: Dist):
+    """Low-precision compute on one device; under FSDP its mixed-precision policy does this."""
+    import contextlib
+    if dtype == torch.float32 or dist.group is not None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def load_policy(spec: str, n_heads: int, tokenizer: str = ""):
+    """The policy to fine-tune -> (MTPModel, tokenizer): a Meta MTP checkpoint (its heads are
+    already trained, so its n_future_tokens must equal n_heads), or any causal LM wrapped with
+    n_heads heads. `tokenizer` overrides the model's own (needed for a random-init .json model).
+    Errors name the config key at fault."""
+    if mtp.is_meta_checkpoint(spec):
+        model, tok = mtp.load_meta_checkpoint(spec)
+        if model.n_heads != n_heads:
+            raise ConfigError(f"config key 'model.n_heads' is {n_heads} but {spec} has "
+                              f"n_future_tokens={model.n_heads}")
+    else:
+        base, tok = mtp.load_model_and_tokenizer(spec, dtype=torch.float32)
+        model = mtp.MTPModel(base, n_heads)
+    if tokenizer:
+        tok = mtp.load_tokenizer(tokenizer)
+    if tok is None:
+        raise ConfigError(f"config key 'model.tokenizer': policy {spec!r} has no tokenizer of its "
+                          f"own, name one")
+    if len(tok) > model.config.vocab_size:
+        raise ConfigError(f"config key 'model.tokenizer': {len(tok)} tokens do not fit the "
+                          f"policy's vocabulary of {model.config.vocab_size}")
+    return model, tok
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Optimizer and schedule
+# --------------------------------------------------------------------------------------------
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_cosine(params, lr, weight_decay, betas, warmup, total, min_ratio, device):
+    """AdamW + the warmup-cosine LR schedule. No weight decay on norms and biases (1-D tensors),
+    as in nanoGPT / Meta's recipes."""
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=lr, betas=betas,  # fused kernels on GPUs, and on the CPU of a single process
+        fused=device.type == "cuda" or (device.type == "cpu" and not torch.distributed.is_initialized()))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+    return optimizer, schedule
+
+
+def drop_base_grads(model):
+    """Head warm-up (train.heads_only_steps): forget every gradient but the extra heads', so that
+    the optimizer step trains heads 1..n-1 alone. AdamW skips a parameter without a gradient
+    entirely (no update, no weight decay, no moment update), so the base model -- embeddings,
+    trunk, head 0, final norm, unembedding -- stays bit for bit what it was, and its moments
+    start clean when warm-up ends. Why: fresh heads start far from their targets (CE ~12 on
+    SmolLM2, issue 2's demo) and, trained jointly from step 0, their large gradients pull the
+    shared trunk and unembedding away from next-token prediction (head 0's held-out CE 1.44 ->
+    2.52 in that demo). Medusa (Cai et al. 2024, §2.2.2) trains its heads on a frozen backbone
+    before joint training for the same reason. The trunk's backward still runs (its gradients
+    are simply dropped): simple, and warm-up is short."""
+    for p in model.base.parameters():
+        p.grad = None
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; works on FSDP's DTensor gradients too."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def optimizer_step(model, optimizer, schedule, loss: torch.Tensor, max_norm: float, where: str) -> torch.Tensor:
+    """Clip, then update -- unless the loss (all ranks' sum) or the gradient norm is NaN/inf: a
+    diverging step must not reach the weights, so we stop before the update (the last
+    checkpoint stays good) and say where it happened. Returns the gradient norm before clipping."""
+    grad_norm = clip_grad_norm(model, max_norm)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise FloatingPointError(f"{where}: non-finite loss ({loss.item()}) or grad norm "
+                                 f"({grad_norm.item()}); weights not updated")
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Held-out loss, checkpoints, export, tracking
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def heldout_ce(model, batches, device, amp, chunk_size, group) -> list[float]:
+    """Mean CE per head over the completion tokens of held-out batches (all ranks)."""
+    was_training = model.training
+    model.eval()
+    n_heads = model.n_heads
+    tot = torch.zeros(2, n_heads, device=device)
+    for b in batches:
+        ids = b["input_ids"].to(device)
+        valid = mtp.align_to_heads(b["loss_mask"].to(device), n_heads)
+        with amp:
+            _, ce, _, _ = model(ids, mtp.align_to_heads(ids, n_heads), coef=valid.float(), chunk_size=chunk_size)
+        tot += torch.stack([(ce * valid).flatten(1).sum(1), valid.flatten(1).sum(1)])
+    model.train(was_training)
+    tot = mtp.all_reduce(tot, "sum", group)
+    return (tot[0] / tot[1].clamp_min(1)).tolist()
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 30
+    import resource  # CPU: the process's peak resident set
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def _ckpt_dirs(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root)
+                  if d.startswith("step_") and not d.endswith(".tmp"))
+
+
+def save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last=2):
+    """A sharded, resumable checkpoint (torch.distributed.checkpoint): model, optimizer, LR
+    schedule, step, RNG. Every rank writes its shards into `step_N.tmp`; only when all are done
+    does rank 0 rename it to `step_N`, so a run killed mid-write leaves the previous checkpoint
+    as the latest. The data position is the step itself (data.step_batches)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd,
+             "meta": {"step": step, "schedule": schedule.state_dict(),
+                      "rng_cpu": torch.get_rng_state(),
+                      "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    final = os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+    tmp = final + ".tmp"
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    master = not dist_on or torch.distributed.get_rank() == 0
+    if master and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    if dist_on:
+        torch.distributed.barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    if dist_on:
+        torch.distributed.barrier()
+    if master:
+        os.replace(tmp, final)
+        for old in _ckpt_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist_on:
+        torch.distributed.barrier()
+
+
+def load_checkpoint(which, out_dir, model, optimizer, schedule) -> int:
+    """Restore a checkpoint written by save_checkpoint (`which` = "latest" or a path) into the
+    live, already sharded model and optimizer; -> the step to continue from. The checkpoint may
+    come from a run with a different number of ranks (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if which in ("latest", "true", "True"):
+        found = _ckpt_dirs(out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir}/checkpoints")
+        path = found[-1]
+    else:
+        path = which
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"--resume: {path!r} is not a complete checkpoint")
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd,
+             "meta": {"step": 0, "schedule": schedule.state_dict(), "rng_cpu": torch.get_rng_state(),
+                      "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    meta = state["meta"]
+    schedule.load_state_dict(meta["schedule"])
+    torch.set_rng_state(meta["rng_cpu"])
+    if meta["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(meta["rng_cuda"])
+    return int(meta["step"])
+
+
+def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None, save=mtp.save_consolidated):
+    """Gather the full state dict (all ranks take part) and let rank 0 write it with `save`:
+    mtp.save_consolidated for an MTP model, train_critic.save_value_model for a value model."""
+    if dist.group is None:
+        save(model, tokenizer, out_dir, extra=extra)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.rank == 0:
+        save(model, tokenizer, out_dir, state_dict=sd, extra=extra)
+    torch.distributed.barrier()
+
+
+def report_heldout(held_out: list[float], step: int, dist: Dist, run, label: str = ""):
+    """Print and (rank 0) log the held-out CE of every head at `step`."""
+    if dist.rank == 0:
+        print(f"\n{label or f'step {step}'} held-out CE per head: {[round(x, 4) for x in held_out]}")
+        if run is not None:
+            import mlflow
+            mlflow.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step=step)
+
+
+def finish_training(model, tok, out_dir, dist: Dist, held_out: list[float], run, steps: int, script: str):
+    """The end of a training run, the same for every script: report the final held-out CE per
+    head, write the consolidated export (all ranks take part), close the MLflow run and the
+    process group."""
+    report_heldout(held_out, steps, dist, run, label="final")
+    final_dir = os.path.join(out_dir, "final")
+    export_consolidated(model, tok, final_dir, dist, extra={"trained_with": script, "steps": steps})
+    if dist.rank == 0:
+        print(f"saved {final_dir}")
+    if dist.rank == 0 and run is not None:
+        import mlflow
+        mlflow.log_param("final_dir", os.path.abspath(final_dir))
+        mlflow.end_run()
+    shutdown(dist)
+
+
+def flatten_config(cfg, prefix="") -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out |= flatten_config(v, f"{prefix}{f.name}.")
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
+def start_mlflow(mcfg, cfg, master: bool, resume_step: int = 0):
+    """Start an MLflow run on rank 0 and log the whole config as params. MLflow's own default
+    local store unless the config names a tracking URI."""
+    if not (master and mcfg.enabled):
+        return None
+    import mlflow
+    if mcfg.tracking_uri:
+        mlflow.set_tracking_uri(mcfg.tracking_uri)
+    mlflow.set_experiment(mcfg.experiment)
+    run = mlflow.start_run(run_name=mcfg.run_name or None)
+    mlflow.log_params(flatten_config(cfg))
+    if resume_step:
+        mlflow.set_tag("resumed_from_step", resume_step)
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Step bookkeeping: per-head metrics and throughput (so the step loops show only the algorithm)
+# --------------------------------------------------------------------------------------------
+
+class HeadStats:
+    """Per-head sums over one optimizer step -- loss, CE, accuracy, and the token weights' mean,
+    std, min and max over valid (head, position) pairs -- accumulated on the device (no host
+    sync inside the step) and reduced over ranks once, before the update."""
+
+    def __init__(self, n_heads: int, device: torch.device):
+        self.n_heads = n_heads
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.sums: dict[str, torch.Tensor] = {}
+        self.w_min = torch.full((n_heads,), torch.inf, device=device)
+        self.w_max = torch.full((n_heads,), -torch.inf, device=device)
+
+    def add(self, coef, ce, correct, valid, w, **extra):
+        """One micro-batch; every argument is [n, B, T] in position indexing. `coef` is the loss
+        coefficient of each pair (so Σ coef·CE is the loss), `w` its raw weight; `extra` are more
+        per-pair values whose per-head sums the caller wants."""
+        v = valid.bool()
+        for name, x in {"loss": coef * ce, "ce": ce * v, "correct": correct & v, "valid": v,
+                        "w": w * v, "w2": w * w * v, **extra}.items():
+            s = x.flatten(1).sum(1).to(self.dtype)
+            self.sums[name] = self.sums[name] + s if name in self.sums else s
+        self.w_min = torch.minimum(self.w_min, torch.where(v, w, torch.inf).flatten(1).amin(1))
+        self.w_max = torch.maximum(self.w_max, torch.where(v, w, -torch.inf).flatten(1).amax(1))
+
+    def reduce(self, group) -> torch.Tensor:
+        """Sum (min, max) over ranks, in one collective each; -> the step's total loss."""
+        names = list(self.sums)
+        self.sums = dict(zip(names, mtp.all_reduce(torch.stack([self.sums[k] for k in names]), "sum", group)))
+        self.w_min = mtp.all_reduce(self.w_min, "min", group)
+        self.w_max = mtp.all_reduce(self.w_max, "max", group)
+        return self.sums["loss"].sum()
+
+    def per_valid(self, name: str) -> list[float]:
+        """Σ name / Σ valid per head (after reduce)."""
+        return (self.sums[name] / self.sums["valid"].clamp_min(1)).tolist()
+
+    def metrics(self) -> dict[str, float]:
+        s = {k: v.double().cpu() for k, v in self.sums.items()}
+        n = s["valid"].clamp_min(1)
+        w_mean = s["w"] / n
+        w_std = (s["w2"] / n - w_mean ** 2).clamp_min(0).sqrt()
+        out = {"loss": float(s["loss"].sum())}
+        for k in range(self.n_heads):
+            out |= {f"head{k}/loss": float(s["loss"][k]), f"head{k}/ce": float(s["ce"][k] / n[k]),
+                    f"head{k}/acc": float(s["correct"][k] / n[k]), f"head{k}/w_mean": float(w_mean[k]),
+                    f"head{k}/w_std": float(w_std[k]), f"head{k}/w_min": float(self.w_min[k]),
+                    f"head{k}/w_max": float(self.w_max[k])}
+        return out
+
+
+class Throughput:
+    """Tokens/s since the last report, and over the run from the end of its first step (which
+    pays for compilation and allocator warm-up)."""
+
+    def __init__(self):
+        import time
+        self.clock = time.perf_counter
+        self.t_last, self.since = self.clock(), 0
+        self.t_run, self.run_tokens = None, 0
+
+    def step_done(self, n_tokens: int):
+        self.since += n_tokens
+        if self.t_run is None:
+            self.t_run = self.clock()
+        else:
+            self.run_tokens += n_tokens
+
+    def rate(self) -> float:
+        now = self.clock()
+        r = self.since / max(now - self.t_last, 1e-9)
+        self.t_last, self.since = now, 0
+        return r
+
+    def run_rate(self) -> float | None:
+        return self.run_tokens / (self.clock() - self.t_run) if self.run_tokens else None
+
+
+def every(step: int, n: int, max_steps: int) -> bool:
+    """Is the end of `step` (0-based) a multiple of `n` before the last step? (periodic held-out
+    loss and checkpoints; the last step has its own.)"""
+    return bool(n) and (step + 1) % n == 0 and step + 1 < max_steps
+
+
+def log_metrics(metrics: dict, step: int, run, bar=None, **postfix):
+    """The progress bar's numbers (shown when the caller advances the bar at the end of the
+    step, so the count and the numbers are of the same step) and, with a run, MLflow."""
+    if bar is not None:
+        bar.set_postfix(postfix, refresh=False)
+    if run is not None:
+        import mlflow
+        mlflow.log_metrics(metrics, step=step + 1)
