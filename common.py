@@ -341,11 +341,13 @@ def load_policy(spec: str, n_heads: int, tokenizer: str = ""):
     already trained, so its n_future_tokens must equal n_heads), or any causal LM wrapped with
     n_heads heads. `tokenizer` overrides the model's own (needed for a random-init .json model).
     Errors name the config key at fault."""
-    if mtp.is_meta_checkpoint(spec):
-        model, tok = mtp.load_meta_checkpoint(spec)
+    if mtp.is_meta_checkpoint(spec) or os.path.isfile(os.path.join(spec, mtp.MTP_CONFIG)):
+        # trained heads come with the model (Meta's release, or a WMTP export to fine-tune further)
+        meta = mtp.is_meta_checkpoint(spec)
+        model, tok = mtp.load_meta_checkpoint(spec) if meta else mtp.load_consolidated(spec)
         if model.n_heads != n_heads:
             raise ConfigError(f"config key 'model.n_heads' is {n_heads} but {spec} has "
-                              f"n_future_tokens={model.n_heads}")
+                              f"{'n_future_tokens' if meta else 'n_heads'}={model.n_heads}")
     else:
         base, tok = mtp.load_model_and_tokenizer(spec, dtype=torch.float32)
         model = mtp.MTPModel(base, n_heads)

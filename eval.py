@@ -101,14 +101,15 @@ def mbpp_problem(r: dict, few_shot: str = "") -> dict:
             "head": "", "tail": "\n\n" + (r.get("test_setup_code") or "") + "\n" + "\n".join(r["test_list"]) + "\n"}
 
 
-def load_mbpp(path):
-    """MBPP's test split (task ids 11-510) with the 3-shot prompt of Austin et al. (2021), §2.2:
-    tasks 2, 3 and 4 as worked examples, each `<task + tests> [BEGIN] <code> [DONE]`, one per line
-    (the prompt format is data.py's, so that training and evaluation agree)."""
+def load_mbpp(path, split="test"):
+    """MBPP's test split (task ids 11-510; or `split` = train / validation, e.g. to sample
+    labelled solutions of the training problems for the critic) with the 3-shot prompt of Austin
+    et al. (2021), §2.2: tasks 2, 3 and 4 as worked examples, each `<task + tests> [BEGIN] <code>
+    [DONE]`, one per line (the prompt format is data.py's, so that training and evaluation agree)."""
     shots = {r["task_id"]: r for r in data.load_mbpp_rows(path, "prompt")}
     few_shot = "".join(data.mbpp_prompt(shots[i]["text"], list(shots[i]["test_list"]))
                        + shots[i]["code"].replace("\r\n", "\n") + "\n[DONE]\n" for i in (2, 3, 4))
-    return [mbpp_problem(r, few_shot) for r in data.load_mbpp_rows(path, "test")]
+    return [mbpp_problem(r, few_shot) for r in data.load_mbpp_rows(path, split)]
 
 
 def load_code_contests(path, split):
@@ -135,7 +136,7 @@ def load_problems(task, path=None, split="test"):
     if task == "humaneval":
         return load_humaneval(path)
     if task == "mbpp":
-        return load_mbpp(path)
+        return load_mbpp(path, split)
     if task == "code_contests":
         return load_code_contests(path, split)
     raise ValueError(f"unknown task {task!r}; one of humaneval, mbpp, code_contests")
@@ -319,7 +320,7 @@ class EvalConfig:
     model: str = ""                  # WMTP checkpoint dir, HF dir / hub id, .gguf, or pkg:<package>/<file> (positional)
     task: Literal["humaneval", "mbpp", "code_contests"] = "humaneval"
     data_path: str = ""              # local JSONL (MBPP / CodeContests schema) or HumanEval file; "" = package / hub
-    split: str = "test"              # CodeContests split (hub)
+    split: str = "test"              # MBPP: test | validation | train (task ids as data.MBPP_SPLITS); CodeContests (hub)
     limit: int = 0                   # only the first N problems (0 = all)
     n_samples: int = 10
     temperature: float = 0.8

@@ -247,6 +247,22 @@ def test_consolidated_checkpoint_round_trip(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path)).config.tie_word_embeddings
 
 
+def test_load_policy_keeps_the_trained_heads_of_a_wmtp_export(tmp_path):
+    """Fine-tuning a WMTP export further (e.g. after a head warm-up) starts from its trained
+    heads, not from fresh copies of the last block; a different n_heads is refused."""
+    from conftest import char_tokenizer
+    model = mtp.MTPModel(tiny_llama(vocab=99), 3)
+    with torch.no_grad():
+        for p in model.extra_heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    mtp.save_consolidated(model, char_tokenizer(tmp_path / "tok"), str(tmp_path / "ckpt"))
+    loaded, _ = common.load_policy(str(tmp_path / "ckpt"), 3)
+    x = torch.randint(0, 99, (2, 6))
+    torch.testing.assert_close(loaded.hidden_states(x, use_cache=False)[0], model.hidden_states(x, use_cache=False)[0])
+    with pytest.raises(common.ConfigError, match="'model.n_heads' is 2 but .* has n_heads=3"):
+        common.load_policy(str(tmp_path / "ckpt"), 2)
+
+
 def test_warmup_cosine():
     lr = [common.warmup_cosine(s, 2, 10, 0.1) for s in range(11)]
     assert lr[0] == 0.5 and lr[1] == 1.0 and lr[2] == 1.0
