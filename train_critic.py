@@ -72,6 +72,7 @@ class DataConfig:
     policy_path: str = ""            #   or mbpp | humaneval | jsonl as in train_rho1.py (R = 1 for all)
     policy_split: str = "train"
     policy_eval_split: str = "validation"
+    policy_eval_path: str = ""       # held-out file of a jsonl policy_source ("" = policy_path, policy_eval_split)
     max_seq_len: int = 1024
     skip_bad_rows: bool = False      # skip malformed rows (counted) instead of stopping
 
@@ -574,10 +575,10 @@ def policy_data(cfg, tok, train_items, eval_items):
     if not d.policy_source:
         return [it for it in train_items if it[2] >= 0.5], [it for it in eval_items if it[2] >= 0.5]
 
-    def load(split):
-        examples, _ = data.load_examples(d.policy_source, d.policy_path or None, split, d.skip_bad_rows)
+    def load(path, split):
+        examples, _ = data.load_examples(d.policy_source, path or None, split, d.skip_bad_rows)
         return [(ids, m, 1.0, 0) for ids, m in data.tokenize_examples(tok, examples, d.max_seq_len)[0]]
-    return load(d.policy_split), load(d.policy_eval_split)
+    return load(d.policy_path, d.policy_split), load(d.policy_eval_path or d.policy_path, d.policy_eval_split)
 
 
 def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval):

@@ -76,7 +76,7 @@ class Config:
 CRITIC_ONLY_KEYS = ("stages", "value", "critic", "data.max_problems", "data.max_per_problem",
                     "data.mutants_per_task", "data.exec_timeout", "data.label_cache", "data.reward_model",
                     "data.reward_positive_index", "data.eval_frac", "data.policy_source", "data.policy_path",
-                    "data.policy_split", "data.policy_eval_split")
+                    "data.policy_split", "data.policy_eval_split", "data.policy_eval_path")
 
 
 def main(argv):

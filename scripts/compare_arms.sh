@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Does weighting an MTP fine-tune help? The whole matrix on one GPU (README "Does weighting help?").
+#
+#   bash scripts/compare_arms.sh BASE_MODEL            # e.g. a local HF dir of SmolLM2-135M-Instruct
+#   SEEDS="1 2 3" STEPS=200 N=10 bash scripts/compare_arms.sh BASE_MODEL
+#
+# Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to
+# JSONL), the same batches (same seed -> same data order), steps, tokens and LR schedule:
+#   base    no fine-tune
+#   ntp     next-token (n_heads=1)
+#   mtp     uniform MTP (4 heads, every token w=1)
+#   rho1    Rho-1 MTP: top 70% of tokens by excess loss over a reference trained on verified code
+#   random  the control: Rho-1's weights (same count kept per head) dealt to random tokens
+#   critic  critic MTP: exp(A/β) weights from a value model trained on the base model's own
+#           executed samples of MBPP train
+# The MTP arms start from one shared head warm-up (heads 1..3 trained on the frozen base, which
+# stays bit for bit the base), so that every arm trains its trunk for exactly STEPS steps.
+# Every step below is skipped when its output exists: the script can be re-run to continue.
+set -euo pipefail
+BASE=${1:?usage: bash scripts/compare_arms.sh BASE_MODEL (a local HF dir, hub id or .gguf)}
+OUT=${OUT:-out/cmp}
+SEEDS=${SEEDS:-"1 2 3"}
+ARMS=${ARMS:-"ntp mtp rho1 random critic"}
+STEPS=${STEPS:-200}          # joint steps of every fine-tuned arm
+WARM=${WARM:-200}            # head warm-up steps (shared, before the arms)
+N=${N:-10}                   # samples per problem
+TASKS=${TASKS:-"humaneval mbpp"}
+MBPP=${MBPP:-../shared/data/mbpp.jsonl}
+PAR=${PAR:-5}                # jobs sharing the GPU at once (a 135M model leaves most of it idle)
+GEN_BATCH=${GEN_BATCH:-640}  # eval rows decoded together
+WORKERS=${WORKERS:-$(nproc)}
+PY=${PY:-python}
+mkdir -p "$OUT/logs"
+
+TRAIN="--mlflow.enabled=false --train.dtype=bfloat16 --train.global_batch=16 --train.micro_batch=16
+       --train.lr=3e-5 --train.warmup_steps=10 --train.eval_every=0 --data.max_seq_len=512"
+DATA="--data.source=jsonl --data.path=$OUT/data/stdlib_train.jsonl --data.eval_path=$OUT/data/stdlib_validation.jsonl"
+
+# run NAME CMD...: log to $OUT/logs/NAME.log, at most PAR at once
+run() {
+  local name=$1; shift
+  while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do wait -n || true; done
+  echo "[$(date +%T)] $name"
+  ("$@" > "$OUT/logs/$name.log" 2>&1 || echo "FAILED: $name (see $OUT/logs/$name.log)") &
+}
+
+# ---- 0. data: the stdlib source, exported once so every machine trains on the same rows -------
+if [ ! -f "$OUT/data/stdlib_validation.jsonl" ]; then
+  mkdir -p "$OUT/data"
+  $PY -c "
+import json, sys, data
+for split in ('train', 'validation'):
+    rows, counts = data.stdlib_examples(split, mbpp_path='$MBPP')
+    rows = rows[:256] if split == 'validation' else rows  # the held-out CE of every arm: the same 256
+    with open('$OUT/data/stdlib_' + split + '.jsonl', 'w') as f:
+        f.writelines(json.dumps({'prompt': r['prompt'], 'completion': r['completion']}) + '\n' for r in rows)
+    print(split, {k: v for k, v in counts.items() if k != 'contaminated'}, 'contaminated:', len(counts['contaminated']))
+"
+fi
+
+# ---- 1-3. shared inputs: head warm-up, Rho-1 reference, critic labels --------------------------
+[ -f "$OUT/warm/final/mtp_config.json" ] || run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
+  --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$WARM --train.heads_only_steps=$WARM --train.lr=1e-4 \
+  --train.out_dir=$OUT/warm
+[ -f "$OUT/reference/final/mtp_config.json" ] || run reference $PY train_rho1.py configs/smol_reference.yaml \
+  --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$OUT/reference --mlflow.enabled=false
+[ -f "$OUT/labels/samples.jsonl" ] || run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
+  --n_samples=8 --temperature=0.8 --top_p=0.95 --max_new_tokens=384 --batch_size=$GEN_BATCH \
+  --workers=$WORKERS --out=$OUT/labels --mlflow.enabled=false
+wait
+[ -f "$OUT/value/value_config.json" ] || run value $PY train_critic.py --model.policy="$BASE" --stages=value \
+  --data.source=samples --data.path=$OUT/labels/samples.jsonl --data.max_seq_len=768 --value.train_layers=-1 \
+  --value.max_steps=150 --value.global_batch=32 --value.micro_batch=32 --value.lr=2e-5 --value.eval_every=50 \
+  --value.out_dir=$OUT/value --train.dtype=bfloat16 --mlflow.enabled=false
+wait
+
+# ---- 4. the arms, every seed ----------------------------------------------------------------
+for seed in $SEEDS; do
+  for arm in $ARMS; do
+    out=$OUT/$arm-s$seed
+    [ -f "$out/final/mtp_config.json" ] && continue
+    common=(--train.seed=$seed --train.max_steps=$STEPS --train.out_dir=$out)
+    case $arm in
+      ntp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy="$BASE" --model.n_heads=1 --rho1.ratio=1 ;;
+      mtp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$OUT/warm/final --model.n_heads=4 --rho1.ratio=1 ;;
+      rho1)   run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$OUT/warm/final --model.n_heads=4 \
+                --rho1.ratio=0.7 --model.reference=$OUT/reference/final ;;
+      random) run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$OUT/warm/final --model.n_heads=4 \
+                --rho1.ratio=0.7 --model.reference=$OUT/reference/final --rho1.shuffle=true ;;
+      critic) run $arm-s$seed $PY train_critic.py $TRAIN "${common[@]}" --model.policy=$OUT/warm/final --model.n_heads=4 \
+                --stages=policy --critic.value_model=$OUT/value --data.policy_source=jsonl \
+                --data.policy_path=$OUT/data/stdlib_train.jsonl --data.policy_eval_path=$OUT/data/stdlib_validation.jsonl ;;
+    esac
+  done
+done
+wait
+
+# ---- 5. evaluations: every model on every task, N samples at T = 0.8 -------------------------
+evaluate() {  # evaluate NAME MODEL
+  for task in $TASKS; do
+    [ -f "$OUT/eval/$1/$task/results.json" ] && continue
+    run eval-$1-$task $PY eval.py "$2" --task=$task --data_path=$([ $task = mbpp ] && echo "$MBPP") \
+      --n_samples=$N --temperature=0.8 --top_p=0.95 --k=1,10 --max_new_tokens=512 --batch_size=$GEN_BATCH \
+      --workers=$WORKERS --out=$OUT/eval/$1/$task --mlflow.enabled=false
+  done
+}
+evaluate base "$BASE"
+for seed in $SEEDS; do for arm in $ARMS; do evaluate $arm-s$seed $OUT/$arm-s$seed/final; done; done
+wait
+
+# ---- 6. the table ---------------------------------------------------------------------------
+arms="base=$OUT/eval/base/*/results.json"
+for arm in $ARMS; do arms="$arms $arm=$OUT/eval/$arm-s*/*/results.json"; done
+$PY compare.py --arms="$arms" --ref=ntp --out=$OUT/comparison.md
