@@ -121,7 +121,7 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
             import sys
             print("stdlib data: " + ", ".join(f"{k}={stdlib_counts[k]}" for k in (
                 "python", "found", "filtered_total", "exact_duplicates", "near_duplicates", "kept", "split",
-                "examples")) + f", contaminated={len(stdlib_counts['contaminated'])}", file=sys.stderr)
+                "examples", "sha256")) + f", contaminated={len(stdlib_counts['contaminated'])}", file=sys.stderr)
 
         def convert(r):
             return {"prompt": r["prompt"], "completion": r["completion"]}
