@@ -55,13 +55,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 def expand(patterns: str) -> list[str]:
-    """Comma-separated glob patterns (a directory: every results.json under it) -> sorted paths."""
+    """Comma-separated glob patterns (a directory matched: every results.json under it) -> sorted paths."""
     paths = []
     for pat in filter(None, (p.strip() for p in patterns.split(","))):
-        if os.path.isdir(pat):
-            found = glob.glob(os.path.join(pat, "**", "results.json"), recursive=True)
-        else:
-            found = glob.glob(pat, recursive=True)
+        found = []
+        for m in glob.glob(pat, recursive=True):
+            found += glob.glob(os.path.join(m, "**", "results.json"), recursive=True) if os.path.isdir(m) else [m]
         if not found:
             raise SystemExit(f"compare.py: {pat!r} matches no results.json")
         paths += found
