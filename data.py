@@ -823,10 +823,9 @@ def _function_example(fn, cls, tree, lines, module: str, min_doc: int, min_body_
         return None, "short_docstring"
     if len(fn.body) < 2:
         return None, "short_body"
-    if doc_node.lineno == fn.body[0].lineno and doc_node.lineno <= fn.lineno or \
-            fn.body[1].lineno <= doc_node.end_lineno or \
-            lines[doc_node.end_lineno - 1][doc_node.end_col_offset:].strip() not in ("", ";"):
-        return None, "layout"  # docstring on the def line, or code on the docstring's line
+    if lines[doc_node.lineno - 1][:doc_node.col_offset].strip() or fn.body[1].lineno <= doc_node.end_lineno \
+            or lines[doc_node.end_lineno - 1][doc_node.end_col_offset:].strip():
+        return None, "layout"  # the docstring shares a line with the signature or with code
     start = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
     signature = "\n".join(lines[start - 1: doc_node.lineno - 1])
     docstring = "\n".join(lines[doc_node.lineno - 1: doc_node.end_lineno])

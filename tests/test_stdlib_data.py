@@ -145,3 +145,20 @@ def test_whole_stdlib_through_load_examples(fresh, capsys):
     assert "stdlib data: python=" in capsys.readouterr().err
     with pytest.raises(ValueError, match="stdlib split"):
         data.load_examples("stdlib", MBPP, "test")
+
+
+def test_filters(fresh, monkeypatch, tmp_path):
+    _no_benchmarks(monkeypatch)
+    long_doc = "Return the thing that this function computes from its arguments."
+    body4 = "    a = 1\n    b = 2\n    # a comment is not code\n    c = 3\n    return a + b + c + x\n"
+    (tmp_path / "f.py").write_text(
+        f'def ok(x):\n    """{long_doc}"""\n{body4}\n\n'
+        f'def short_doc(x):\n    """Too short."""\n{body4}\n\n'
+        f'def short_body(x):\n    """{long_doc}"""\n    return x\n\n\n'
+        f'def one_line(x): """{long_doc}"""; return x\n\n\n'
+        f'def no_doc(x):\n{body4}\n\n'
+        f'def long(x):\n    """{long_doc}"""\n' + "    x += 1\n" * 61 + "    return x\n")
+    ex, counts = data.stdlib_examples("all", roots=(str(tmp_path),))
+    assert [e["id"] for e in ex] == ["f:ok"]
+    assert counts["filtered"] == {"short_docstring": 1, "short_body": 1, "layout": 1, "long": 1}
+    assert counts["found"] == 5 and counts["functions"] == 6
