@@ -446,6 +446,54 @@ def rho1_weights(excess, valid, ratio, mode="hard", temperature=1.0, group=None)
     return (keep & valid.bool().flatten(1)).float().view_as(excess)
 
 
+def shuffle_weights(w, valid, generator=None):
+    """The random-weight control: the same token weights, dealt to other tokens.
+
+    Within each pool, the weights of the valid entries are permuted uniformly at random among the
+    valid entries (invalid entries get 0). A pool keeps its multiset of weights -- histogram, mean,
+    Σ m·w (the loss normaliser), the number Rho-1's hard selection kept -- but which token gets
+    which weight no longer depends on the token. Training on these against the real weights
+    separates "the weighting finds the right tokens" from "re-weighting changes the effective
+    learning rate or the amount of data".
+
+    w, valid: one tensor, or a list of tensors (the micro-batches of one optimizer step, pooled
+    together, each keeping its shape):
+      [n, B, T] position indexing (`rho1_weights`): one pool per head k, over every (b, t);
+      [B, T]    target indexing (`critic_weights`, valid = the loss mask): one pool of all
+                completion tokens; `align_to_heads` afterwards gives every head the shuffled
+                weight of its target token, so each head's multiset is the tokens' multiset.
+    generator: a CPU torch.Generator (seed it with seed, step and rank for a reproducible run);
+    the permutation is drawn on the CPU, so it does not depend on the device.
+    Returns w's structure (a tensor or a list), in w's dtype, on w's device.
+
+    With several ranks each rank shuffles its own share of the batch: weights do not move between
+    ranks, every rank keeps its own multiset (and so the global one, and Σ m·w per rank and
+    overall). Rho-1's pool is one micro-step, so call it in the `coef_fn` on that micro-step's
+    weights; the critic's weights exist for the whole step at once (`step_weights`), so shuffle
+    that list, before the normalisers.
+    """
+    single = torch.is_tensor(w)
+    ws, vs = ([w], [valid]) if single else (list(w), list(valid))
+    if len(ws) != len(vs) or any(x.shape != v.shape for x, v in zip(ws, vs)):
+        raise ValueError("shuffle_weights: w and valid must have the same structure and shapes")
+    if ws[0].dim() not in (2, 3) or any(x.dim() != ws[0].dim() for x in ws):
+        raise ValueError("shuffle_weights: expects [n, B, T] (per head) or [B, T] (per token) tensors")
+    per_head = ws[0].dim() == 3
+    ws = [x if per_head else x[None] for x in ws]
+    ms = [(v if per_head else v[None]).bool() for v in vs]
+    out = [torch.zeros_like(x) for x in ws]
+    for k in range(ws[0].shape[0]):
+        values = torch.cat([x[k][m[k]] for x, m in zip(ws, ms)])
+        values = values[torch.randperm(values.numel(), generator=generator).to(values.device)]
+        start = 0
+        for o, m in zip(out, ms):
+            count = int(m[k].sum())
+            o[k][m[k]] = values[start: start + count]
+            start += count
+    out = out if per_head else [o[0] for o in out]
+    return out[0] if single else out
+
+
 def _rank(group):
     return torch.distributed.get_rank(group) if group is not None else 0
 

@@ -1,0 +1,312 @@
+"""
+compare.py — one table of pass@k per arm with bootstrap intervals, from eval.py's results.json.
+
+    python compare.py --arm=base='out/cmp/base-e*/humaneval/results.json' \
+                      --arm=ntp='out/cmp/ntp-s*/humaneval/results.json' \
+                      --arm=mtp='out/cmp/mtp-s*/humaneval/results.json' --ref=ntp
+    python compare.py --arm=ntp='out/cmp/ntp-s*/*/results.json' --arm=rho1='out/cmp/rho1-s*/*/results.json' \
+                      --out=out/cmp/compare.md --B=5000 --no_mlflow
+
+An arm is a name and one or more glob patterns (comma-separated; a directory means every
+results.json under it): its runs -- usually one fine-tune per training seed, each evaluated by
+eval.py. Runs are grouped by their `task` (humaneval, mbpp, ...), giving one row per arm and task:
+
+  - pass@k: the unbiased estimator 1 - C(n-c, k)/C(n, k) (Chen et al. 2021) per problem and run,
+    averaged over problems and runs (= the mean over seeds of eval.py's pass@k);
+  - its 95% interval: a two-way bootstrap -- resample the runs (seeds) and, independently, the
+    problems, with replacement, and take the percentile interval of the mean over the resampled
+    grid; it covers both seed-to-seed and problem-to-problem variation;
+  - the difference to the reference arm (--ref, default `ntp`: the next-token arm), paired by
+    problem: each bootstrap draw resamples the problems once for both arms (and each arm's own
+    runs independently), so problem difficulty cancels;
+  - extras where present: held-out CE per head from training (`heldout_ce` in the checkpoint's
+    mtp_config.json, or a heldout.json beside it), and self-speculative tokens per forward
+    (results.json files of `eval.py --speculative` runs in the arm; they do not enter pass@k).
+
+Prints the table, writes it as markdown (--out) with a JSON twin (same name, .json), and logs an
+MLflow run (metrics, the markdown as an artifact) unless --no_mlflow or MLflow is not installed.
+The bootstrap is seeded per (arm, task) cell, so a cell's interval does not change when arms are
+added or reordered.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import zlib
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021), eq. 1, as eval.pass_at_k (not imported: eval.py pulls in torch)."""
+    if n < k:
+        return math.nan
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+def expand(patterns: str) -> list[str]:
+    """Comma-separated glob patterns (a directory matched: every results.json under it) -> sorted paths."""
+    paths = []
+    for pat in filter(None, (p.strip() for p in patterns.split(","))):
+        found = []
+        for m in glob.glob(pat, recursive=True):
+            found += glob.glob(os.path.join(m, "**", "results.json"), recursive=True) if os.path.isdir(m) else [m]
+        if not found:
+            raise SystemExit(f"compare.py: {pat!r} matches no results.json")
+        paths += found
+    return sorted(dict.fromkeys(paths))
+
+
+def read_heldout(results: dict, path: str) -> list[float] | None:
+    """Held-out CE per head of the checkpoint a results.json evaluated: `heldout_ce` in its
+    mtp_config.json, or heldout.json ({"heldout_ce": [...]} or a list) in it or beside it. Looked
+    for at results["model"] (relative to the working directory or to the results file) and in
+    final/ of the results file's parent directories."""
+    here = os.path.dirname(os.path.abspath(path))
+    model = str(results.get("model", ""))
+    dirs = [model, os.path.join(here, model)] if model else []
+    d = here
+    for _ in range(3):
+        dirs += [os.path.join(d, "final"), d]
+        d = os.path.dirname(d)
+    for d in dirs:
+        for name in ("mtp_config.json", "heldout.json"):
+            f = os.path.join(d, name)
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    v = json.load(fh)
+                v = v.get("heldout_ce") if isinstance(v, dict) else v
+                if isinstance(v, list) and v:
+                    return [float(x) for x in v]
+    return None
+
+
+def load_arm(name: str, patterns: str) -> dict:
+    """-> {"name", "runs": {task: [run]}, "speculative": [tokens per forward], "heldout": [[CE per head]]}.
+    A run is {"path", "per_problem": {task_id: (n, c)}}."""
+    arm = {"name": name, "runs": {}, "speculative": [], "heldout": []}
+    for path in expand(patterns):
+        with open(path) as f:
+            r = json.load(f)
+        if "per_problem" not in r or "task" not in r:
+            raise SystemExit(f"compare.py: {path} is not an eval.py results.json (no per_problem/task)")
+        if "speculative" in r:  # greedy, 1 sample: a speed measurement, not a pass@k run
+            arm["speculative"].append(float(r["speculative"]["tokens_per_forward"]))
+            continue
+        per = {t: (int(v["n"]), int(v["correct"])) for t, v in r["per_problem"].items()}
+        arm["runs"].setdefault(r["task"], []).append({"path": path, "per_problem": per})
+        ce = read_heldout(r, path)
+        if ce is not None and ce not in arm["heldout"]:  # one checkpoint, several tasks: count once
+            arm["heldout"].append(ce)
+    return arm
+
+
+def matrix(runs: list[dict], k: int, problems: list[str]) -> np.ndarray:
+    """pass@k of every run (rows) on every problem (columns)."""
+    return np.array([[pass_at_k(*run["per_problem"][p], k) for p in problems] for run in runs], dtype=float)
+
+
+def common_problems(runs: list[dict]) -> list[str]:
+    """Problems every run evaluated, in the first run's order."""
+    keep = set.intersection(*(set(r["per_problem"]) for r in runs))
+    return [p for p in runs[0]["per_problem"] if p in keep]
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------
+
+def cell_rng(seed: int, *names: str) -> np.random.Generator:
+    return np.random.default_rng([seed] + [zlib.crc32(n.encode()) for n in names])
+
+
+def resample_counts(rng, n: int, B: int) -> np.ndarray:
+    """[B, n]: how often each of n items is drawn in each of B resamples of size n."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=B).astype(float)
+
+
+def grid_means(X: np.ndarray, seed_counts: np.ndarray, problem_counts: np.ndarray) -> np.ndarray:
+    """[B]: mean of X [S, P] over each resampled (seeds x problems) grid."""
+    S, P = X.shape
+    return np.einsum("bs,sp,bp->b", seed_counts, X, problem_counts) / (S * P)
+
+
+def interval(samples: np.ndarray, level: float) -> tuple[float, float]:
+    a = (1 - level) / 2
+    return float(np.quantile(samples, a)), float(np.quantile(samples, 1 - a))
+
+
+def summarize(arms: list[dict], ref: str | None, ks: list[int], B: int = 5000, seed: int = 0,
+              level: float = 0.95) -> list[dict]:
+    """One row per (arm, task): runs, problems, samples per problem, and per k the mean pass@k
+    with its bootstrap interval and (for arms other than `ref`) the paired difference to `ref`."""
+    by_name = {a["name"]: a for a in arms}
+    rows = []
+    for arm in arms:
+        for task, runs in arm["runs"].items():
+            problems = common_problems(runs)
+            row = {"arm": arm["name"], "task": task, "runs": len(runs), "problems": len(problems),
+                   "n_samples": sorted({n for r in runs for n, _ in r["per_problem"].values()}),
+                   "dropped_problems": len(set().union(*(set(r["per_problem"]) for r in runs))) - len(problems),
+                   "heldout_ce": np.mean(arm["heldout"], axis=0).tolist() if arm["heldout"] and
+                   len({len(h) for h in arm["heldout"]}) == 1 else None,
+                   "tokens_per_forward": float(np.mean(arm["speculative"])) if arm["speculative"] else None}
+            rng = cell_rng(seed, arm["name"], task)
+            sc, pc = resample_counts(rng, len(runs), B), resample_counts(rng, len(problems), B)
+            other = by_name.get(ref, {}).get("runs", {}).get(task) if ref and arm["name"] != ref else None
+            if other:
+                shared = [p for p in problems if p in set(common_problems(other))]
+                drng = cell_rng(seed, arm["name"], ref, task)
+                d_sa, d_sr = resample_counts(drng, len(runs), B), resample_counts(drng, len(other), B)
+                d_pc = resample_counts(drng, len(shared), B)
+                row["paired_problems"] = len(shared)
+            for k in ks:
+                X = matrix(runs, k, problems)
+                if np.isnan(X).any():
+                    row[f"pass@{k}"] = None  # some run has fewer than k samples
+                    continue
+                row[f"pass@{k}"] = float(X.mean())
+                row[f"pass@{k}_ci"] = interval(grid_means(X, sc, pc), level)
+                if other:
+                    Xa, Xr = matrix(runs, k, shared), matrix(other, k, shared)
+                    if np.isnan(Xr).any():
+                        continue
+                    row[f"diff@{k}"] = float(Xa.mean() - Xr.mean())
+                    row[f"diff@{k}_ci"] = interval(grid_means(Xa, d_sa, d_pc) - grid_means(Xr, d_sr, d_pc), level)
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def _pct(x, signed=False) -> str:
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def markdown(rows: list[dict], ks: list[int], ref: str | None, level: float) -> str:
+    pc = f"{round(100 * level)}%"
+    head = ["arm", "task", "runs", "problems", "n"] + [f"pass@{k} % [{pc} CI]" for k in ks]
+    if ref:
+        head += [f"Δpass@{k} vs {ref} (pp) [{pc} CI]" for k in ks]
+    extras = [c for c in ("heldout_ce", "tokens_per_forward") if any(r.get(c) is not None for r in rows)]
+    head += [{"heldout_ce": "held-out CE per head", "tokens_per_forward": "spec. tokens/forward"}[c] for c in extras]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["arm"], r["task"], str(r["runs"]), str(r["problems"]), "/".join(map(str, r["n_samples"]))]
+        for k in ks:
+            v = r.get(f"pass@{k}")
+            cells.append("n < k" if v is None else f"{_pct(v)} [{_pct(r[f'pass@{k}_ci'][0])}, {_pct(r[f'pass@{k}_ci'][1])}]")
+        if ref:
+            for k in ks:
+                d = r.get(f"diff@{k}")
+                cells.append("—" if d is None else
+                             f"{_pct(d, True)} [{_pct(r[f'diff@{k}_ci'][0], True)}, {_pct(r[f'diff@{k}_ci'][1], True)}]")
+        for c in extras:
+            v = r.get(c)
+            cells.append("—" if v is None else "/".join(f"{x:.2f}" for x in v) if isinstance(v, list) else f"{v:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def log_mlflow(rows, args, md_path, json_path):
+    try:
+        import mlflow
+    except ImportError:
+        print("compare.py: mlflow is not installed; no MLflow run", file=sys.stderr)
+        return
+    if args.mlflow_uri:
+        mlflow.set_tracking_uri(args.mlflow_uri)
+    mlflow.set_experiment(args.experiment)
+    with mlflow.start_run(run_name="compare"):
+        mlflow.log_params({"arms": ",".join(a.split("=", 1)[0] for a in args.arm), "ref": args.ref or "",
+                           "k": ",".join(map(str, args.k)), "B": args.B, "seed": args.seed, "level": args.level})
+        metrics = {}
+        for r in rows:
+            for key in [f"pass@{k}" for k in args.k] + [f"diff@{k}" for k in args.k]:
+                if r.get(key) is not None:
+                    name = f"{r['arm']}.{r['task']}.{key.replace('@', '_at_')}"
+                    lo, hi = r[key + "_ci"]
+                    metrics |= {name: r[key], name + "_lo": lo, name + "_hi": hi}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(md_path)
+        mlflow.log_artifact(json_path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=GLOB[,GLOB]",
+                   help="an arm and its results.json files (repeat; table order)")
+    p.add_argument("--ref", default="ntp", help="arm the differences are taken to ('' = none)")
+    p.add_argument("--k", default="1,10", help="comma-separated k of pass@k")
+    p.add_argument("--B", type=int, default=5000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--level", type=float, default=0.95, help="interval coverage")
+    p.add_argument("--out", default="out/compare/compare.md", help="markdown file (JSON beside it)")
+    p.add_argument("--no_mlflow", action="store_true")
+    p.add_argument("--mlflow_uri", default=None)
+    p.add_argument("--experiment", default="wmtp-compare")
+    args = p.parse_args(argv)
+    if not args.arm:
+        p.error("give at least one --arm=NAME=GLOB")
+    bad = [a for a in args.arm if "=" not in a or not a.split("=", 1)[0]]
+    if bad:
+        p.error(f"--arm takes NAME=GLOB, got {bad}")
+    names = [a.split("=", 1)[0] for a in args.arm]
+    if len(set(names)) != len(names):
+        p.error(f"arm names must be unique, got {names}")
+    args.k = sorted({int(k) for k in str(args.k).split(",") if k.strip()})
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    arms = [load_arm(*a.split("=", 1)) for a in args.arm]
+    ref = args.ref or None
+    if ref and ref not in {a["name"] for a in arms}:
+        print(f"compare.py: no arm named {ref!r}; no differences (--ref=NAME names the reference)", file=sys.stderr)
+        ref = None
+    rows = summarize(arms, ref, args.k, args.B, args.seed, args.level)
+    for arm in arms:
+        for task, runs in arm["runs"].items():
+            print(f"{arm['name']} / {task}: {len(runs)} runs: {', '.join(r['path'] for r in runs)}")
+    for r in rows:
+        if r["dropped_problems"]:
+            print(f"note: {r['arm']} / {r['task']}: {r['dropped_problems']} problems not evaluated by every run "
+                  f"are left out", file=sys.stderr)
+        if r.get("paired_problems") is not None and r["paired_problems"] < r["problems"]:
+            print(f"note: {r['arm']} / {r['task']}: the difference to {ref} uses the {r['paired_problems']} "
+                  f"problems both evaluated", file=sys.stderr)
+    md = markdown(rows, args.k, ref, args.level)
+    note = (f"\nMean over runs (seeds) and problems; {round(100 * args.level)}% percentile bootstrap intervals "
+            f"over runs and problems (B = {args.B}, seed {args.seed}); differences paired by problem"
+            + (f", to `{ref}`" if ref else "") + "; pass@k by the unbiased estimator.\n")
+    print("\n" + md + note)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(md + note)
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    with open(json_path, "w") as f:
+        json.dump({"rows": rows, "ref": ref, "k": args.k, "B": args.B, "seed": args.seed, "level": args.level,
+                   "arms": {a["name"]: {t: [r["path"] for r in runs] for t, runs in a["runs"].items()} for a in arms}},
+                  f, indent=2)
+    print(f"wrote {args.out} and {json_path}")
+    if not args.no_mlflow:
+        log_mlflow(rows, args, args.out, json_path)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
