@@ -556,7 +556,8 @@ def finish_training(model, tok, out_dir, dist: Dist, held_out: list[float], run,
     process group."""
     report_heldout(held_out, steps, dist, run, label="final")
     final_dir = os.path.join(out_dir, "final")
-    export_consolidated(model, tok, final_dir, dist, extra={"trained_with": script, "steps": steps})
+    export_consolidated(model, tok, final_dir, dist, extra={"trained_with": script, "steps": steps,
+                                                            "heldout_ce": held_out})
     if dist.rank == 0:
         print(f"saved {final_dir}")
     if dist.rank == 0 and run is not None:
@@ -672,6 +673,12 @@ class Throughput:
 
     def run_rate(self) -> float | None:
         return self.run_tokens / (self.clock() - self.t_run) if self.run_tokens else None
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """A CPU generator for the randomness of one optimizer step on one rank, seeded by (seed, step,
+    rank) alone: a resumed run draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
 def every(step: int, n: int, max_steps: int) -> bool:

@@ -1,11 +1,9 @@
 """
 compare.py — one table of pass@k per arm with bootstrap intervals, from eval.py's results.json.
 
-    python compare.py --arm=base='out/cmp/base-e*/humaneval/results.json' \
-                      --arm=ntp='out/cmp/ntp-s*/humaneval/results.json' \
-                      --arm=mtp='out/cmp/mtp-s*/humaneval/results.json' --ref=ntp
-    python compare.py --arm=ntp='out/cmp/ntp-s*/*/results.json' --arm=rho1='out/cmp/rho1-s*/*/results.json' \
-                      --out=out/cmp/compare.md --B=5000 --no_mlflow
+    python compare.py --arms='base=out/cmp/eval/base ntp=out/cmp/eval/ntp-s* mtp=out/cmp/eval/mtp-s*' --ref=ntp
+    python compare.py --arms='ntp=out/cmp/eval/ntp-s*/*/results.json rho1=out/cmp/eval/rho1-s*/*/results.json' \
+                      --out=out/cmp/compare.md --B=5000 --mlflow.enabled=false
 
 An arm is a name and one or more glob patterns (comma-separated; a directory means every
 results.json under it): its runs -- usually one fine-tune per training seed, each evaluated by
@@ -24,21 +22,23 @@ eval.py. Runs are grouped by their `task` (humaneval, mbpp, ...), giving one row
     (results.json files of `eval.py --speculative` runs in the arm; they do not enter pass@k).
 
 Prints the table, writes it as markdown (--out) with a JSON twin (same name, .json), and logs an
-MLflow run (metrics, the markdown as an artifact) unless --no_mlflow or MLflow is not installed.
+MLflow run (metrics, the markdown as an artifact) unless --mlflow.enabled=false or MLflow is not installed.
 The bootstrap is seeded per (arm, task) cell, so a cell's interval does not change when arms are
 added or reordered.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
 import os
 import sys
 import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
+
+import common
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -226,9 +226,9 @@ def log_mlflow(rows, args, md_path, json_path):
     except ImportError:
         print("compare.py: mlflow is not installed; no MLflow run", file=sys.stderr)
         return
-    if args.mlflow_uri:
-        mlflow.set_tracking_uri(args.mlflow_uri)
-    mlflow.set_experiment(args.experiment)
+    if args.mlflow.tracking_uri:
+        mlflow.set_tracking_uri(args.mlflow.tracking_uri)
+    mlflow.set_experiment(args.mlflow.experiment)
     with mlflow.start_run(run_name="compare"):
         mlflow.log_params({"arms": ",".join(a.split("=", 1)[0] for a in args.arm), "ref": args.ref or "",
                            "k": ",".join(map(str, args.k)), "B": args.B, "seed": args.seed, "level": args.level})
@@ -244,30 +244,34 @@ def log_mlflow(rows, args, md_path, json_path):
         mlflow.log_artifact(json_path)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arm", action="append", default=[], metavar="NAME=GLOB[,GLOB]",
-                   help="an arm and its results.json files (repeat; table order)")
-    p.add_argument("--ref", default="ntp", help="arm the differences are taken to ('' = none)")
-    p.add_argument("--k", default="1,10", help="comma-separated k of pass@k")
-    p.add_argument("--B", type=int, default=5000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--level", type=float, default=0.95, help="interval coverage")
-    p.add_argument("--out", default="out/compare/compare.md", help="markdown file (JSON beside it)")
-    p.add_argument("--no_mlflow", action="store_true")
-    p.add_argument("--mlflow_uri", default=None)
-    p.add_argument("--experiment", default="wmtp-compare")
-    args = p.parse_args(argv)
+@dataclass
+class CompareConfig:
+    arms: str = ""                   # space-separated NAME=GLOB[,GLOB] (table order); a directory = its results.json files
+    ref: str = "ntp"                 # arm the differences are taken to ("" = none)
+    k: str | int = "1,10"            # comma-separated k of pass@k
+    B: int = 5000                    # bootstrap resamples
+    seed: int = 0
+    level: float = 0.95              # interval coverage
+    out: str = "out/compare/compare.md"  # markdown file (JSON beside it)
+    mlflow: common.MlflowConfig = field(default_factory=lambda: common.MlflowConfig(experiment="wmtp-compare"))
+
+
+def parse_args(argv=None) -> CompareConfig:
+    """The project's one dialect (common.parse_config): --key=value, or a YAML file of the same keys."""
+    args = common.parse_config(CompareConfig, sys.argv[1:] if argv is None else argv)
+    args.arm = args.arms.split()
     if not args.arm:
-        p.error("give at least one --arm=NAME=GLOB")
+        raise common.ConfigError("config key 'arms': give at least one NAME=GLOB, e.g. --arms='ntp=out/cmp/eval/ntp-s*'")
     bad = [a for a in args.arm if "=" not in a or not a.split("=", 1)[0]]
     if bad:
-        p.error(f"--arm takes NAME=GLOB, got {bad}")
+        raise common.ConfigError(f"config key 'arms': each arm is NAME=GLOB[,GLOB], got {bad}")
     names = [a.split("=", 1)[0] for a in args.arm]
     if len(set(names)) != len(names):
-        p.error(f"arm names must be unique, got {names}")
-    args.k = sorted({int(k) for k in str(args.k).split(",") if k.strip()})
+        raise common.ConfigError(f"config key 'arms': names must be unique, got {names}")
+    try:
+        args.k = sorted({int(k) for k in str(args.k).split(",") if k.strip()})
+    except ValueError:
+        raise common.ConfigError(f"config key 'k': expected comma-separated integers, got {args.k!r}") from None
     return args
 
 
@@ -303,10 +307,10 @@ def main(argv=None):
                    "arms": {a["name"]: {t: [r["path"] for r in runs] for t, runs in a["runs"].items()} for a in arms}},
                   f, indent=2)
     print(f"wrote {args.out} and {json_path}")
-    if not args.no_mlflow:
+    if args.mlflow.enabled:
         log_mlflow(rows, args, args.out, json_path)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main, sys.argv[1:])

@@ -782,7 +782,7 @@ def _function_example(fn, cls, tree, lines, module: str, min_doc: int, min_body_
     signature = "\n".join(lines[start - 1: doc_node.lineno - 1])
     docstring = "\n".join(lines[doc_node.lineno - 1: doc_node.end_lineno])
     body = _body_after_docstring(fn, lines)
-    code_lines = [l for l in body.split("\n") if l.strip() and not l.strip().startswith("#")]
+    code_lines = [ln for ln in body.split("\n") if ln.strip() and not ln.strip().startswith("#")]
     if len(code_lines) < min_body_lines:
         return None, "short_body"
     if len(code_lines) > max_body_lines:
@@ -890,7 +890,7 @@ def _build_stdlib(roots, mbpp_path, methods, min_doc, min_body_lines, max_body_l
     for ex in _scan(roots, methods, counts, min_doc=min_doc, min_body_lines=min_body_lines,
                     max_body_lines=max_body_lines, max_chars=max_chars):
         fn, doc = ex.pop("_fn"), ex.pop("_doc")
-        text = "\n".join(l.rstrip() for l in ex["completion"].strip().split("\n"))
+        text = "\n".join(ln.rstrip() for ln in ex["completion"].strip().split("\n"))
         if text in seen_text:
             counts["exact_duplicates"] += 1
             continue

@@ -103,6 +103,7 @@ class CriticConfig:                  # stage 2: value model -> token weights
     w_min: float = 0.1
     w_max: float = 5.0
     whiten: bool = True              # standardise A over the optimizer batch before exp(A/β)
+    shuffle: bool = False            # the random-weight control: the critic's weights, dealt to random tokens
 
 
 @dataclass
@@ -517,7 +518,7 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def critic_step_weights(value_model, batches, c: CriticConfig, n_heads, amp, device, group):
+def critic_step_weights(value_model, batches, c: CriticConfig, n_heads, amp, device, group, shuffler=None):
     """The critic's weights for all micro-batches of one optimizer step -> (weights [B, T] per
     micro-batch in target indexing, Σ m·w per head over the global batch, statistics).
 
@@ -537,6 +538,8 @@ def critic_step_weights(value_model, batches, c: CriticConfig, n_heads, amp, dev
     # everything is tiny, of an unsure one large.
     z = [(a - mean) / (std + 1e-6) if c.whiten else a for a in advs]
     weights = [critic_weights(a, m, c.beta, c.w_min, c.w_max) for a, m in zip(z, masks)]
+    if shuffler is not None:  # control: the same multiset of weights, on random completion tokens
+        weights = mtp.shuffle_weights(weights, masks, shuffler)
     # Σ m·w per head over the global batch: the normaliser of the weighted loss (docs/design.md §4).
     denom = torch.stack([(mtp.align_to_heads(w, n_heads) * mtp.align_to_heads(m, n_heads)).flatten(1).sum(1)
                          for w, m in zip(weights, masks)]).sum(0)
@@ -646,7 +649,8 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
     speed = common.Throughput()
     for step in range(start_step, cfg.train.max_steps):
         batches = batches_of(step)
-        weights, denom, wstats = critic_step_weights(value_model, batches, c, n_heads, amp, device, dist.group)
+        shuffler = common.step_generator(cfg.train.seed, step, dist.rank) if c.shuffle else None
+        weights, denom, wstats = critic_step_weights(value_model, batches, c, n_heads, amp, device, dist.group, shuffler)
         stats = common.HeadStats(n_heads, device)
         for batch, w in zip(batches, weights):
             loss, ce, correct, coef, valid, w = micro_step(batch, w, denom)

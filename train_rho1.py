@@ -59,6 +59,7 @@ class Rho1Config:
     ratio: float = 0.7               # fraction of tokens kept per head (Rho-1: 60-70%); 1 = uniform MTP
     mode: str = "hard"               # hard = top-ρ selection; soft = w ∝ exp(excess / temperature)
     temperature: float = 1.0
+    shuffle: bool = False            # the random-weight control: the same weights, dealt to random valid tokens
 
 
 @dataclass
@@ -141,7 +142,7 @@ def main(argv):
         cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio, device)
 
     # ---- one micro-batch: reference CE -> policy forward -> Rho-1 weights -> loss ----------
-    def micro_step(batch, denom):
+    def micro_step(batch, denom, shuffler=None):
         ids = batch["input_ids"].to(device)
         mask = batch["loss_mask"].to(device)
         targets = mtp.align_to_heads(ids, n_heads)
@@ -156,6 +157,8 @@ def main(argv):
             def rho1_coef(ce):  # ce: the policy's own per-(head, position) CE, detached
                 picked["w"] = mtp.rho1_weights(ce - ref_ce, valid, cfg.rho1.ratio, cfg.rho1.mode,
                                                cfg.rho1.temperature, dist.group)
+                if shuffler is not None:  # control: same weights per head, random tokens
+                    picked["w"] = mtp.shuffle_weights(picked["w"], valid, shuffler)
                 return mtp.loss_coefficients(picked["w"], valid, denom, lambdas)
 
             # In one process the hard selection keeps a number of pairs known on the host, so
@@ -218,8 +221,9 @@ def main(argv):
                                     cfg.train.seed, rank, world, pad_id)
         denom = denominators(batches)
         stats = common.HeadStats(n_heads, device)
+        shuffler = common.step_generator(cfg.train.seed, step, rank) if cfg.rho1.shuffle else None
         for batch in batches:
-            loss, ce, correct, coef, valid, w, ref_ce = micro_step(batch, denom)
+            loss, ce, correct, coef, valid, w, ref_ce = micro_step(batch, denom, shuffler)
             # FSDP averages gradients over ranks; our loss is already normalised by the global
             # Σ m·w, so each rank's gradient is a partial *sum*: undo the average.
             (loss * world).backward()

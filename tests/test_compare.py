@@ -41,7 +41,7 @@ def loop_bootstrap(tables, B, seed, k_fn, ref_tables=None):
     for _ in range(B):
         probs = [rng.randrange(P) for _ in range(P)]
 
-        def grid(ts):
+        def grid(ts, probs=probs):
             runs = [rng.randrange(len(ts)) for _ in range(len(ts))]
             return sum(k_fn(ts[s][p]) for s in runs for p in probs) / (len(runs) * len(probs))
         stats.append(grid(tables) - (grid(ref_tables) if ref_tables else 0))
@@ -116,9 +116,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     _write(tmp_path / "rho1-s0" / "spec" / "results.json",
            _results("HumanEval", [0] * 5, "x", speculative={"tokens_per_forward": 1.5}) | {"task": "humaneval"})
     out = tmp_path / "cmp" / "table.md"
-    rows = compare.main([f"--arm=ntp={tmp_path}/ntp-s*/*/results.json",
-                         f"--arm=rho1={tmp_path}/rho1-s*",  # directories: every results.json under them
-                         "--B=300", f"--out={out}", "--no_mlflow"])
+    rows = compare.main([f"--arms=ntp={tmp_path}/ntp-s*/*/results.json rho1={tmp_path}/rho1-s*",  # rho1: directories
+                         "--B=300", f"--out={out}", "--mlflow.enabled=false"])
     assert [(r["arm"], r["task"], r["runs"]) for r in rows] == [
         ("ntp", "HumanEval", 2), ("ntp", "MBPP", 2), ("rho1", "HumanEval", 3), ("rho1", "MBPP", 3)]
     assert rows[2]["heldout_ce"] == [2.0, 2.0, 3.0, 4.0] and rows[2]["tokens_per_forward"] == 1.5
@@ -127,4 +126,4 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert json.loads((tmp_path / "cmp" / "table.json").read_text())["rows"][2]["diff@1"] == rows[2]["diff@1"]
     assert "| rho1 | HumanEval" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        compare.main([f"--arm=ntp={tmp_path}/nothing-*/results.json", "--no_mlflow"])
+        compare.main([f"--arms=ntp={tmp_path}/nothing-*/results.json", "--mlflow.enabled=false"])

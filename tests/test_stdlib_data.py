@@ -58,7 +58,7 @@ def test_humaneval_format(fresh):
         tree = ast.parse(e["prompt"] + e["completion"])
         fn = tree.body[-1] if not isinstance(tree.body[-1], ast.ClassDef) else tree.body[-1].body[0]
         assert len(ast.get_docstring(fn)) > 40
-        assert sum(1 for l in e["completion"].split("\n") if l.strip() and not l.strip().startswith("#")) >= 4
+        assert sum(1 for ln in e["completion"].split("\n") if ln.strip() and not ln.strip().startswith("#")) >= 4
     assert counts["filtered"].get("short_body", 0) >= 1  # json has short documented functions
 
 
@@ -105,12 +105,12 @@ def test_injected_contamination_is_dropped_and_reported(fresh, monkeypatch):
 def test_real_benchmarks_are_caught_when_hidden_in_training_code(fresh, tmp_path):
     """Against HumanEval + MBPP test themselves: an MBPP test solution with renamed variables,
     one pasted into a longer function, and a HumanEval docstring are all dropped."""
-    rows = {int(json.loads(l)["task_id"]): json.loads(l) for l in open(MBPP)}
+    rows = {int(json.loads(ln)["task_id"]): json.loads(ln) for ln in open(MBPP)}
 
     def body_of(task):
         code = rows[task]["code"].replace("\r\n", "\n").expandtabs(4)
         fn = ast.parse(code).body[0]
-        return "\n".join(l.rstrip() for l in code.split("\n")[fn.body[0].lineno - 1: fn.end_lineno])
+        return "\n".join(ln.rstrip() for ln in code.split("\n")[fn.body[0].lineno - 1: fn.end_lineno])
     doc = '    """Remove the first and the last occurrence of a character from a string, if any."""\n'
     renamed = body_of(11)
     for a, b in (("s", "text"), ("ch", "c"), ("i", "j")):

@@ -124,3 +124,26 @@ def test_head_warm_up_leaves_the_base_model_untouched(tiny_run):
                            before["model.layers.0.mlp.up_proj.weight"])
     with pytest.raises(common.ConfigError, match="heads_only_steps"):
         train_rho1.main(base_args + ["--heads_only_steps=2", "--model.n_heads=1"])
+
+
+def test_random_weight_control_keeps_the_count_and_loses_the_selection(tiny_run):
+    """rho1.shuffle: per head the same number of tokens is kept (the same weights), but they are
+    random tokens, so their mean excess loss falls to about the mean over all tokens, while the
+    real top-ρ selection's is well above it (at step 3: at step 1 the policy is its own reference)."""
+    from mlflow.tracking import MlflowClient
+    tmp_path, cfg = tiny_run
+    metrics = {}
+    for shuffle in (False, True):
+        db = f"sqlite:///{tmp_path / f'shuffle{shuffle}.db'}"
+        train_rho1.main([cfg, "--max_steps=3", "--eval_every=0", f"--rho1.shuffle={shuffle}",
+                         f"--out_dir={tmp_path / f'out{shuffle}'}", f"--mlflow.tracking_uri={db}"])
+        client = MlflowClient(db)
+        (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+        metrics[shuffle] = run.data.metrics
+    real, rand = metrics[False], metrics[True]
+    for k in (0, 1):
+        assert real[f"head{k}/selected_frac"] == rand[f"head{k}/selected_frac"]
+        assert real[f"head{k}/w_mean"] == rand[f"head{k}/w_mean"]
+        assert real[f"head{k}/excess_selected"] > real[f"head{k}/excess_all"] + 0.05
+        assert abs(rand[f"head{k}/excess_selected"] - rand[f"head{k}/excess_all"]) < \
+            real[f"head{k}/excess_selected"] - real[f"head{k}/excess_all"]
