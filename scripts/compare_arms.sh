@@ -25,6 +25,7 @@ STEPS=${STEPS:-200}          # joint steps of every fine-tuned arm
 WARM=${WARM:-200}            # head warm-up steps (shared, before the arms)
 N=${N:-10}                   # samples per problem
 TASKS=${TASKS:-"humaneval mbpp"}
+LIMIT=${LIMIT:-0}            # problems per evaluation (0 = all; a smoke test uses a few)
 MBPP=${MBPP:-../shared/data/mbpp.jsonl}
 PAR=${PAR:-5}                # jobs sharing the GPU at once (a 135M model leaves most of it idle)
 GEN_BATCH=${GEN_BATCH:-640}  # eval rows decoded together
@@ -54,7 +55,7 @@ for split in ('train', 'validation'):
     rows = rows[:256] if split == 'validation' else rows  # the held-out CE of every arm: the same 256
     with open('$OUT/data/stdlib_' + split + '.jsonl', 'w') as f:
         f.writelines(json.dumps({'prompt': r['prompt'], 'completion': r['completion']}) + '\n' for r in rows)
-    print(split, {k: v for k, v in counts.items() if k != 'contaminated'}, 'contaminated:', len(counts['contaminated']))
+    print(split, {k: counts[k] for k in ('python', 'found', 'kept', 'examples', 'sha256')}, 'contaminated:', len(counts['contaminated']))
 "
 fi
 
@@ -63,14 +64,15 @@ fi
   --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$WARM --train.heads_only_steps=$WARM --train.lr=1e-4 \
   --train.out_dir=$OUT/warm
 [ -f "$OUT/reference/final/mtp_config.json" ] || run reference $PY train_rho1.py configs/smol_reference.yaml \
-  --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$OUT/reference --mlflow.enabled=false
+  --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$OUT/reference --mlflow.enabled=false \
+  --train.max_steps=${REF_STEPS:-70}
 [ -f "$OUT/labels/samples.jsonl" ] || run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
-  --n_samples=8 --temperature=0.8 --top_p=0.95 --max_new_tokens=384 --batch_size=$GEN_BATCH \
+  --n_samples=8 --temperature=0.8 --top_p=0.95 --k=1 --max_new_tokens=384 --batch_size=$GEN_BATCH --limit=$LIMIT \
   --workers=$WORKERS --out=$OUT/labels --mlflow.enabled=false
 wait
 [ -f "$OUT/value/value_config.json" ] || run value $PY train_critic.py --model.policy="$BASE" --stages=value \
   --data.source=samples --data.path=$OUT/labels/samples.jsonl --data.max_seq_len=768 --value.train_layers=-1 \
-  --value.max_steps=150 --value.global_batch=32 --value.micro_batch=32 --value.lr=2e-5 --value.eval_every=50 \
+  --value.max_steps=${VALUE_STEPS:-150} --value.global_batch=32 --value.micro_batch=32 --value.lr=2e-5 --value.eval_every=50 \
   --value.out_dir=$OUT/value --train.dtype=bfloat16 --mlflow.enabled=false
 wait
 
@@ -100,7 +102,7 @@ evaluate() {  # evaluate NAME MODEL
   for task in $TASKS; do
     [ -f "$OUT/eval/$1/$task/results.json" ] && continue
     run eval-$1-$task $PY eval.py "$2" --task=$task --data_path=$([ $task = mbpp ] && echo "$MBPP") \
-      --n_samples=$N --temperature=0.8 --top_p=0.95 --k=1,10 --max_new_tokens=512 --batch_size=$GEN_BATCH \
+      --n_samples=$N --temperature=0.8 --top_p=0.95 --k=1,10 --max_new_tokens=${MAX_NEW:-512} --batch_size=$GEN_BATCH --limit=$LIMIT \
       --workers=$WORKERS --out=$OUT/eval/$1/$task --mlflow.enabled=false
   done
 }
