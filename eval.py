@@ -838,7 +838,7 @@ def _row_key(problem_key: int, sample: int) -> int:
 
 @torch.no_grad()
 def sample_rows(model, tok, prompts, n, max_new_tokens, temperature, top_p, stop, eos_ids, keys, batch_size,
-                check_every=None, graphs=None, compile=False, prefill_tokens=16384, min_batch=None,
+                check_every=None, graphs=None, compile=False, prefill_tokens=None, min_batch=None,
                 on_finish=None):
     """n samples of each prompt, continuously batched in `batch_size` slots -> (token lists, stats).
 
@@ -847,10 +847,12 @@ def sample_rows(model, tok, prompts, n, max_new_tokens, temperature, top_p, stop
     max_new_tokens). stop: one list of stop strings, or one list per prompt. keys: a key per
     prompt (`sample_key(seed, problem)`): the row of (prompt p, sample s) draws from
     hash(keys[p], s, step) only. check_every: decode steps between host checks (stop strings,
-    retiring, refilling); only costs the few tokens a finished row decodes past its end.
-    graphs: replay each decode step as a CUDA graph (default: on CUDA). compile: torch.compile
-    the step first (measure: it costs compile time). on_finish(row, tokens): called as rows end.
-    Uses the base model, i.e. head 0 of an MTP model.
+    retiring, refilling); it costs the tokens a finished row decodes past its end, at most
+    check_every - 1. graphs: replay each decode step as a CUDA graph (default: on CUDA).
+    compile: torch.compile the step first (measure: it costs compile time). prefill_tokens:
+    prompts prefilled ahead per forward, in padded tokens (default 16k on CUDA, one prompt at a
+    time elsewhere). min_batch: the smallest batch the live rows are packed into once nothing
+    waits. on_finish(row, tokens): called as rows end. Uses the base model (head 0 of an MTP model).
     """
     from collections import deque
     base, W = model.base, model.lm_head_weight
@@ -863,7 +865,8 @@ def sample_rows(model, tok, prompts, n, max_new_tokens, temperature, top_p, stop
     stops = stop if stop and not isinstance(stop[0], str) else [list(stop)] * len(prompts)
     cuda = device.type == "cuda"
     K = check_every or (16 if cuda else 4)
-    graphs = cuda if graphs is None else bool(graphs)
+    if prefill_tokens is None:  # a CPU pays for padding, a GPU for each forward's launches
+        prefill_tokens = 16384 if cuda else 0
     B = batch_size
     S = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64  # room for the longest row; 64 | S
     # Device state of every slot: the token to feed, its position (= the slot's length), tokens
@@ -874,13 +877,20 @@ def sample_rows(model, tok, prompts, n, max_new_tokens, temperature, top_p, stop
     key_d = torch.zeros_like(tok_d)
     done = torch.ones(B, dtype=torch.bool, device=device)
     ring = torch.zeros(B, K, dtype=torch.long, device=device)
-    col = torch.zeros(1, dtype=torch.long, device=device)
+    col = torch.zeros(1, dtype=torch.long, device=device)  # the ring column of the next step
+    state = [tok_d, cur, steps, key_d, done, ring, col]
     eos_t = torch.tensor(sorted(eos_ids) or [-1], device=device)
     positions = torch.arange(S, device=device)
-    zero, neg = torch.zeros((), dtype=dtype, device=device), torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
-    kv = None  # per layer (keys, values) [B, H, S, D], allocated at the first prefill
+    zero = torch.zeros((), dtype=dtype, device=device)
+    neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+    kv = []  # per layer (keys, values) [B, H, S, D], allocated at the first prefill
+    stats = {"steps": 0, "slot_steps": 0, "tokens": 0, "prefills": 0, "prefill_tokens": 0, "refills": 0,
+             "packs": 0, "graphs": cuda if graphs is None else bool(graphs), "capture_s": 0.0,
+             "check_every": K, "batch_size": B}
 
     def step_fn(b):
+        """One decode step of slots [0, b), device-only: feed each slot's token at its position,
+        sample the next from the row's noise, record it, advance live rows, mark rows done."""
         cache = SlotCache([k[:b] for k, _ in kv], [v[:b] for _, v in kv], cur[:b])
         tk, cu, sp, ky, dn, rg = tok_d[:b], cur[:b], steps[:b], key_d[:b], done[:b], ring[:b]
 
@@ -900,149 +910,162 @@ def sample_rows(model, tok, prompts, n, max_new_tokens, temperature, top_p, stop
             col.add_(1)
         return torch.compile(one_step) if compile else one_step
 
-    pools, runners, stats = [], {}, {"steps": 0, "slot_steps": 0, "tokens": 0, "prefills": 0,
-                                      "prefill_tokens": 0, "refills": 0, "packs": 0, "graphs": graphs,
-                                      "capture_s": 0.0, "check_every": K, "batch_size": B}
+    runners, pools = {}, []
 
     def runner(b):
         """The decode step at batch size b: eager, or captured once as a CUDA graph and replayed."""
-        nonlocal graphs
-        if b in runners:
-            return runners[b]
-        fn = step_fn(b)
-        if graphs:
-            t0 = time.perf_counter()
-            # The capture's warm-up steps advance the state: restore it after. The keys/values
-            # they wrote are the ones the real steps write again (same tokens: the noise is a
-            # function of the step), or lie past a row's end, masked.
-            state = [tok_d, cur, steps, key_d, done, ring, col]
-            saved = [t.clone() for t in state]
-            try:
-                fn = _cuda_graph(fn, pools)
-            except Exception as e:  # keep going, eagerly: slower, same samples
-                print(f"sample_rows: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
-                graphs = stats["graphs"] = False
-                fn = step_fn(b)
-            for t, s in zip(state, saved):
-                t.copy_(s)
-            stats["capture_s"] += time.perf_counter() - t0
-        runners[b] = fn
-        return fn
+        if b not in runners:
+            fn = step_fn(b)
+            if stats["graphs"]:
+                t0 = time.perf_counter()
+                # The capture's warm-up steps advance the state: restore it after. The keys/values
+                # they wrote are the ones the real steps write again (same tokens: the noise is a
+                # function of the step), or lie past a row's end, masked.
+                saved = [t.clone() for t in state]
+                try:
+                    fn = _cuda_graph(fn, pools)
+                except Exception as e:  # keep going, eagerly: slower, same samples
+                    print(f"sample_rows: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
+                    stats["graphs"] = False
+                    fn = step_fn(b)
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+                stats["capture_s"] += time.perf_counter() - t0
+            runners[b] = fn
+        return runners[b]
 
     def prefill(ps):
         """One forward over prompts ps (right-padded, each at positions 0..len-1) -> per prompt
-        (keys, values per layer [H, len, D], logits of its last position [V])."""
-        nonlocal kv
+        (keys and values per layer [H, len, D], logits at its last position [V])."""
         lens = torch.tensor([len(prompts[p]) for p in ps], device=device)
-        T = int(max(len(prompts[p]) for p in ps))
+        T = max(len(prompts[p]) for p in ps)
         ids = torch.tensor([prompts[p] + [0] * (T - len(prompts[p])) for p in ps], device=device)
-        allowed = (torch.arange(T, device=device)[None, :, None] >= torch.arange(T, device=device)[None, None, :]) \
-            & (torch.arange(T, device=device)[None, None, :] < lens[:, None, None])  # causal, real keys
-        mask = torch.where(allowed, zero, neg)[:, None]
+        t = torch.arange(T, device=device)
+        allowed = (t[:, None] >= t[None, :]) & (t[None, None, :] < lens[:, None, None])  # causal, real keys
         rec = _RecordingCache()
-        h = inner(input_ids=ids, attention_mask=mask, position_ids=torch.arange(T, device=device).expand(len(ps), T),
-                  use_cache=True, **{cache_kw: rec}).last_hidden_state
+        h = inner(input_ids=ids, attention_mask=torch.where(allowed, zero, neg)[:, None],
+                  position_ids=t.expand(len(ps), T), use_cache=True, **{cache_kw: rec}).last_hidden_state
         logits = F.linear(h[torch.arange(len(ps), device=device), lens - 1], W)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         layers = sorted(rec.keys)
-        if kv is None:
-            kv = [tuple(x.new_zeros(B, x.shape[1], S, x.shape[3]) for x in (rec.keys[l], rec.values[l])) for l in layers]
+        if not kv:
+            kv.extend(tuple(x.new_zeros(B, x.shape[1], S, x.shape[3]) for x in (rec.keys[l], rec.values[l]))
+                      for l in layers)
         stats["prefills"] += 1
         stats["prefill_tokens"] += sum(len(prompts[p]) for p in ps)
         return {p: ([(rec.keys[l][j, :, :len(prompts[p])], rec.values[l][j, :, :len(prompts[p])]) for l in layers],
                     logits[j], len(prompts[p])) for j, p in enumerate(ps)}
 
+    # Host side. Rows are admitted in order (prompt-major); slot j decodes row slot_row[j].
     waiting = deque((p, s) for p in range(len(prompts)) for s in range(n))
     prefilled = {}  # prompt -> (its keys/values, last logits, length) while some of its rows wait
-    left = {p: n for p in range(len(prompts))}  # rows of each prompt not yet admitted
-    out = [None] * (len(prompts) * n)
-    slot_row = [None] * B  # which row each slot decodes (host side)
-    seen = [0] * B  # tokens of the slot's row already read back to the host
-    checked = [0] * B  # tokens of the slot's row already checked for stops
-    rows_tokens = {}
-    b = B  # current batch size: slots [0, b) decode
-    while True:
-        # ---- read the block back, retire finished rows --------------------------------------
-        live = [j for j in range(b) if slot_row[j] is not None]
-        if live:
-            snap = torch.cat([ring[:b], steps[:b, None], done[:b, None].long()], 1).tolist()  # the one sync
-            freed = []
-            for j in live:
-                r = slot_row[j]
-                n_steps, dev_done = snap[j][K], snap[j][K + 1]
-                toks = rows_tokens[r]
-                toks += snap[j][:n_steps - seen[j]]  # this block's tokens are ring columns 0, 1, ...
-                seen[j] = n_steps
-                end = first_stop(tok, toks, checked[j], stops[r // n], eos_ids)
-                checked[j] = len(toks)
-                if end is not None or dev_done:
-                    out[r] = toks[:end + 1] if end is not None else toks
-                    stats["tokens"] += len(out[r])
-                    del rows_tokens[r]
-                    slot_row[j] = None
-                    freed.append(j)
-                    if on_finish:
-                        on_finish(r, out[r])
-            if freed:  # a slot retired on a stop string is still live on the device
-                done[torch.tensor(freed, device=device)] = True
-        # ---- refill free slots with waiting rows (prefill their prompts once) -----------------
-        free = [j for j in range(b) if slot_row[j] is None]
-        if waiting and free:
-            take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-            need = list(dict.fromkeys(p for p, _ in take if p not in prefilled))
-            while need:  # prefill in forwards of at most prefill_tokens (padded) tokens
-                m = 1
-                while m < len(need) and (m + 1) * max(len(prompts[q]) for q in need[:m + 1]) <= prefill_tokens:
-                    m += 1
-                prefilled.update(prefill(need[:m]))
-                need = need[m:]
-            slots = free[:len(take)]
-            for p in dict.fromkeys(p for p, _ in take):  # the prompt's keys/values into its slots
-                idx = torch.tensor([j for j, (q, _) in zip(slots, take) if q == p], device=device)
-                layers, _, L = prefilled[p]
-                for (k, v), (pk, pv) in zip(kv, layers):
-                    k[idx, :, :L] = pk
-                    v[idx, :, :L] = pv
-            idx = torch.tensor(slots, device=device)
-            ky = torch.tensor([_row_key(keys[p], s) for p, s in take], device=device)
-            st0 = torch.zeros(len(take), dtype=torch.long, device=device)
-            first = sample_tokens(torch.stack([prefilled[p][1] for p, _ in take]), temperature, top_p,
-                                  uniform_noise(ky, st0))
-            tok_d[idx], cur[idx], steps[idx], key_d[idx] = first, torch.tensor([prefilled[p][2] for p, _ in take], device=device), 1, ky
-            done[idx] = (first[:, None] == eos_t).any(-1) | (max_new_tokens <= 1)
-            for j, (p, s), t in zip(slots, take, first.tolist()):
-                slot_row[j], seen[j], checked[j] = p * n + s, 1, 0
-                rows_tokens[p * n + s] = [t]
-                left[p] -= 1
-                if left[p] == 0:
-                    del prefilled[p]
-            stats["refills"] += 1
-            continue  # check the first tokens (EOS, a stop string, max_new_tokens=1) before decoding
+    next_p = 0  # the first prompt not prefilled yet
+    left = [n] * len(prompts)  # rows of each prompt not admitted yet
+    out, rows_tokens = [None] * (len(prompts) * n), {}
+    slot_row, seen, checked = [None] * B, [0] * B, [0] * B  # seen/checked: tokens read back / checked for stops
+    b = B  # slots [0, b) decode
+
+    def retire():
+        """Read the last block's tokens of every live slot (the one host sync), find rows that
+        ended (EOS, stop string, max_new_tokens), free their slots."""
         live = [j for j in range(b) if slot_row[j] is not None]
         if not live:
-            break
-        # ---- nothing waits: pack the live rows into the first slots, decode a smaller batch -----
-        nb = min((s for s in _buckets(B, min_batch or (16 if cuda else 1)) if s >= len(live)), default=b)
-        if not waiting and nb < b:
-            src = torch.tensor(live, device=device)
-            for t in (tok_d, cur, steps, key_d, done):
-                t[:len(live)] = t[src]
-            for k, v in kv:
-                k[:len(live)] = k[src]
-                v[:len(live)] = v[src]
-            done[len(live):] = True
-            slot_row = [slot_row[j] for j in live] + [None] * (B - len(live))
-            seen = [seen[j] for j in live] + [0] * (B - len(live))
-            checked = [checked[j] for j in live] + [0] * (B - len(live))
-            b = nb
-            stats["packs"] += 1
-        # ---- decode a block of steps, no host sync -------------------------------------------
-        col.zero_()
-        run = runner(b)
-        for _ in range(K):
-            run()
-        stats["steps"] += K
-        stats["slot_steps"] += K * b
+            return
+        snap = torch.cat([ring[:b], steps[:b, None], done[:b, None].long()], 1).tolist()
+        freed = []
+        for j in live:
+            r = slot_row[j]
+            n_steps, ended = snap[j][K], snap[j][K + 1]
+            toks = rows_tokens[r]
+            toks += snap[j][:n_steps - seen[j]]  # this block's tokens of slot j: ring columns 0, 1, ...
+            seen[j] = n_steps
+            end = first_stop(tok, toks, checked[j], stops[r // n], eos_ids)
+            checked[j] = len(toks)
+            if end is not None or ended:
+                out[r] = toks[:end + 1] if end is not None else toks
+                del rows_tokens[r]
+                slot_row[j] = None
+                freed.append(j)
+                stats["tokens"] += len(out[r])
+                if on_finish:
+                    on_finish(r, out[r])
+        if freed:  # a row that ended on a stop string is still live on the device
+            done[torch.tensor(freed, device=device)] = True
+
+    def refill() -> bool:
+        """Give free slots to waiting rows: their prompt's keys/values, position, key and first
+        token (sampled here from the prefill's logits)."""
+        nonlocal next_p
+        free = [j for j in range(b) if slot_row[j] is None]
+        if not (waiting and free):
+            return False
+        take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        slots = free[:len(take)]
+        # Prefill ahead: the prompts of the rows taken and the next ones, up to prefill_tokens
+        # (padded) tokens a forward -- on a GPU a forward costs about the same for one prompt as
+        # for dozens -- so that most refills are copies only.
+        while take[-1][0] >= next_p:
+            m, width = 1, len(prompts[next_p])
+            while next_p + m < len(prompts) and (m + 1) * max(width, len(prompts[next_p + m])) <= prefill_tokens:
+                width = max(width, len(prompts[next_p + m]))
+                m += 1
+            prefilled.update(prefill(list(range(next_p, next_p + m))))
+            next_p += m
+        for p in dict.fromkeys(p for p, _ in take):  # one prompt's keys/values into all its slots
+            idx = torch.tensor([j for j, (q, _) in zip(slots, take) if q == p], device=device)
+            layers, _, L = prefilled[p]
+            for (k, v), (pk, pv) in zip(kv, layers):
+                k[idx, :, :L] = pk
+                v[idx, :, :L] = pv
+        idx = torch.tensor(slots, device=device)
+        ky = torch.tensor([_row_key(keys[p], s) for p, s in take], device=device)
+        first = sample_tokens(torch.stack([prefilled[p][1] for p, _ in take]), temperature, top_p,
+                              uniform_noise(ky, torch.zeros_like(ky)))
+        tok_d[idx], key_d[idx], steps[idx] = first, ky, 1
+        cur[idx] = torch.tensor([prefilled[p][2] for p, _ in take], device=device)
+        done[idx] = (first[:, None] == eos_t).any(-1) | (max_new_tokens <= 1)
+        for j, (p, s), t in zip(slots, take, first.tolist()):
+            slot_row[j], seen[j], checked[j] = p * n + s, 1, 0
+            rows_tokens[p * n + s] = [t]
+            left[p] -= 1
+            if left[p] == 0:
+                del prefilled[p]
+        stats["refills"] += 1
+        return True
+
+    def pack():
+        """Nothing waits: move the live rows to the first slots and decode a smaller batch."""
+        nonlocal b, slot_row, seen, checked
+        live = [j for j in range(b) if slot_row[j] is not None]
+        nb = min(s for s in _buckets(B, min_batch or (16 if cuda else 1)) if s >= len(live))
+        if waiting or nb >= b:
+            return
+        src = torch.tensor(live, device=device)
+        for t in (tok_d, cur, steps, key_d, done):
+            t[:len(live)] = t[src]
+        for k, v in kv:
+            k[:len(live)] = k[src]
+            v[:len(live)] = v[src]
+        done[len(live):] = True
+        slot_row, seen, checked = ([x[j] for j in live] + [z] * (B - len(live))
+                                   for x, z in ((slot_row, None), (seen, 0), (checked, 0)))
+        b = nb
+        stats["packs"] += 1
+
+    with _SlotAttention(base.config):  # the model's attention modules call _slot_attention
+        while True:
+            retire()
+            if refill():
+                continue  # check the first tokens (EOS, a stop string, max_new_tokens=1) before decoding
+            if all(r is None for r in slot_row):
+                break
+            pack()
+            col.zero_()
+            run = runner(b)
+            for _ in range(K):  # a block of steps, no host sync
+                run()
+            stats["steps"] += K
+            stats["slot_steps"] += K * b
     return out, stats
 
 

@@ -197,23 +197,29 @@ def reference_row(base, prompt, key, n_tokens, temperature, top_p):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_slots_decode_as_if_alone(make):
+def test_slots_decode_as_if_alone(make, monkeypatch):
     """Prompts of different lengths, rows that end at different steps (frequent EOS), few slots
-    (rows retire, slots refill, the batch packs): every row equals the prompt decoded alone,
-    whatever the batch size and check interval; greedy rows equal `generate`'s (each prompt
-    prefilled on its own there, once for its n rows here)."""
+    (rows retire, slots refill, the batch packs), prompts prefilled one by one or several per
+    forward: every row equals the prompt decoded alone, whatever the batch size and check
+    interval; greedy rows equal `generate`'s (each prompt prefilled on its own there, once for
+    its n rows here)."""
     model = mtp.MTPModel(make(dtype=torch.float64), 1).eval()
+    queries = []
+    real = ev._slot_attention
+    monkeypatch.setattr(ev, "_slot_attention", lambda m, q, *a, **kw: queries.append(q.shape[2]) or real(m, q, *a, **kw))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (1, 9, 4, 13, 6)]
     eos = set(range(1, 9))
     keys = [ev.sample_key(5, p) for p in range(len(prompts))]
     for temperature, n in ((0.0, 2), (1.0, 3)):
         runs = {}
-        for B, K in ((1, 1), (4, 3), (7, 5), (64, 8)):
+        for B, K, prefill in ((1, 1, 0), (4, 3, 0), (7, 5, 30), (64, 8, 1000)):
             runs[B, K], stats = ev.sample_rows(model, TOK, prompts, n, 25, temperature, 0.9, [], eos, keys, B,
-                                               check_every=K)
+                                               check_every=K, prefill_tokens=prefill)
             if B == 4:
-                assert stats["refills"] > 1 and stats["packs"] >= 1, stats
+                assert stats["refills"] > 1 and stats["packs"] >= 1 and stats["prefills"] == 5, stats
+            if B == 7:
+                assert 1 < stats["prefills"] < 5, stats  # several prompts per forward, ahead of need
         rows = runs[1, 1]
         assert all(r == rows for r in runs.values()), temperature
         for p, prompt in enumerate(prompts):
@@ -223,6 +229,8 @@ def test_slots_decode_as_if_alone(make):
                 ref, _ = ev.generate(model, TOK, [prompt], 1, 25, 0.0, 1.0, [], eos)
                 assert rows[p * n:(p + 1) * n] == ref * n, p
     assert len({len(r) for r in rows}) > 2, "want sampled rows that end at different steps"
+    assert 1 in queries and max(queries) > 1  # decode steps and prefills ran our attention
+    assert model.base.config._attn_implementation not in (None, "wmtp_slots")  # restored
 
 
 def test_slots_sampled_rows_follow_an_uncached_forward():
