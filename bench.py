@@ -344,7 +344,8 @@ def generate_bench(args):
         results.append(json.loads(line[-1][7:]) if proc.returncode == 0 and line else
                        {"impl": impl, "tok_s": float("nan"), "error": f"exit {proc.returncode}"})
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    hf_best = max((r["tok_s"] for r in results if r["impl"] != "ours" and r["tok_s"] == r["tok_s"]), default=float("nan"))
+    hf_best = max((r["tok_s"] for r in results if r["impl"] != "ours" and r["tok_s"] == r["tok_s"]),
+                  default=float("nan"))
     ours = next((r["tok_s"] for r in results if r["impl"] == "ours"), float("nan"))
     summary = {"bench": "generate", "gpu": gpu, "torch": torch.__version__, "model": args.model,
                "task": args.task, "limit": args.limit, "n_samples": args.n_samples, "batch_size": args.batch_size,
@@ -383,7 +384,8 @@ def main():
     g.add_argument("--data_path", default=None)
     g.add_argument("--limit", type=int, default=None, help="only the first N problems")
     g.add_argument("--n_samples", type=int, default=10)
-    g.add_argument("--batch_size", type=int, default=512, help="rows decoded together (HF: batch_size // n_samples problems per call)")
+    g.add_argument("--batch_size", type=int, default=512,
+                   help="rows decoded together (HF: batch_size // n_samples problems per call)")
     g.add_argument("--max_new_tokens", type=int, default=512)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top_p", type=float, default=0.95)

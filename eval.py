@@ -765,10 +765,10 @@ class _RecordingCache:
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention under our additive 4-D mask [B, 1, Q, S]. transformers' SDPA path repeats every
-    key/value head for its query heads when a mask is given (in some versions), i.e. copies the
-    whole static cache every layer and step; for one query token we instead fold the G query
-    heads of a key/value head into G query positions, which reads each key/value once."""
+    """Attention under our additive 4-D mask [B, 1, Q, S]. With a mask, transformers' SDPA path
+    repeats every key/value head for its G query heads (5.17; 5.24 packs them for one query),
+    i.e. copies the whole static cache every layer and step. For one query token we fold the G
+    query heads of a key/value head into G query positions instead: each key/value is read once."""
     if kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise NotImplementedError("the slot decoder supports plain causal attention only")
     B, H, Q, D = query.shape

@@ -206,7 +206,8 @@ def test_slots_decode_as_if_alone(make, monkeypatch):
     model = mtp.MTPModel(make(dtype=torch.float64), 1).eval()
     queries = []
     real = ev._slot_attention
-    monkeypatch.setattr(ev, "_slot_attention", lambda m, q, *a, **kw: queries.append(q.shape[2]) or real(m, q, *a, **kw))
+    monkeypatch.setattr(ev, "_slot_attention",
+                        lambda m, q, *a, **kw: queries.append(q.shape[2]) or real(m, q, *a, **kw))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (1, 9, 4, 13, 6)]
     eos = set(range(1, 9))
