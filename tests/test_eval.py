@@ -136,6 +136,216 @@ def test_stop_strings_and_eos_cut_the_completion():
     assert ev.finished(tok, [ord("a"), 0], 1, [], {0})
 
 
+# ---- the slot decoder (sample_rows): shared prefill, continuous batching, counter noise ----
+
+def test_sample_tokens_draws_pick_next_distribution(monkeypatch):
+    """Inverse-CDF sampling from a uniform u gives exactly pick_next's distribution: over a fine
+    grid of u, each token's share equals the probabilities pick_next hands to multinomial
+    (same temperature, same nucleus -- ties and a top_p that lands on a boundary included)."""
+    seen = []
+    monkeypatch.setattr(torch, "multinomial", lambda probs, k, generator=None: seen.append(probs.clone())
+                        or torch.zeros(probs.shape[0], k, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(3, 6, generator=g, dtype=torch.float64) * 2,
+             torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)),
+             torch.tensor([[2.0, 2.0, 1.0, -30.0, 0.5]], dtype=torch.float64)]
+    N = 1 << 14
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    for logits in cases:
+        for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (1.0, 0.8), (0.5, 0.05)):
+            seen.clear()
+            ev.pick_next(logits, temperature, top_p, None)
+            ref = seen[0]
+            for r in range(logits.shape[0]):
+                draws = ev.sample_tokens(logits[r].expand(N, -1), temperature, top_p, u)
+                freq = torch.bincount(draws, minlength=logits.shape[1]).double() / N
+                torch.testing.assert_close(freq, ref[r], atol=2.0 / N, rtol=0)
+                assert set(draws.tolist()) <= set(ref[r].nonzero().flatten().tolist())  # nothing outside the nucleus
+    assert torch.equal(ev.sample_tokens(cases[0], 0.0, 0.9, u[:3]), cases[0].argmax(-1))
+    # u just below 1 (and rounding of u * mass) never runs past the last token with mass
+    last = ev.sample_tokens(cases[2], 1.0, 0.9, torch.tensor([1 - 2.0 ** -24]))
+    assert last.item() in (0, 1, 2, 4)
+
+
+def test_noise_is_uniform_keyed_and_host_device_consistent():
+    keys = torch.tensor([ev.sample_key(1234, p, s) for p in range(50) for s in range(20)])
+    steps = torch.arange(100)
+    u = ev.uniform_noise(keys[:, None].expand(-1, 100), steps.expand(len(keys), -1))
+    assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, bins=20, min=0, max=1)
+    expected = u.numel() / 20
+    assert ((counts - expected) ** 2 / expected).sum() < 45  # chi-square, 19 dof: p ~ 1e-3
+    assert abs(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]) < 0.01
+    assert len(set(keys.tolist())) == len(keys)
+    assert ev.sample_key(1234, 3, 4) == ev.sample_key(1234, 3, 4) != ev.sample_key(1235, 3, 4)
+    assert ev.sample_key(1, 2, 3) == ev._row_key(ev.sample_key(1, 2), 3)
+    # The hash is the same function of Python ints (keys, on the host) and int64 tensors (noise).
+    xs = torch.randint(0, 2 ** 32, (500,), generator=torch.Generator().manual_seed(0), dtype=torch.long)
+    assert ev._hash32(xs).tolist() == [ev._hash32(x) for x in xs.tolist()]
+
+
+def reference_row(base, prompt, key, n_tokens, temperature, top_p):
+    """What a row must be: token t drawn from an uncached forward of (prompt + tokens before t)
+    with the row's noise at step t."""
+    toks = []
+    with torch.no_grad():
+        for t in range(n_tokens):
+            logits = base(torch.tensor([prompt + toks])).logits[:, -1]
+            toks.append(ev.sample_tokens(logits, temperature, top_p,
+                                         ev.uniform_noise(torch.tensor([key]), torch.tensor([t]))).item())
+    return toks
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_slots_decode_as_if_alone(make, monkeypatch):
+    """Prompts of different lengths, rows that end at different steps (frequent EOS), few slots
+    (rows retire, slots refill, the batch packs), prompts prefilled one by one or several per
+    forward: every row equals the prompt decoded alone, whatever the batch size and check
+    interval; greedy rows equal `generate`'s (each prompt prefilled on its own there, once for
+    its n rows here)."""
+    model = mtp.MTPModel(make(dtype=torch.float64), 1).eval()
+    queries = []
+    real = ev._slot_attention
+    monkeypatch.setattr(ev, "_slot_attention",
+                        lambda m, q, *a, **kw: queries.append(q.shape[2]) or real(m, q, *a, **kw))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (1, 9, 4, 13, 6)]
+    eos = set(range(1, 9))
+    keys = [ev.sample_key(5, p) for p in range(len(prompts))]
+    for temperature, n in ((0.0, 2), (1.0, 3)):
+        runs = {}
+        for B, K, prefill in ((1, 1, 0), (4, 3, 0), (7, 5, 30), (64, 8, 1000)):
+            runs[B, K], stats = ev.sample_rows(model, TOK, prompts, n, 25, temperature, 0.9, [], eos, keys, B,
+                                               check_every=K, prefill_tokens=prefill)
+            if B == 4:
+                assert stats["refills"] > 1 and stats["packs"] >= 1 and stats["prefills"] == 5, stats
+            if B == 7:
+                assert 1 < stats["prefills"] < 5, stats  # several prompts per forward, ahead of need
+        rows = runs[1, 1]
+        assert all(r == rows for r in runs.values()), temperature
+        for p, prompt in enumerate(prompts):
+            alone, _ = ev.sample_rows(model, TOK, [prompt], n, 25, temperature, 0.9, [], eos, [keys[p]], n)
+            assert rows[p * n:(p + 1) * n] == alone, (temperature, p)
+            if temperature == 0:
+                ref, _ = ev.generate(model, TOK, [prompt], 1, 25, 0.0, 1.0, [], eos)
+                assert rows[p * n:(p + 1) * n] == ref * n, p
+    assert len({len(r) for r in rows}) > 2, "want sampled rows that end at different steps"
+    assert 1 in queries and max(queries) > 1  # decode steps and prefills ran our attention
+    assert model.base.config._attn_implementation not in (None, "wmtp_slots")  # restored
+
+
+def test_slots_sampled_rows_follow_an_uncached_forward():
+    """Every sampled token of every row -- after slots were retired, refilled and packed -- is
+    the token that the row's own noise picks from an uncached forward of its own prefix; and a
+    row ends exactly at its first EOS (or at max_new_tokens)."""
+    base = tiny_llama(dtype=torch.float64)
+    model = mtp.MTPModel(base, 1).eval()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (5, 2, 11, 7)]
+    eos = set(range(1, 12))
+    keys = [ev.sample_key(9, p) for p in range(len(prompts))]
+    n, max_new = 3, 20
+    rows, stats = ev.sample_rows(model, TOK, prompts, n, max_new, 0.8, 0.95, [], eos, keys, 5, check_every=4)
+    assert stats["refills"] > 1 and stats["packs"] >= 1, stats
+    for r, toks in enumerate(rows):
+        p, s = divmod(r, n)
+        assert toks == reference_row(base, prompts[p], ev.sample_key(9, p, s), len(toks), 0.8, 0.95), r
+        assert all(t not in eos for t in toks[:-1]) and (toks[-1] in eos or len(toks) == max_new)
+
+
+def test_slots_graph_capture_warmup_leaves_the_samples_unchanged(monkeypatch):
+    """On CUDA each batch size's step is captured after two warm-up steps that advance the live
+    rows (and write keys/values); the state is restored after. Stand-in for the capture on CPU:
+    run the warm-up, keep the eager step. The samples must not change."""
+    model = mtp.MTPModel(tiny_llama(dtype=torch.float64), 1).eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (3, 10, 6)]
+    eos, keys = set(range(1, 9)), [7, 8, 9]
+    calls = []
+    monkeypatch.setattr(ev, "_cuda_graph", lambda fn, pools: calls.append(1) or [fn() for _ in range(2)] and fn)
+    eager, _ = ev.sample_rows(model, TOK, prompts, 3, 20, 1.0, 0.9, [], eos, keys, 4, graphs=False)
+    captured, stats = ev.sample_rows(model, TOK, prompts, 3, 20, 1.0, 0.9, [], eos, keys, 4, graphs=True)
+    assert captured == eager and stats["graphs"] and len(calls) >= 2  # the full batch and a packed one
+
+
+class PieceTok:
+    """Token i decodes to PIECES[i]: stop strings that span tokens, and tokens that hold a stop
+    string together with text after it."""
+    PIECES = ["a", "b", "\n", "d", "ef", "\nd", "x\n", "def", "()", " ", "\ndef g"]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_slots_stop_strings_end_rows_at_the_first_stop():
+    """Stops are checked on the host every K steps, but a row ends exactly where a check after
+    every token would have ended it (never after the first stop string, never before): the same
+    rows for every K, the same greedy rows as `generate`, and completion_text cuts the text at
+    the first stop string."""
+    tok = PieceTok()
+    model = mtp.MTPModel(tiny_llama(vocab=len(PieceTok.PIECES), dtype=torch.float64, seed=2), 1).eval()
+    stop = ["\ndef", "()"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, len(PieceTok.PIECES), (L,), generator=g).tolist() for L in (3, 8, 1, 5, 2, 6)]
+    keys = [ev.sample_key(0, p) for p in range(len(prompts))]
+    n, max_new = 4, 30
+    runs = [ev.sample_rows(model, tok, prompts, n, max_new, 1.0, 1.0, stop, set(), keys, 6, check_every=K)[0]
+            for K in (1, 2, 7, 32)]
+    assert all(r == runs[0] for r in runs)
+    stopped = 0
+    for r, toks in enumerate(runs[0]):
+        prefix = prompts[r // n]
+        # no shorter prefix of the row had finished; the row itself has (or it is max_new long)
+        assert all(not ev.finished(tok, toks[:i + 1], 1, stop, set()) for i in range(len(toks) - 1)), r
+        ends = ev.finished(tok, toks, 1, stop, set())
+        assert ends or len(toks) == max_new
+        stopped += ends
+        text, kept = ev.completion_text(tok, torch.tensor([prefix]), toks, stop, set())
+        full = tok.decode(prefix + toks)[len(tok.decode(prefix)):]
+        cut = min([i for i in (full.find(s) for s in stop) if i >= 0], default=len(full))
+        assert text == full[:cut] and not any(s in text for s in stop)
+    assert stopped > len(runs[0]) // 2, "want most rows to end on a stop string"
+    greedy, _ = ev.sample_rows(model, tok, prompts, 1, max_new, 0.0, 1.0, stop, set(), keys, 4, check_every=5)
+    for p, prompt in enumerate(prompts):
+        ref, _ = ev.generate(model, tok, [prompt], 1, max_new, 0.0, 1.0, stop, set())
+        assert greedy[p] == ref[0], p
+    # A stop string that a block completes in its middle, with tokens after it in the block
+    # (a K-step check sees "x" "\ndef g" "ef" "()" at once): cut at the token that completed it.
+    assert ev.first_stop(tok, [0, 6, 10, 4, 8], 1, stop, set()) == 2
+    assert ev.first_stop(tok, [0, 6, 3, 4], 0, stop, set()) == 3  # "x\n" "d" "ef": spans three tokens
+    assert ev.first_stop(tok, [0, 6, 0, 4], 0, stop, set()) is None  # "ax\naef"
+    assert ev.first_stop(tok, [2, 7, 0], 1, stop, set()) == 1  # "\n" then "def": spans the tokens
+
+
+def test_slots_per_prompt_stops_and_max_new_tokens_one():
+    model = mtp.MTPModel(tiny_llama(vocab=len(PieceTok.PIECES), dtype=torch.float64, seed=2), 1).eval()
+    prompts = [[0, 1], [3, 4, 5]]
+    out, _ = ev.sample_rows(model, PieceTok(), prompts, 2, 1, 1.0, 1.0, [["()"], ["\n"]], set(), [1, 2], 3)
+    assert [len(r) for r in out] == [1, 1, 1, 1]
+    out, _ = ev.sample_rows(model, PieceTok(), prompts, 2, 12, 1.0, 1.0, [["()"], ["\n"]], set(), [1, 2], 3)
+    for r, toks in enumerate(out):
+        stop = ["()"] if r < 2 else ["\n"]
+        assert all(not ev.finished(PieceTok(), toks[:i + 1], 1, stop, set()) for i in range(len(toks) - 1))
+
+
+def test_sample_problems_same_seed_same_samples_any_batch(tiny_checkpoint):
+    """Problems are keyed by their index: the same samples whether a problem is decoded alone,
+    with others, in a batch smaller than n_samples, or as part of another subset (another rank)."""
+    model, tok = ev.load_model(tiny_checkpoint, "cpu", torch.float32)
+    problems = ev.load_problems("humaneval")[:4]
+    eos = ev.eos_token_ids(model, tok)
+    def run(idx, B):
+        return {(i, s): t for i, s, t in ev.sample_problems(
+            model, tok, problems, idx, 3, 10, 0.8, 0.95, 11, B, eos, progress=False)[0]}
+    everything = run([0, 1, 2, 3], 12)
+    assert len(everything) == 12 and len({tuple(t) for t in everything.values()}) > 6
+    assert run([0, 1, 2, 3], 2) == everything
+    assert {**run([1, 3], 5), **run([0, 2], 1)} == everything
+    assert run([2], 3) == {k: v for k, v in everything.items() if k[0] == 2}
+    assert ev.sample_problems(model, tok, problems, [0], 3, 10, 0.8, 0.95, 12, 3, eos, progress=False)[0] != \
+        [(0, s, everything[0, s]) for s in range(3)]  # another seed, other samples
+
+
 # ---- self-speculative decoding ------------------------------------------------------------
 
 def mtp_model(vocab, n_heads, noise, seed=0, dtype=torch.float64):
