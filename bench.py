@@ -266,11 +266,12 @@ def generate_one(args):
     """One implementation, in this process: load, warm up untimed, sample every problem's
     n_samples, print one JSON line (RESULT ...) with tokens, seconds and tokens/s."""
     import eval as ev
+    import sampling
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
     model, tok = ev.load_model(args.model, device, dtype)
     problems = ev.load_problems(args.task, args.data_path)[:args.limit]
-    eos_ids = ev.eos_token_ids(model, tok)
+    eos_ids = sampling.eos_token_ids(model, tok)
     n, impl = args.n_samples, args.impl
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     per_call = max(1, args.batch_size // n)  # HF: whole problems per generate call (n rows each)
@@ -281,7 +282,7 @@ def generate_one(args):
     width = max(len(tok(p["prompt"]).input_ids) for p in problems)
 
     def ours(probs, max_new):
-        rows, stats = ev.sample_problems(model, tok, probs, range(len(probs)), n, max_new, args.temperature,
+        rows, stats = sampling.sample_problems(model, tok, probs, range(len(probs)), n, max_new, args.temperature,
                                          args.top_p, args.seed, args.batch_size, eos_ids, progress=False,
                                          check_every=args.check_every or None, graphs=args.graphs,
                                          compile=args.compile_step)

