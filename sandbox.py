@@ -747,8 +747,9 @@ class _Server:
 
     def __init__(self, python: str, uid: int | None, namespaces: bool):
         self.marker = secrets.token_hex(16)
+        self.scratch = os.path.join(tempfile.gettempdir(), f"{scratch_prefix()}{self.marker[:8]}-")
         cfg = {"uid": uid, "namespaces": namespaces, "tmpdir": tempfile.gettempdir(),
-               "scratch_prefix": scratch_prefix()}
+               "scratch_prefix": os.path.basename(self.scratch)}
         self.proc = subprocess.Popen(
             [python, "-s", os.path.abspath(__file__), "--serve", json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/", env=_environment(self.marker),
@@ -853,8 +854,23 @@ def run_program(source: str, stdin: str | None = None, timeout: float = 10.0, me
             if _servers.get(key) is server:
                 del _servers[key]
         server.close()
-        return {"returncode": -signal.SIGKILL, "stdout": "", "stderr": "sandbox: the program killed its runner",
-                "runtime": 0.0, "timed_out": False, "clean": False, "completed": False, "isolation": {}}
+        clean = False
+        for _ in range(200):  # what is left of it carries the server's marker
+            pids = _processes(marker=server.marker)
+            if not pids:
+                clean = True
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.01)
+        import glob
+        for d in glob.glob(glob.escape(server.scratch) + "*"):
+            _rmtree(d)
+        return {"returncode": 1, "stdout": "", "stderr": "sandbox: the program killed its runner",
+                "runtime": 0.0, "timed_out": False, "clean": clean, "completed": False, "isolation": {}}
     setup_error = result.pop("setup_error")
     if setup_error:
         raise RuntimeError(f"sandbox: setting up a program failed: {setup_error}")
@@ -966,11 +982,12 @@ def check_all(jobs: list[tuple[dict, str]], workers: int | None = None, progress
     return results
 
 
-def benchmark(n: int = 200, workers: int | None = None, **sandbox_kwargs) -> dict:
+def benchmark(n: int = 200, workers: int | None = None, jobs: list | None = None, **sandbox_kwargs) -> dict:
     """Programs/s of N trivial programs through the sandbox (check_all of `pass`, every protection
     on) vs N bare `python -c pass` starts of the same interpreter, one at a time and with W
     workers; prints a table and returns it. The fork servers' start-up (once per slot and
-    evaluation) is timed separately."""
+    evaluation) is timed separately. `jobs`: (problem, completion) pairs that must all pass (e.g.
+    HumanEval's canonical solutions), also timed with W workers: programs/s of real tests."""
     workers = workers or default_workers()
     drop = sandbox_kwargs.get("drop_privileges", DROP_PRIVILEGES)
     python = sandbox_kwargs.pop("python", None) or sandbox_python(drop, None)
@@ -999,6 +1016,13 @@ def benchmark(n: int = 200, workers: int | None = None, **sandbox_kwargs) -> dic
         b, s = n / timed(lambda w=w: bare(w)), n / timed(lambda w=w: sandboxed(w))
         res[f"bare_per_s_w{w}"], res[f"sandbox_per_s_w{w}"], res[f"ratio_w{w}"] = b, s, b / s
         print(f"{w:>7} {b:>23.1f} {s:>20.1f} {b / s:>24.2f}x", flush=True)
+    if jobs:
+        t = time.perf_counter()
+        verdicts = check_all(jobs, workers, python=python, **sandbox_kwargs)
+        res["jobs_per_s"] = len(jobs) / (time.perf_counter() - t)
+        res["jobs_failed"] = sum(not v["passed"] for v in verdicts)
+        print(f"# {len(jobs)} given programs (their own tests included), {workers} workers: "
+              f"{res['jobs_per_s']:.1f} programs/s, {res['jobs_failed']} failed")
     return res
 
 

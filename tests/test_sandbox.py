@@ -527,3 +527,19 @@ def test_benchmark_reports_programs_per_second(capsys):
     res = sandbox.benchmark(n=6, workers=2)
     assert res["sandbox_per_s_w1"] > 0 and res["ratio_w2"] > 0
     assert "time per program vs bare" in capsys.readouterr().out
+
+
+def test_a_killed_fork_server_is_replaced_and_what_it_ran_is_swept(clean_machine):
+    # Only possible where nothing protects the server (same uid, no namespaces): here the
+    # program kills exactly its own server (as root it could do worse -- hence the fallback's
+    # README entry), leaving a daemon behind.
+    code = ("import os, signal, time\n"
+            "server = int(open('/proc/%d/status' % os.getppid()).read().split('PPid:')[1].split()[0])\n"
+            "if os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n    os._exit(0)\n"
+            "os.kill(server, signal.SIGKILL)\ntime.sleep(30)\n")
+    t = time.monotonic()
+    v = sandbox.check_completion(TOY, code, drop_privileges=False, namespaces=False)
+    assert v["error"] == "runtime_error" and "killed its runner" in v["detail"]
+    assert time.monotonic() - t < 10
+    assert not set(sandbox._processes(marker="WMTP_SANDBOX=")) - {os.getpid()} - sandbox._server_pids()
+    assert toy("def f():\n    return 1\n", drop_privileges=False, namespaces=False)["passed"]
