@@ -313,6 +313,8 @@ def _serve(cfg: dict) -> dict:
     """The fork server's loop: one request (a program) at a time from the evaluator thread that
     owns this slot, one result back. Returns only in a program's own process (P), with its job;
     the server and I never return."""
+    if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[0]  # nothing of the repository's (an eval.py, a data.py) shadows what programs import
     ctl_in, ctl_out = os.dup(0), os.dup(1)  # the evaluator's pipes; 0 and 1 become /dev/null
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
@@ -385,7 +387,7 @@ def _enter_server_namespaces(state: dict):
         pid = os.fork()
         if pid:  # the outer process only waits for the server, which is pid 1 of the namespace
             _, status = os.waitpid(pid, 0)
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+            os._exit(_exitcode(status) & 0xFF)
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     state["pidns_fd"] = os.open("/proc/self/ns/pid", os.O_RDONLY)
 
@@ -414,6 +416,12 @@ def _prepare(req: dict, cfg: dict, state: dict, ctl: tuple) -> dict:
     else:  # counted against all of our own processes: allow ours + max_procs (-1: no /proc, no cap)
         job["nproc"] = _task_count(os.getuid()) + req["max_procs"] if os.path.isdir("/proc") else -1
     return job
+
+
+def _exitcode(status: int) -> int:
+    """As subprocess reports it: the exit code, or -N for death by signal N (os.waitstatus_to_exitcode
+    needs Python 3.9; the interpreter that runs programs may be a system python3 older than ours)."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _kernel() -> tuple[int, ...]:
@@ -448,6 +456,8 @@ def _init(job: dict) -> dict:
     except BaseException as e:
         os.write(job["status_w"], struct.pack("<iB", -1, flags) + f"I: {e!r}".encode())
         os._exit(1)
+    if LINUX and not job["pidns"]:
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # the program's orphans come to us, not to the machine's init
     pid = os.fork()
     if pid == 0:
         os.close(setup_r)
@@ -469,6 +479,13 @@ def _init(job: dict) -> dict:
             break
     if os.read(setup_r, 1) == b"1":
         flags |= 4
+    if not job["pidns"] and job["uid"] is not None:
+        # No namespace to take the leftovers down with us: kill them here, as their uid (this
+        # saves the server a fork per program), reaping the orphans that came to us.
+        try:
+            flags |= 8 if _kill_uid(job["uid"]) else 0
+        except OSError as e:
+            note += f" sweep failed: {e!r}".encode()
     os.write(job["status_w"], struct.pack("<iB", status, flags) + note)
     os._exit(0)
 
@@ -527,7 +544,7 @@ def _become_program(job: dict, program: str, setup_w: int):
         os.environ.update(job["env"])
         tempfile.tempdir = None  # so that the program's tempfile follows its TMPDIR
         sys.argv = [program]
-        sys.path[0] = ""  # as `python -c`: the current directory, not this file's
+        sys.path.insert(0, "")  # as `python -c`: the current directory first
         os.write(SETUP_OK_FD, b"1")
         os.close(SETUP_OK_FD)
     except BaseException as e:
@@ -623,9 +640,10 @@ def _supervise(pid: int, start: float, job: dict, state: dict) -> dict:
         report = b""
     p_status, flags = struct.unpack("<iB", report[:5]) if len(report) >= 5 else (None, 0)
     clean = True
-    if not job["pidns"]:
-        # No PID namespace: the program's processes may outlive I. Kill every process of its uid
-        # (root), or every one carrying our marker (not root), then reap what was re-parented to us.
+    if not job["pidns"] and not (flags & 8):
+        # No PID namespace, and I did not sweep (timed out, or not root): the program's processes
+        # may outlive I. Kill every process of its uid (root), or every one carrying our marker
+        # (not root), then reap what was re-parented to us.
         clean = _sweep(state["uid"], state["env"]["WMTP_SANDBOX"])
     verdict = _drain(job["verdict_r"])
     out, err = job["out"], job["err"]
@@ -644,7 +662,7 @@ def _supervise(pid: int, start: float, job: dict, state: dict) -> dict:
     elif p_status is None or p_status < 0:
         returncode = -signal.SIGKILL
     else:
-        returncode = os.waitstatus_to_exitcode(p_status)
+        returncode = _exitcode(p_status)
     note = report[5:].decode(errors="replace")
     setup_error = "" if timed_out or flags & 4 or p_status is None else (
         note or stderr.decode(errors="replace")[-500:])
@@ -680,26 +698,8 @@ def _sweep(uid: int | None, marker: str) -> bool:
     if uid is not None:
         sweeper = os.fork()
         if sweeper == 0:
-            # Is anything of the uid left? RLIMIT_NPROC answers without reading /proc: with the
-            # cap at 2, we (1) can fork only if no other process of the uid exists.
             try:
-                import resource
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-                resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
-                for _ in range(2000):
-                    os.kill(-1, signal.SIGKILL)
-                    try:
-                        probe = os.fork()
-                    except BlockingIOError:
-                        time.sleep(0.001)  # still some (maybe zombies that the server is reaping)
-                        continue
-                    if probe == 0:
-                        os._exit(0)
-                    os.waitpid(probe, 0)
-                    os._exit(0)
-                os._exit(1)
+                os._exit(0 if _kill_uid(uid) else 1)
             except BaseException:
                 os._exit(2)
         clean = None
@@ -709,7 +709,7 @@ def _sweep(uid: int | None, marker: str) -> bool:
             except ChildProcessError:
                 break
             if wpid == sweeper:
-                clean = os.waitstatus_to_exitcode(status) == 0
+                clean = _exitcode(status) == 0
         _reap()
         return bool(clean)
     ours = {int(os.readlink("/proc/self"))} if os.path.isdir("/proc") else set()  # as /proc numbers it
@@ -728,6 +728,34 @@ def _sweep(uid: int | None, marker: str) -> bool:
                 pass
         _reap()
         time.sleep(0.01)
+    return False
+
+
+def _kill_uid(uid: int) -> bool:
+    """Become `uid` (for good: call it in a process that is about to exit) and kill every process
+    of it; True once none is left. Is anything left? RLIMIT_NPROC answers without reading /proc:
+    with the cap at 2, we (1) can fork only if no other process of the uid exists -- zombies
+    included, so we reap those that are our children (orphans re-parented to a subreaper)."""
+    import resource
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
+    for _ in range(2000):
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except OSError:
+            pass
+        _reap()
+        try:
+            probe = os.fork()
+        except BlockingIOError:
+            time.sleep(0.001)  # still some (or zombies that a parent has yet to reap)
+            continue
+        if probe == 0:
+            os._exit(0)
+        os.waitpid(probe, 0)
+        return True
     return False
 
 
