@@ -1010,21 +1010,54 @@ def check_all(jobs: list[tuple[dict, str]], workers: int | None = None, progress
     return results
 
 
+def _cpu_seconds(pids) -> float:
+    """CPU time (user + system, own + reaped children) of these processes, from /proc; 0 elsewhere."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _server_tree() -> list[int]:
+    """The fork servers' pids, with the inner server of a user namespace (a child of the outer)."""
+    pids = []
+    for s in list(_servers.values()):
+        pids.append(s.proc.pid)
+        try:
+            with open(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
 def benchmark(n: int = 200, workers: int | None = None, jobs: list | None = None, **sandbox_kwargs) -> dict:
     """Programs/s of N trivial programs through the sandbox (check_all of `pass`, every protection
     on) vs N bare `python -c pass` starts of the same interpreter, one at a time and with W
-    workers; prints a table and returns it. The fork servers' start-up (once per slot and
-    evaluation) is timed separately. `jobs`: (problem, completion) pairs that must all pass (e.g.
-    HumanEval's canonical solutions), also timed with W workers: programs/s of real tests."""
+    workers, and the CPU time each costs (server + init + program, from /proc: unlike wall time,
+    not inflated by other load on a shared machine); prints a table and returns it. The fork
+    servers' start-up (once per slot and evaluation) is timed separately. `jobs`: (problem,
+    completion) pairs that must all pass (e.g. HumanEval's canonical solutions), also timed with
+    W workers: programs/s with real tests."""
+    import resource
     workers = workers or default_workers()
     drop = sandbox_kwargs.get("drop_privileges", DROP_PRIVILEGES)
     python = sandbox_kwargs.pop("python", None) or sandbox_python(drop, None)
     trivial = ({"head": "", "tail": ""}, "pass")
 
-    def timed(fn):
-        t = time.perf_counter()
+    def measured(fn, cpu):
+        t, c = time.perf_counter(), cpu()
         fn()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, cpu() - c
+
+    def bare_cpu():
+        u = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return u.ru_utime + u.ru_stime
 
     def bare(w):
         with concurrent.futures.ThreadPoolExecutor(w) as pool:
@@ -1034,16 +1067,24 @@ def benchmark(n: int = 200, workers: int | None = None, jobs: list | None = None
         verdicts = check_all([trivial] * count, w, python=python, **sandbox_kwargs)
         assert all(v["passed"] for v in verdicts), verdicts
 
-    startup = timed(lambda: sandboxed(workers, workers))  # starts (and warms) every slot's server
+    def sandbox_cpu():
+        return _cpu_seconds(_server_tree())
+
+    startup, _ = measured(lambda: sandboxed(workers, workers), sandbox_cpu)  # starts (and warms) every slot
     res = {"n": n, "workers": workers, "python": python, "separate_uid": drop, "server_startup_s": startup,
            "isolation": run_program("pass", python=python, **sandbox_kwargs)["isolation"]}
     print(f"# {n} trivial programs; {python}; separate uid: {drop}; isolation: {res['isolation']}")
     print(f"# {workers} fork servers started in {startup:.2f} s (once per evaluation, not counted below)")
-    print(f"{'workers':>7} {'bare python -c pass /s':>23} {'sandbox programs /s':>20} {'time per program vs bare':>25}")
+    print(f"{'workers':>7} {'bare python -c pass /s':>23} {'sandbox programs /s':>20} {'time vs bare':>13}"
+          f" {'CPU ms: bare':>13} {'sandbox':>8} {'ratio':>6}")
     for w in sorted({1, workers}):
-        b, s = n / timed(lambda w=w: bare(w)), n / timed(lambda w=w: sandboxed(w))
-        res[f"bare_per_s_w{w}"], res[f"sandbox_per_s_w{w}"], res[f"ratio_w{w}"] = b, s, b / s
-        print(f"{w:>7} {b:>23.1f} {s:>20.1f} {b / s:>24.2f}x", flush=True)
+        (tb, cb), (ts, cs) = measured(lambda w=w: bare(w), bare_cpu), measured(lambda w=w: sandboxed(w), sandbox_cpu)
+        res[f"w{w}"] = {"bare_per_s": n / tb, "sandbox_per_s": n / ts, "time_ratio": ts / tb,
+                        "bare_cpu_ms": 1000 * cb / n, "sandbox_cpu_ms": 1000 * cs / n,
+                        "cpu_ratio": cs / cb if cb else float("nan")}
+        r = res[f"w{w}"]
+        print(f"{w:>7} {r['bare_per_s']:>23.1f} {r['sandbox_per_s']:>20.1f} {r['time_ratio']:>12.2f}x"
+              f" {r['bare_cpu_ms']:>13.1f} {r['sandbox_cpu_ms']:>8.1f} {r['cpu_ratio']:>5.2f}x", flush=True)
     if jobs:
         t = time.perf_counter()
         verdicts = check_all(jobs, workers, python=python, **sandbox_kwargs)
