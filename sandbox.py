@@ -28,6 +28,7 @@ launcher did, before any untrusted byte runs.
 """
 from __future__ import annotations
 
+import array
 import concurrent.futures
 import ctypes
 import errno
@@ -42,6 +43,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -271,40 +273,46 @@ def _drop_capabilities():
 
 
 def _anon_file(name: str) -> int:
-    """An fd on an anonymous file (no path, nothing to clean up), inheritable by a forked child."""
+    """An fd on an anonymous file: no path, nothing to clean up, not inherited across exec."""
     if hasattr(os, "memfd_create"):
-        return os.memfd_create(name, 0)
+        return os.memfd_create(name)
     f = tempfile.TemporaryFile()
     fd = os.dup(f.fileno())
     f.close()
     return fd
 
 
-def _send(fd: int, obj):
+def _send(sock, obj, fds=()):
+    """A length-prefixed JSON message on the control socket, with `fds` passed along (SCM_RIGHTS)."""
     data = json.dumps(obj).encode()
     data = struct.pack("<Q", len(data)) + data
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+    if sent < len(data):
+        sock.sendall(data[sent:])
 
 
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    chunks = []
+def _recv(sock):
+    """-> (message, [fds]), or (None, []) once the other end is gone."""
+    fds = array.array("i")
+    head, ancdata, _, _ = sock.recvmsg(8, socket.CMSG_SPACE(16 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    while head and len(head) < 8:
+        more = sock.recv(8 - len(head))
+        if not more:
+            head = b""
+        head += more
+    if len(head) < 8:
+        return None, list(fds)
+    n, chunks = struct.unpack("<Q", head)[0], []
     while n:
-        chunk = os.read(fd, min(n, 1 << 20))
+        chunk = sock.recv(min(n, 1 << 20))
         if not chunk:
-            return None
+            return None, list(fds)
         chunks.append(chunk)
         n -= len(chunk)
-    return b"".join(chunks)
-
-
-def _recv(fd: int):
-    head = _read_exactly(fd, 8)
-    if head is None:
-        return None
-    body = _read_exactly(fd, struct.unpack("<Q", head)[0])
-    return None if body is None else json.loads(body)
+    return json.loads(b"".join(chunks)), list(fds)
 
 
 # ---- the fork server (runs as `python -s sandbox.py --serve CONFIG`, root when we are) ----------
@@ -315,11 +323,7 @@ def _serve(cfg: dict) -> dict:
     the server and I never return."""
     if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[0]  # nothing of the repository's (an eval.py, a data.py) shadows what programs import
-    ctl_in, ctl_out = os.dup(0), os.dup(1)  # the evaluator's pipes; 0 and 1 become /dev/null
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.close(null)
+    ctl = socket.socket(fileno=cfg["ctl_fd"])  # to the evaluator; our stdin and stdout are /dev/null
     for name in (*PREIMPORTS, "fcntl", "pkgutil", "resource", "runpy"):  # the last four: P's set-up
         try:
             __import__(name)
@@ -336,14 +340,14 @@ def _serve(cfg: dict) -> dict:
         # Orphans of a program (only possible without a PID namespace) are re-parented to us, not
         # to the machine's init, so that we can reap them after the sweep.
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    _send(ctl_out, {"pid": os.getpid(), "namespaces": state["pidns_fd"] is not None,
-                    "userns": state["userns"], "why": state["why"]})
+    _send(ctl, {"pid": os.getpid(), "namespaces": state["pidns_fd"] is not None,
+                "userns": state["userns"], "why": state["why"]})
     gc.freeze()  # what we imported stays shared with the children instead of being copied
     while True:
-        req = _recv(ctl_in)
-        if req is None:  # the evaluator closed the pipe (finished, or died)
+        req, fds = _recv(ctl)
+        if req is None:  # the evaluator closed the socket (finished, or died)
             os._exit(0)
-        job = _prepare(req, cfg, state, (ctl_in, ctl_out))
+        job = _prepare(req, fds, cfg, state, ctl.fileno())
         use_pidns = False
         if state["pidns_fd"] is not None:
             try:
@@ -362,7 +366,7 @@ def _serve(cfg: dict) -> dict:
         pid = os.fork()
         if pid == 0:
             return _init(job)  # I; returns only in P
-        _send(ctl_out, _supervise(pid, start, job, state))
+        _send(ctl, _supervise(pid, start, job, state))
 
 
 def _enter_server_namespaces(state: dict):
@@ -392,17 +396,16 @@ def _enter_server_namespaces(state: dict):
     state["pidns_fd"] = os.open("/proc/self/ns/pid", os.O_RDONLY)
 
 
-def _prepare(req: dict, cfg: dict, state: dict, ctl: tuple) -> dict:
-    """The fds, directory and nonce of one program (in the server, before the fork)."""
+def _prepare(req: dict, fds: list, cfg: dict, state: dict, ctl: int) -> dict:
+    """The fds, directory and nonce of one program (in the server, before the fork). The program's
+    source, stdin, stdout and stderr are anonymous files that the evaluator made and passed to us
+    (`fds`): we hand them on to I and P and never read them, so no program's data ever enters our
+    memory -- which every later program inherits by fork."""
     # Created by I: inside the private /tmp where there is one, so nothing appears on the host.
     scratch = os.path.join(cfg["tmpdir"], f"{cfg['scratch_prefix']}{secrets.token_hex(6)}")
-    job = dict(req, scratch=scratch, nonce=secrets.token_hex(16), ctl=list(ctl), why="", uid=state["uid"],
+    job = dict(req, scratch=scratch, nonce=secrets.token_hex(16), ctl=ctl, why="", uid=state["uid"],
                userns=state["userns"], tmpdir=cfg["tmpdir"], env=dict(state["env"], HOME=scratch, TMPDIR=scratch),
-               out=_anon_file("stdout"), err=_anon_file("stderr"), inp=None)
-    if req["stdin"] is not None:
-        job["inp"] = _anon_file("stdin")
-        os.write(job["inp"], req["stdin"].encode())
-        os.lseek(job["inp"], 0, os.SEEK_SET)
+               src=fds[0], out=fds[1], err=fds[2], inp=fds[3] if len(fds) > 3 else None)
     job["verdict_r"], job["verdict_w"] = os.pipe()
     job["status_r"], job["status_w"] = os.pipe()
     job["pidns_fd"] = state["pidns_fd"]
@@ -436,7 +439,7 @@ def _init(job: dict) -> dict:
     try:
         if LINUX:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server died: so do we, and the namespace
-        for fd in (*job["ctl"], job["verdict_r"], job["status_r"], job["pidns_fd"]):
+        for fd in (job["ctl"], job["verdict_r"], job["status_r"], job["pidns_fd"]):
             if fd is not None:
                 os.close(fd)
         if job["pidns"]:
@@ -447,8 +450,8 @@ def _init(job: dict) -> dict:
                 note = f"private mounts refused ({e})".encode()
         os.mkdir(job["scratch"], mode=0o700)
         program = os.path.join(job["scratch"], "program.py")
-        with open(program, "w", encoding="utf-8") as f:
-            f.write(job["source"])
+        with open(job["src"], "rb", closefd=True) as src, open(program, "wb") as f:
+            shutil.copyfileobj(src, f)
         if job["uid"] is not None:
             os.chown(job["scratch"], job["uid"], job["uid"])
             os.chown(program, job["uid"], job["uid"])
@@ -624,7 +627,7 @@ def _wait(pid: int, timeout: float) -> int | None:
 
 def _supervise(pid: int, start: float, job: dict, state: dict) -> dict:
     """In the server: wait for I with the timeout, kill, sweep, collect the outputs -> result."""
-    for fd in (job["verdict_w"], job["status_w"], job["inp"]):
+    for fd in (job["verdict_w"], job["status_w"], job["src"], job["out"], job["err"], job["inp"]):
         if fd is not None:
             os.close(fd)
     status = _wait(pid, job["timeout"])
@@ -646,13 +649,7 @@ def _supervise(pid: int, start: float, job: dict, state: dict) -> dict:
         # (not root), then reap what was re-parented to us.
         clean = _sweep(state["uid"], state["env"]["WMTP_SANDBOX"])
     verdict = _drain(job["verdict_r"])
-    out, err = job["out"], job["err"]
-    os.lseek(out, 0, os.SEEK_SET)
-    stdout = _drain(out, blocking=True, limit=(job["max_output_mb"] << 20) + 1)
-    size = os.lseek(err, 0, os.SEEK_END)
-    os.lseek(err, max(0, size - 8192), os.SEEK_SET)  # the end of a traceback says what went wrong
-    stderr = _drain(err, blocking=True, limit=8192)
-    for fd in (job["verdict_r"], job["status_r"], out, err):
+    for fd in (job["verdict_r"], job["status_r"]):
         os.close(fd)
     _rmtree(job["scratch"])
     if state["uid"] is not None and not flags & 1:  # no private /tmp: sweep the shared ones
@@ -664,19 +661,18 @@ def _supervise(pid: int, start: float, job: dict, state: dict) -> dict:
     else:
         returncode = _exitcode(p_status)
     note = report[5:].decode(errors="replace")
-    setup_error = "" if timed_out or flags & 4 or p_status is None else (
-        note or stderr.decode(errors="replace")[-500:])
-    return {"returncode": returncode, "stdout": stdout.decode("utf-8", "replace"),
-            "stderr": stderr.decode("utf-8", "replace"), "runtime": runtime, "timed_out": timed_out,
-            "clean": clean, "completed": (not timed_out and verdict == job["nonce"].encode()),
+    return {"returncode": returncode, "runtime": runtime, "timed_out": timed_out, "clean": clean,
+            "completed": (not timed_out and verdict == job["nonce"].encode()),
             "isolation": {"pid_namespace": job["pidns"], "private_tmp": bool(flags & 1),
                           "own_proc": bool(flags & 2), "why": job["why"] or note},
-            "setup_error": setup_error}
+            "setup_failed": not (timed_out or flags & 4 or p_status is None), "note": note}
 
 
 def _drain(fd: int, blocking: bool = False, limit: int = 1 << 16) -> bytes:
     if not blocking:
         os.set_blocking(fd, False)
+    elif limit <= 0:
+        return b""
     chunks, n = [], 0
     while n < limit:
         try:
@@ -776,32 +772,30 @@ class _Server:
     def __init__(self, python: str, uid: int | None, namespaces: bool):
         self.marker = secrets.token_hex(16)
         self.scratch = os.path.join(tempfile.gettempdir(), f"{scratch_prefix()}{self.marker[:8]}-")
+        self.sock, theirs = socket.socketpair()
         cfg = {"uid": uid, "namespaces": namespaces, "tmpdir": tempfile.gettempdir(),
-               "scratch_prefix": os.path.basename(self.scratch)}
+               "scratch_prefix": os.path.basename(self.scratch), "ctl_fd": theirs.fileno()}
         self.proc = subprocess.Popen(
             [python, "-s", os.path.abspath(__file__), "--serve", json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/", env=_environment(self.marker),
-            start_new_session=True)  # Ctrl-C in the terminal reaches us, not it
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), cwd="/",
+            env=_environment(self.marker), start_new_session=True)  # Ctrl-C in the terminal reaches us, not it
+        theirs.close()
         self.lock = threading.Lock()
-        self.hello = _recv(self.proc.stdout.fileno())
+        self.hello, _ = _recv(self.sock)
         if self.hello is None:
             self.proc.wait()
             raise RuntimeError(f"sandbox: the fork server ({python}) did not start (exit {self.proc.returncode})")
 
-    def run(self, req: dict) -> dict | None:
+    def run(self, req: dict, fds: list) -> dict | None:
         with self.lock:
             try:
-                _send(self.proc.stdin.fileno(), req)
-                return _recv(self.proc.stdout.fileno())
+                _send(self.sock, req, fds)
+                return _recv(self.sock)[0]
             except OSError:
                 return None
 
     def close(self):
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        self.sock.close()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -870,11 +864,28 @@ def run_program(source: str, stdin: str | None = None, timeout: float = 10.0, me
     `namespaces=False` skips the Linux namespaces (the fallback where the kernel refuses them).
     """
     python = python or sandbox_python(drop_privileges, None)
-    req = {"source": source, "stdin": stdin, "timeout": timeout, "cpu_s": math.ceil(timeout) + 1,
-           "memory_mb": memory_mb, "max_output_mb": max_output_mb, "max_procs": max_procs}
+    req = {"timeout": timeout, "cpu_s": math.ceil(timeout) + 1, "memory_mb": memory_mb,
+           "max_output_mb": max_output_mb, "max_procs": max_procs}
     key = (slot, python, drop_privileges, namespaces)
     server = _server(*key)
-    result = server.run(req)
+    files = [_anon_file("program"), _anon_file("stdout"), _anon_file("stderr")]
+    try:
+        os.write(files[0], source.encode("utf-8", "replace"))
+        if stdin is not None:
+            files.append(_anon_file("stdin"))
+            os.write(files[3], stdin.encode("utf-8", "replace"))
+        for fd in files:
+            os.lseek(fd, 0, os.SEEK_SET)
+        result = server.run(req, files)
+        out, err = files[1], files[2]
+        os.lseek(out, 0, os.SEEK_SET)  # the program's writes moved this file's (shared) offset
+        stdout = _drain(out, blocking=True, limit=(max_output_mb << 20) + 1)
+        size = os.lseek(err, 0, os.SEEK_END)
+        os.lseek(err, max(0, size - 8192), os.SEEK_SET)  # the end of a traceback says what went wrong
+        stderr = _drain(err, blocking=True, limit=8192).decode("utf-8", "replace")
+    finally:
+        for fd in files:
+            os.close(fd)
     if result is None:
         # The server died under this program: only possible where nothing protects it (not root,
         # no namespaces). Count the program as crashed and carry on with a new server.
@@ -899,9 +910,10 @@ def run_program(source: str, stdin: str | None = None, timeout: float = 10.0, me
             _rmtree(d)
         return {"returncode": 1, "stdout": "", "stderr": "sandbox: the program killed its runner",
                 "runtime": 0.0, "timed_out": False, "clean": clean, "completed": False, "isolation": {}}
-    setup_error = result.pop("setup_error")
-    if setup_error:
-        raise RuntimeError(f"sandbox: setting up a program failed: {setup_error}")
+    note = result.pop("note")
+    if result.pop("setup_failed"):
+        raise RuntimeError(f"sandbox: setting up a program failed: {note or stderr[-500:]}")
+    result.update(stdout=stdout.decode("utf-8", "replace"), stderr=stderr)
     why = result["isolation"].get("why")
     if why and why not in _warned:  # namespaces refused for this program only (the server has them)
         _warned.add(why)

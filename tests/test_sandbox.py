@@ -543,3 +543,35 @@ def test_a_killed_fork_server_is_replaced_and_what_it_ran_is_swept(clean_machine
     assert time.monotonic() - t < 10
     assert not set(sandbox._processes(marker="WMTP_SANDBOX=")) - {os.getpid()} - sandbox._server_pids()
     assert toy("def f():\n    return 1\n", drop_privileges=False, namespaces=False)["passed"]
+
+
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addresses, perms = line.split()[:2]
+            if not perms.startswith("r") or "[vvar" in line or "[vsyscall" in line:
+                continue
+            start, end = (int(x, 16) for x in addresses.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, OverflowError, ValueError):
+                continue
+    return False
+
+
+def test_no_program_data_enters_the_fork_servers_memory(clean_machine):
+    # Every later program inherits the server's memory by fork, so a program's source, input and
+    # output must never pass through it (they travel as file descriptors): else a program could
+    # read an earlier sample's solution -- or its correct output -- out of its own memory.
+    secret = "wmtp-canary-" + secrets.token_hex(8)
+    run = sandbox.run_program(f"import sys\nprint({secret!r})\nprint(input(), file=sys.stderr)\n",
+                              stdin=secret + "\n", slot=5)
+    assert run["stdout"].strip() == secret and secret in run["stderr"]
+    [server] = [s for k, s in sandbox._servers.items() if k[0] == 5]
+    try:
+        assert not _memory_holds(server.proc.pid, secret.encode())
+    except PermissionError:
+        pytest.skip("cannot read the server's memory here")
+    assert _memory_holds(os.getpid(), secret.encode())  # the probe works: we do hold it
