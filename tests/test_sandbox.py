@@ -3,12 +3,17 @@ contained, reported with their kind, and leave no process or file behind.
 
 Most of the hostile tests need root (the sandbox then runs each program under its own uid, the
 only way RLIMIT_NPROC is enforced); without root they are skipped, except those that the
-fallback (same uid, process group + environment marker) also covers.
+fallback (same uid, process group + environment marker) also covers. Several run both with the
+Linux namespaces (the default) and without them (`namespaces=False`, what runs where the kernel
+refuses them). The unprivileged path (a user namespace) is tested by running the sandbox as
+`nobody` in a subprocess, which needs root to switch to.
 """
 import json
 import os
 import random
 import secrets
+import socket
+import subprocess
 import time
 
 import pytest
@@ -44,13 +49,13 @@ def assert_machine_clean(scratch_before):
     procs = [p for uid in sandbox_uids() for p in sandbox._processes(uid=uid)]
     assert procs == [], f"sandbox processes survived: {procs}"
     assert stray_files() == []
-    scratch_now = {e for e in os.listdir(sandbox.tempfile.gettempdir()) if e.startswith("wmtp-sandbox-")}
+    scratch_now = {e for e in os.listdir(sandbox.tempfile.gettempdir()) if e.startswith(sandbox.scratch_prefix())}
     assert scratch_now <= scratch_before, f"scratch directories left: {scratch_now - scratch_before}"
 
 
 @pytest.fixture
 def clean_machine():
-    before = {e for e in os.listdir(sandbox.tempfile.gettempdir()) if e.startswith("wmtp-sandbox-")}
+    before = {e for e in os.listdir(sandbox.tempfile.gettempdir()) if e.startswith(sandbox.scratch_prefix())}
     yield
     assert_machine_clean(before)
 
@@ -188,24 +193,25 @@ def test_children_of_a_timed_out_program_die_with_it(clean_machine):
     assert v["error"] == "timeout"
 
 
+@pytest.mark.parametrize("ns", [True, False], ids=["namespaces", "no-namespaces"])
 @needs_root
-def test_process_cap_applies_then_fork_bomb_is_contained(clean_machine):
+def test_process_cap_applies_then_fork_bomb_is_contained(ns, clean_machine):
     # First prove on a handful of processes that the cap holds (so that the bomb below cannot
     # take the machine down): 3 allowed, the launcher is one of them.
     run = sandbox.run_program("import os, time\nkids = []\nfor i in range(6):\n    pid = os.fork()\n"
                          "    if pid == 0:\n        time.sleep(5)\n        os._exit(0)\n    kids.append(pid)\n",
-                         max_procs=3, timeout=10)
+                         max_procs=3, timeout=10, namespaces=ns)
     assert sandbox.error_kind(run) == "process_limit", run
     assert "BlockingIOError" in run["stderr"]
     # Threads count too.
     run = sandbox.run_program("import threading, time\nfor i in range(6):\n"
                          "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n",
-                         max_procs=3, timeout=10)
+                         max_procs=3, timeout=10, namespaces=ns)
     assert sandbox.error_kind(run) == "process_limit", run
     # The bomb: every process forks forever, ignoring failures.
     t = time.monotonic()
     v = toy("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-            timeout=2.0, **{"slot": 1})
+            timeout=2.0, slot=1, namespaces=ns)
     assert not v["passed"] and v["error"] in ("timeout", "process_limit")
     assert time.monotonic() - t < 15
 
@@ -217,21 +223,22 @@ def test_memory_bomb_is_contained(clean_machine):
     assert v["error"] == "memory"
 
 
+@pytest.mark.parametrize("ns", [True, False], ids=["namespaces", "no-namespaces"])
 @needs_root
-def test_writing_outside_the_scratch_directory(clean_machine):
+def test_writing_outside_the_scratch_directory(ns, clean_machine):
     tag = secrets.token_hex(6)
     targets = [f"/tmp/wmtp-evil-{tag}", f"/dev/shm/wmtp-evil-{tag}", f"/var/tmp/wmtp-evil-{tag}"]
     repo_target = os.path.join(REPO, f"evil-{tag}.txt")
     code = "".join(f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError:\n    pass\n" for t in targets)
     code += "import os\nos.makedirs('/tmp/wmtp-evil-dir-%s/sub', exist_ok=True)\n" % tag
     code += f"open({repo_target!r}, 'w').write('x')\n"  # root-owned: PermissionError
-    v = toy(code + "def f():\n    return 1\n")
+    v = toy(code + "def f():\n    return 1\n", namespaces=ns)
     assert not v["passed"] and v["error"] == "runtime_error" and "PermissionError" in v["detail"]
     for t in targets + [repo_target, f"/tmp/wmtp-evil-dir-{tag}"]:
         assert not os.path.exists(t), t
     # Files in its own scratch directory are fine, and gone afterwards.
     assert toy("open('scratch.txt', 'w').write('x')\nimport tempfile\ntempfile.mkstemp()\n"
-               "def f():\n    return len(open('scratch.txt').read())\n")["passed"]
+               "def f():\n    return len(open('scratch.txt').read())\n", namespaces=ns)["passed"]
 
 
 @pytest.mark.parametrize("drop", [True, False], ids=["own-uid", "same-uid"])
@@ -255,8 +262,9 @@ def test_secrets_do_not_reach_the_program(monkeypatch, drop, clean_machine):
     assert not [n for n in names if any(w in n for w in ("TOKEN", "KEY", "SECRET", "AWS", "HF_"))]
 
 
+@pytest.mark.parametrize("ns", [True, False], ids=["namespaces", "no-namespaces"])
 @pytest.mark.parametrize("drop", [True, False], ids=["own-uid", "same-uid"])
-def test_daemon_that_outlives_its_parent_is_killed(drop, clean_machine):
+def test_daemon_that_outlives_its_parent_is_killed(drop, ns, clean_machine):
     if drop and not sandbox.DROP_PRIVILEGES:
         pytest.skip("needs root")
     marker = f"/tmp/wmtp-daemon-{secrets.token_hex(6)}"
@@ -272,12 +280,13 @@ def test_daemon_that_outlives_its_parent_is_killed(drop, clean_machine):
             "    os._exit(0)\n"
             "time.sleep(0.3)\n"
             "def f():\n    return 2\n")
-    v = sandbox.check_completion(TOY, code, drop_privileges=drop)
+    v = sandbox.check_completion(TOY, code, drop_privileges=drop, namespaces=ns)
     assert v["error"] == "wrong_answer"
     time.sleep(1.5)
     assert not os.path.exists(marker)
     if not drop:  # the same-uid fallback finds leftovers by the marker in their environment
-        assert not [p for p in sandbox._processes(marker="WMTP_SANDBOX=") if p != os.getpid()]
+        leftovers = set(sandbox._processes(marker="WMTP_SANDBOX=")) - {os.getpid()} - sandbox._server_pids()
+        assert not leftovers
 
 
 def test_parallel_workers_do_not_interfere(clean_machine):
@@ -296,3 +305,273 @@ def test_parallel_workers_do_not_interfere(clean_machine):
     verdicts = sandbox.check_all(jobs, workers=4)
     expected = [True, False, True, True] * 4
     assert [v["passed"] for v in verdicts] == expected
+
+
+# ---- the verdict cannot be forged, the network is gone, the evaluator is out of reach ----------
+
+# Everything a program can find out about itself, printed and written to every fd it has,
+# then an exit with status 0 before the (failing) asserts. The old design appended
+# print(nonce) to the source, so this passed.
+FORGER = r'''
+import os, re, sys
+found = set()
+def look(text):
+    found.update(re.findall(r"[0-9a-f]{16,}", text))
+for path in [__file__, "/proc/self/cmdline", "/proc/self/environ"] + os.listdir("."):
+    try:
+        look(open(path, errors="replace").read().replace("\0", " "))
+    except OSError:
+        pass
+look(" ".join(sys.argv) + " " + repr(dict(os.environ)))
+fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+for token in found:
+    print(token, flush=True)
+    for fd in fds:
+        try:
+            os.write(fd, token.encode() + b"\n")
+        except OSError:
+            pass
+os._exit(0)
+def f():
+    return 2
+'''
+
+
+@pytest.mark.parametrize("drop,ns", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["own-uid", "own-uid-no-namespaces", "same-uid", "same-uid-no-namespaces"])
+def test_the_nonce_forger_fails(drop, ns, clean_machine):
+    if drop and not sandbox.DROP_PRIVILEGES:
+        pytest.skip("needs root")
+    v = toy(FORGER, drop_privileges=drop, namespaces=ns)
+    assert not v["passed"] and v["error"] == "early_exit", v
+    # The program's file is exactly head + completion + tail: there is no nonce in it to find.
+    source = "import sys\nsys.stdout.write(open(__file__).read())\n"
+    run = sandbox.run_program(source, drop_privileges=drop, namespaces=ns)
+    assert run["stdout"] == source and run["completed"]
+    # Scribbling on the verdict pipe does not help a wrong answer either.
+    v = toy("import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 32)\n"
+            "    except OSError:\n        pass\ndef f():\n    return 2\n", drop_privileges=drop, namespaces=ns)
+    assert v["error"] == "wrong_answer"
+
+
+def namespaces_or_skip(**kw):
+    iso = sandbox.run_program("pass", **kw)["isolation"]
+    if not iso.get("pid_namespace"):
+        pytest.skip(f"the kernel refuses Linux namespaces here: {iso}")
+    return iso
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["own-uid", "same-uid"])
+def test_no_network_not_even_the_evaluators_loopback(drop, clean_machine):
+    if drop and not sandbox.DROP_PRIVILEGES:
+        pytest.skip("needs root")
+    namespaces_or_skip(drop_privileges=drop)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        code = ("import socket\n"
+                "try:\n"
+                f"    socket.create_connection(('127.0.0.1', {port}), timeout=3).sendall(b'hello')\n"
+                "    print('connected')\n"
+                "except OSError as e:\n"
+                "    print('refused', type(e).__name__, e)\n"
+                "try:\n"
+                "    socket.create_connection(('1.1.1.1', 53), timeout=3)\n"
+                "    print('internet')\n"
+                "except OSError as e:\n"
+                "    print('no internet', e)\n")
+        run = sandbox.run_program(code, drop_privileges=drop)
+        assert run["returncode"] == 0, run
+        assert run["stdout"].startswith("refused") and "no internet" in run["stdout"], run["stdout"]
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody ever knocked
+    finally:
+        listener.close()
+
+
+# Signals everything it can name: its parent, every process group it can see, every process
+# (kill -1), init. Then exits normally with a wrong answer.
+KILLER = r'''
+import os, signal
+me = os.getpgid(0)
+def group_of(pid):
+    g = os.getpgid(pid)  # 0 where that group is outside our PID namespace
+    if g in (0, me):
+        raise OSError("that is us")
+    return g
+for kill in (lambda: os.kill(os.getppid(), signal.SIGKILL), lambda: os.kill(1, signal.SIGKILL),
+             lambda: os.killpg(group_of(os.getppid()), signal.SIGKILL)):
+    try:
+        kill()
+    except OSError:
+        pass
+for name in os.listdir("/proc"):
+    if name.isdigit() and int(name) != os.getpid():
+        for kill in (lambda p: os.kill(p, signal.SIGKILL), lambda p: os.killpg(group_of(p), signal.SIGKILL)):
+            try:
+                kill(int(name))
+            except OSError:
+                pass
+try:
+    os.kill(-1, signal.SIGKILL)  # every process we may signal, but ourselves
+except OSError:
+    pass
+def f():
+    return 2
+'''
+
+
+@pytest.mark.parametrize("drop,ns", [(True, True), (True, False), (False, True)],
+                         ids=["own-uid", "own-uid-no-namespaces", "same-uid"])
+def test_a_program_that_signals_its_parent_does_not_stop_the_evaluation(drop, ns, clean_machine):
+    # (Not same-uid without namespaces: as root that would be kill -9 -1 on this machine.)
+    if drop and not sandbox.DROP_PRIVILEGES:
+        pytest.skip("needs root")
+    if not drop and not ns:
+        pytest.skip("unprotected by design")
+    if not drop:
+        namespaces_or_skip(drop_privileges=False)
+    before = {k: s.proc.pid for k, s in sandbox._servers.items()}
+    jobs = [(TOY, KILLER), (TOY, "def f():\n    return 1\n")] * 3
+    verdicts = sandbox.check_all(jobs, workers=2, drop_privileges=drop, namespaces=ns)
+    assert [v["passed"] for v in verdicts] == [False, True] * 3
+    assert all(v["error"] == "wrong_answer" for v in verdicts[::2]), verdicts
+    # The fork servers that ran them are the same processes: nothing was restarted.
+    after = {k: s.proc.pid for k, s in sandbox._servers.items()}
+    assert all(after[k] == pid for k, pid in before.items() if k in after)
+    assert all(s.proc.poll() is None for s in sandbox._servers.values())
+
+
+NOBODY = 65534
+
+
+@needs_root
+def test_without_root_a_user_namespace_keeps_the_evaluator_out_of_reach():
+    """The sandbox as an unprivileged user (`nobody`, through the system python3): each program
+    in its own user + PID + network namespace. The killer cannot stop the evaluation, the
+    forger does not pass, the network is gone, and the process cap still holds."""
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("no system python3 to run as nobody")
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import sandbox\n"
+        f"TOY = {TOY!r}\n"
+        f"jobs = [(TOY, {KILLER!r}), (TOY, 'def f():\\n    return 1\\n'), (TOY, {FORGER!r})] * 2\n"
+        "verdicts = sandbox.check_all(jobs, workers=2)\n"
+        "net = sandbox.run_program('import socket\\nsocket.create_connection((\"1.1.1.1\", 53), timeout=3)')\n"
+        "fork = ('import os, time\\nn = 0\\nfor i in range(12):\\n    try:\\n        pid = os.fork()\\n'\n"
+        "        '    except OSError:\\n        break\\n    if pid == 0:\\n        time.sleep(2)\\n        os._exit(0)\\n'\n"
+        "        '    n += 1\\nprint(n)\\n')\n"
+        "cap = sandbox.run_program(fork, max_procs=3)\n"
+        "print(json.dumps({'verdicts': verdicts, 'net': net, 'cap': cap['stdout'].strip(),\n"
+        "                  'iso': net['isolation'], 'drop': sandbox.DROP_PRIVILEGES}))\n")
+    proc = subprocess.run([python, "-c", script], user=NOBODY, group=NOBODY, extra_groups=[], cwd="/",
+                          env={"PATH": sandbox.SAFE_PATH}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not out["iso"].get("pid_namespace"):
+        assert "WARNING: Linux namespaces refused" in proc.stderr
+        pytest.skip(f"unprivileged user namespaces refused here: {proc.stderr[-300:]}")
+    assert out["drop"] is False
+    assert [v["passed"] for v in out["verdicts"]] == [False, True, False] * 2
+    assert [v["error"] for v in out["verdicts"]][::3] == ["wrong_answer"] * 2
+    assert [v["error"] for v in out["verdicts"]][2::3] == ["early_exit"] * 2
+    assert out["net"]["returncode"] == 1 and "Network is unreachable" in out["net"]["stderr"]
+    assert out["cap"] == "2"  # max_procs=3: the program and two children
+
+
+# ---- the fork server ------------------------------------------------------------------------------
+
+def test_programs_share_no_state_through_the_fork_server(clean_machine):
+    # Two programs on one slot: fresh random state each (the parent's seed is not inherited),
+    # the same str hashes (PYTHONHASHSEED=0, as before), a module changed by one is pristine
+    # for the next, and (with namespaces) /tmp holds nothing of the previous program.
+    code = ("import math, random, os, tempfile\nprint(random.random(), hash('abc'), hasattr(math, 'evil'))\n"
+            "math.evil = 1\nopen('/tmp/left-behind-%d' % random.randrange(10**9), 'w').close()\n"
+            "print([f for f in os.listdir('/tmp') if f.startswith('left-behind')], "
+            "tempfile.gettempdir() == os.getcwd())\n")
+    runs = [sandbox.run_program(code) for _ in range(2)]
+    (ra, ha, evil_a), (rb, hb, evil_b) = (r["stdout"].splitlines()[0].split() for r in runs)
+    assert ra != rb and ha == hb and evil_a == evil_b == "False"
+    assert all(r["stdout"].splitlines()[1].endswith("True") for r in runs)  # TMPDIR = the scratch directory
+    if runs[1]["isolation"]["private_tmp"]:
+        assert runs[1]["stdout"].splitlines()[1].count("left-behind") == 1  # its own file only
+
+
+def test_namespaces_are_in_effect_as_root(clean_machine):
+    if not sandbox.DROP_PRIVILEGES:
+        pytest.skip("needs root")
+    iso = namespaces_or_skip()
+    run = sandbox.run_program(f"import os\nprint(os.getppid(), os.path.exists('/proc/{os.getpid()}'), "
+                              "[p for p in os.listdir('/proc') if p.isdigit()])")
+    assert run["isolation"]["private_tmp"] and iso["pid_namespace"]
+    ppid, sees_us, pids = run["stdout"].split(" ", 2)
+    assert ppid == "1"  # its parent is our init, pid 1 of a namespace of its own
+    if run["isolation"]["own_proc"]:
+        assert sees_us == "False" and eval(pids) == ["1", "2"]
+
+
+def test_check_all_progress_bar(capsys):
+    verdicts = sandbox.check_all([(TOY, "def f():\n    return 1\n")] * 4, workers=2, progress=True)
+    assert all(v["passed"] for v in verdicts)
+    err = capsys.readouterr().err
+    assert "execute" in err and "4/4" in err and "program/s" in err
+
+
+def test_benchmark_reports_programs_per_second(capsys):
+    res = sandbox.benchmark(n=6, workers=2)
+    assert res["w1"]["sandbox_per_s"] > 0 and res["w2"]["time_ratio"] > 0 and res["w1"]["sandbox_cpu_ms"] > 0
+    assert "time vs bare" in capsys.readouterr().out
+
+
+def test_a_killed_fork_server_is_replaced_and_what_it_ran_is_swept(clean_machine):
+    # Only possible where nothing protects the server (same uid, no namespaces): here the
+    # program kills exactly its own server (as root it could do worse -- hence the fallback's
+    # README entry), leaving a daemon behind.
+    code = ("import os, signal, time\n"
+            "server = int(open('/proc/%d/status' % os.getppid()).read().split('PPid:')[1].split()[0])\n"
+            "if os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n    os._exit(0)\n"
+            "os.kill(server, signal.SIGKILL)\ntime.sleep(30)\n")
+    t = time.monotonic()
+    v = sandbox.check_completion(TOY, code, drop_privileges=False, namespaces=False)
+    assert v["error"] == "runtime_error" and "killed its runner" in v["detail"]
+    assert time.monotonic() - t < 10
+    assert not set(sandbox._processes(marker="WMTP_SANDBOX=")) - {os.getpid()} - sandbox._server_pids()
+    assert toy("def f():\n    return 1\n", drop_privileges=False, namespaces=False)["passed"]
+
+
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addresses, perms = line.split()[:2]
+            if not perms.startswith("r") or "[vvar" in line or "[vsyscall" in line:
+                continue
+            start, end = (int(x, 16) for x in addresses.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, OverflowError, ValueError):
+                continue
+    return False
+
+
+def test_no_program_data_enters_the_fork_servers_memory(clean_machine):
+    # Every later program inherits the server's memory by fork, so a program's source, input and
+    # output must never pass through it (they travel as file descriptors): else a program could
+    # read an earlier sample's solution -- or its correct output -- out of its own memory.
+    secret = "wmtp-canary-" + secrets.token_hex(8)
+    run = sandbox.run_program(f"import sys\nprint({secret!r})\nprint(input(), file=sys.stderr)\n",
+                              stdin=secret + "\n", slot=5)
+    assert run["stdout"].strip() == secret and secret in run["stderr"]
+    [server] = [s for k, s in sandbox._servers.items() if k[0] == 5]
+    try:
+        assert not _memory_holds(server.proc.pid, secret.encode())
+    except PermissionError:
+        pytest.skip("cannot read the server's memory here")
+    assert _memory_holds(os.getpid(), secret.encode())  # the probe works: we do hold it
