@@ -68,9 +68,10 @@ class ConfigError(ValueError):
 
 
 def run_main(main, argv: list[str]):
-    """A script's entry point: a user's mistake -- a bad config value, a missing file or model --
-    is one line on stderr and exit status 2, before anything heavy when it can be; a traceback
-    means a bug in WMTP."""
+    """A script's entry point: a user's mistake -- a bad config value, a missing file or model, a
+    malformed data row (an exception whose class sets `user_error`) -- is one line on stderr and
+    exit status 2, before anything heavy when it can be; a traceback means a bug in WMTP. Ctrl-C
+    outside the training loop (which has its own handler, StopSignal) is one line and status 130."""
     import sys
     try:
         main(argv)
@@ -78,6 +79,16 @@ def run_main(main, argv: list[str]):
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT)", file=sys.stderr)
+        if "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
+            sys.modules["mlflow"].end_run(status="KILLED")  # not FINISHED, which MLflow's atexit would say
+        sys.exit(130)
+    except Exception as e:
+        if not getattr(e, "user_error", False):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
