@@ -849,6 +849,65 @@ def load_checkpoint(which, out_dir, model, optimizer, schedule, run_cfg=None) ->
     return int(meta["step"])
 
 
+class StopSignal:
+    """SIGTERM (what SLURM and Kubernetes send before they preempt a job) and SIGINT (Ctrl-C)
+    during training. The first one is noted; the script checks `requested()` at the end of every
+    optimizer step, and then writes a checkpoint, prints the command that resumes it and exits
+    with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT, the shell's
+    convention: a scheduler sees a failed job) -- `save_on_stop`. A second signal exits at once
+    (same status, nothing written). Under torchrun the ranks agree every step (one all-reduce of
+    one number), so all stop after the same step even if only some got the signal. A signal
+    that arrives after the last step lets the final export finish."""
+
+    def __init__(self, script: str, argv: list[str]):
+        import signal
+        self.script, self.argv, self.signum, self.stopped = script, list(argv), 0, False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        import signal
+        name = signal.Signals(signum).name
+        if self.signum:
+            os.write(2, f"\n{name} again: exiting at once, nothing saved\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        # os.write, not print: the handler may interrupt a print (tqdm's) to the same stream
+        os.write(2, f"\n{name}: stopping after this step with a checkpoint (send it again to exit at once)\n".encode())
+
+    def requested(self, dist: Dist) -> bool:
+        """Did this rank, or any rank, get a signal? (end of a step; a collective under torchrun).
+        Sets `stopped`, which all ranks then agree on."""
+        if dist.group is not None:
+            s = mtp.all_reduce(torch.tensor([self.signum], device=dist.device), "max", dist.group)
+            self.signum = int(s.item())
+        self.stopped = bool(self.signum)
+        return self.stopped
+
+    def restore(self):
+        import signal
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def save_on_stop(stop: StopSignal, out_dir, step, model, optimizer, schedule, keep_last, run_cfg, dist: Dist) -> int:
+    """After StopSignal.requested(): checkpoint `step` (all ranks take part; unless the periodic
+    checkpoint just wrote it), print where it is and the exact command that resumes it, end the
+    process group; -> the exit status, 128 + the signal's number."""
+    import shlex
+    import signal
+    path = checkpoint_dir(out_dir, step)
+    if not os.path.isdir(path):
+        save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last, run_cfg)
+    if dist.rank == 0:
+        args = [a for a in stop.argv if a.split("=")[0] not in ("--resume", "--overwrite", "--train.overwrite")]
+        launcher = "torchrun <the same torchrun options>" if dist.group is not None else "python"
+        print(f"\nstopped by {signal.Signals(stop.signum).name} after step {step}: checkpoint {path}\n"
+              f"resume with: {launcher} {stop.script} {shlex.join(args + ['--resume=' + path])}", flush=True)
+    stop.restore()
+    shutdown(dist)
+    return 128 + stop.signum
+
+
 def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None, save=mtp.save_consolidated):
     """Gather the full state dict (all ranks take part) and let rank 0 write it with `save`:
     mtp.save_consolidated for an MTP model, train_critic.save_value_model for a value model."""

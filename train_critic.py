@@ -608,9 +608,10 @@ def policy_data(cfg, tok, train_items, eval_items, policy_examples):
                  for examples in policy_examples)
 
 
-def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval):
+def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval, argv):
     """Stage 2: critic-weighted MTP fine-tuning of `model` (on the device already, as is the
-    frozen value model) -> nothing; writes the consolidated export."""
+    frozen value model) -> nothing; writes the consolidated export. `argv`: the command line, for
+    the resume command printed when SIGTERM / SIGINT stops it."""
     c, device, world, master = cfg.critic, dist.device, dist.world, dist.rank == 0
     say = print if master else (lambda *a, **k: None)
     amp = common.autocast(device, dtype, dist)
@@ -674,6 +675,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
     bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True,
                desc="stage 2 (policy)")
     speed = common.Throughput()
+    stop = common.StopSignal("train_critic.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
     for step in range(start_step, cfg.train.max_steps):
         batches = batches_of(step)
         weights, denom, wstats = critic_step_weights(value_model, batches, c, n_heads, amp, device, dist.group)
@@ -699,9 +701,18 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
             common.report_heldout(evaluate(), step + 1, dist, run)
         if common.every(step, cfg.train.save_every, cfg.train.max_steps):
             common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last, run_cfg)
+        if stop.requested(dist):  # all ranks agree; the checkpoint is written below
+            break
     bar.close()
+    if stop.stopped:
+        code = common.save_on_stop(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule,
+                                   cfg.train.keep_last, run_cfg, dist)
+        if run is not None:
+            mlflow.end_run(status="KILLED")  # not FINISHED: it stopped before max_steps
+        sys.exit(code)
     common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps,
                            "train_critic.py")
+    stop.restore()
 
 
 # --------------------------------------------------------------------------------------------
@@ -812,7 +823,7 @@ def main(argv):
     model, loaded = common.prepare_for_training(model, loaded, dist, dtype, compile=cfg.train.compile)
     value_model = loaded or value_model
     policy_set, policy_eval = policy_data(cfg, tok, train_items, eval_items, policy_examples)
-    train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval)
+    train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval, argv)
     common.shutdown(dist)
 
 

@@ -245,6 +245,7 @@ def main(argv):
     model.train()
     bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True)
     speed = common.Throughput()
+    stop = common.StopSignal("train_rho1.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
     for step in range(start_step, cfg.train.max_steps):
         batches = data.step_batches(train_set, step, cfg.train.global_batch, cfg.train.micro_batch,
                                     cfg.train.seed, rank, world, pad_id)
@@ -271,13 +272,22 @@ def main(argv):
             common.report_heldout(evaluate(), step + 1, dist, run)
         if common.every(step, cfg.train.save_every, cfg.train.max_steps):
             common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last, run_cfg)
+        if stop.requested(dist):  # all ranks agree; the checkpoint is written below
+            break
     bar.close()
+    if stop.stopped:
+        code = common.save_on_stop(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule,
+                                   cfg.train.keep_last, run_cfg, dist)
+        if run is not None:
+            mlflow.end_run(status="KILLED")  # not FINISHED: it stopped before max_steps
+        sys.exit(code)
 
     # ---- final held-out loss and consolidated export ----------------------------------------
     if speed.run_rate():
         say(f"throughput {speed.run_rate():.0f} tokens/s after the first step, "
             f"peak memory {common.peak_memory_gb(device):.2f} GB (rank 0)")
     common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps, "train_rho1.py")
+    stop.restore()
 
 
 def log_step(stats: common.HeadStats, step, grad_norm, schedule, speed: common.Throughput, bar, run):

@@ -6,9 +6,14 @@
   - A fresh run refuses an out_dir that holds an earlier run, unless --overwrite.
   - --resume refuses a checkpoint of another model or loss, naming what differs; pruning never
     deletes another run's checkpoints.
+  - SIGTERM / SIGINT on a real training process: the step ends, a checkpoint is written, the
+    resume command is printed, exit 128 + signal; resuming ends with the uninterrupted run's
+    exact weights; a second signal exits at once.
 """
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +22,7 @@ import time
 import pytest
 import torch
 from conftest import char_tokenizer, counting_jsonl, tiny_model_json
+from safetensors.torch import load_file
 
 import common
 import data
@@ -344,3 +350,93 @@ def test_pruning_never_deletes_another_runs_checkpoints(tmp_path, llama):
     # the same step again (after resuming from an earlier checkpoint) replaces it, no crash
     common.save_checkpoint(str(tmp_path), 3, model, opt, sched, keep_last=2, run_cfg=ours)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000001", "step_00000003", "step_00000004"]
+
+
+# ---- SIGTERM / SIGINT on a real training process ---------------------------------------------------
+
+SLOW_STEPS = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import data
+real = data.step_batches
+def slow(*a, **k):  # one step every ~0.3 s, announced, so that a signal lands mid-run
+    print(f"STEP {{a[1]}}", flush=True)
+    time.sleep(0.3)
+    return real(*a, **k)
+data.step_batches = slow
+import common, train_rho1
+common.run_main(train_rho1.main, sys.argv[1:])
+"""
+
+
+def start_slow(tmp_path, cfg, *args):
+    driver = tmp_path / "slow.py"
+    driver.write_text(SLOW_STEPS.format(repo=REPO))
+    return subprocess.Popen([sys.executable, str(driver), cfg, *args], cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def read_until(p, text, log):
+    for line in p.stdout:
+        log.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} never came:\n{''.join(log)[-3000:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_resume_gives_the_uninterrupted_weights(setup, tmp_path, sig):
+    _, cfg = setup
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [f"--out_dir={tmp_path / 'stopped'}", "--mlflow.enabled=true", f"--mlflow.tracking_uri={db}",
+            "--mlflow.experiment=sig"]
+    p = start_slow(tmp_path, cfg, *args)
+    log = []
+    read_until(p, "STEP 3", log)  # in the middle of the 8 steps
+    p.send_signal(sig)
+    log += p.stdout.readlines()
+    p.wait(timeout=120)
+    log = "".join(log)
+    assert p.returncode == 128 + sig, log[-3000:]
+    assert f"{sig.name}: stopping after this step with a checkpoint" in log
+    (resume_line,) = [x for x in log.splitlines() if x.startswith("resume with: ")]
+    cmd = shlex.split(resume_line[len("resume with: "):])
+    assert cmd[:3] == ["python", "train_rho1.py", cfg] and cmd[-1].startswith("--resume=")
+    ckpt = cmd[-1].split("=", 1)[1]
+    step = int(ckpt.rsplit("_", 1)[1])
+    assert 3 <= step < 8 and f"after step {step}: checkpoint {ckpt}" in log
+    assert os.path.isfile(os.path.join(ckpt, ".metadata")) and os.path.isfile(os.path.join(ckpt, common.RUN_CONFIG))
+    assert not os.path.exists(tmp_path / "stopped" / "final")
+    # the exact command printed, then the same run uninterrupted
+    resumed = subprocess.run([sys.executable] + cmd[1:], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step}" in resumed.stdout
+    straight = subprocess.run([sys.executable, "train_rho1.py", cfg, f"--out_dir={tmp_path / 'straight'}"],
+                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for f in ("model.safetensors", mtp.MTP_HEADS):
+        a, b = (load_file(str(tmp_path / d / "final" / f)) for d in ("stopped", "straight"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    # MLflow: the interrupted run is KILLED, not FINISHED; the resumed one finished
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("sig").experiment_id], order_by=["attributes.start_time"])
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+
+
+def test_second_signal_exits_at_once(setup, tmp_path):
+    _, cfg = setup
+    p = start_slow(tmp_path, cfg, f"--out_dir={tmp_path / 'out'}")
+    log = []
+    read_until(p, "STEP 2", log)
+    p.send_signal(signal.SIGINT)
+    read_until(p, "SIGINT: stopping after this step", log)
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    log += p.stdout.readlines()
+    p.wait(timeout=30)
+    assert p.returncode == 130 and time.time() - t0 < 5, "".join(log)[-2000:]
+    assert "SIGINT again: exiting at once, nothing saved" in "".join(log)
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")
