@@ -774,6 +774,9 @@ def _identity(path):
         return None
 
 
+_last_saved = None  # the directory of this process's latest save_checkpoint
+
+
 def checkpoint_dir(out_dir, step) -> str:
     return os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
 
@@ -821,6 +824,8 @@ def save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last=2, run_
             shutil.rmtree(old, ignore_errors=True)
     if dist_on:
         torch.distributed.barrier()
+    global _last_saved
+    _last_saved = os.path.abspath(final)
 
 
 def load_checkpoint(which, out_dir, model, optimizer, schedule, run_cfg=None) -> int:
@@ -855,22 +860,27 @@ class StopSignal:
     optimizer step, and then writes a checkpoint, prints the command that resumes it and exits
     with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT, the shell's
     convention: a scheduler sees a failed job) -- `save_on_stop`. A second signal exits at once
-    (same status, nothing written). Under torchrun the ranks agree every step (one all-reduce of
-    one number), so all stop after the same step even if only some got the signal. A signal
+    (same status, nothing written); one within a second of the first is taken for the same
+    signal delivered twice (SLURM signals every process of a job step, and torchrun forwards it
+    to workers that already got it). Under torchrun the ranks agree every step (one all-reduce
+    of one number), so all stop after the same step even if only some got the signal. A signal
     that arrives after the last step lets the final export finish."""
 
     def __init__(self, script: str, argv: list[str]):
         import signal
-        self.script, self.argv, self.signum, self.stopped = script, list(argv), 0, False
+        self.script, self.argv, self.signum, self.stopped, self.t_first = script, list(argv), 0, False, 0.0
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         import signal
+        import time
         name = signal.Signals(signum).name
+        if self.signum and time.monotonic() - self.t_first < 1.0:
+            return  # the same signal, delivered twice
         if self.signum:
             os.write(2, f"\n{name} again: exiting at once, nothing saved\n".encode())
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.t_first = signum, time.monotonic()
         # os.write, not print: the handler may interrupt a print (tqdm's) to the same stream
         os.write(2, f"\n{name}: stopping after this step with a checkpoint (send it again to exit at once)\n".encode())
 
@@ -896,7 +906,7 @@ def save_on_stop(stop: StopSignal, out_dir, step, model, optimizer, schedule, ke
     import shlex
     import signal
     path = checkpoint_dir(out_dir, step)
-    if not os.path.isdir(path):
+    if _last_saved != os.path.abspath(path):  # (the periodic checkpoint may have just written it)
         save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last, run_cfg)
     if dist.rank == 0:
         args = [a for a in stop.argv if a.split("=")[0] not in ("--resume", "--overwrite", "--train.overwrite")]

@@ -359,9 +359,9 @@ import sys, time
 sys.path.insert(0, {repo!r})
 import data
 real = data.step_batches
-def slow(*a, **k):  # one step every ~0.3 s, announced, so that a signal lands mid-run
+def slow(*a, **k):  # every step announced and slowed down, so that a signal lands mid-run
     print(f"STEP {{a[1]}}", flush=True)
-    time.sleep(0.3)
+    time.sleep({seconds})
     return real(*a, **k)
 data.step_batches = slow
 import common, train_rho1
@@ -369,9 +369,9 @@ common.run_main(train_rho1.main, sys.argv[1:])
 """
 
 
-def start_slow(tmp_path, cfg, *args):
+def start_slow(tmp_path, cfg, *args, seconds=0.3):
     driver = tmp_path / "slow.py"
-    driver.write_text(SLOW_STEPS.format(repo=REPO))
+    driver.write_text(SLOW_STEPS.format(repo=REPO, seconds=seconds))
     return subprocess.Popen([sys.executable, str(driver), cfg, *args], cwd=REPO, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -386,10 +386,12 @@ def read_until(p, text, log):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_checkpoints_and_resume_gives_the_uninterrupted_weights(setup, tmp_path, sig):
+    """The whole path for SIGTERM (what schedulers send); SIGINT up to the checkpoint."""
     _, cfg = setup
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [f"--out_dir={tmp_path / 'stopped'}", "--mlflow.enabled=true", f"--mlflow.tracking_uri={db}",
-            "--mlflow.experiment=sig"]
+    full = sig == signal.SIGTERM
+    args = [f"--out_dir={tmp_path / 'stopped'}"] + (
+        ["--mlflow.enabled=true", f"--mlflow.tracking_uri={db}", "--mlflow.experiment=sig"] if full else [])
     p = start_slow(tmp_path, cfg, *args)
     log = []
     read_until(p, "STEP 3", log)  # in the middle of the 8 steps
@@ -407,6 +409,8 @@ def test_signal_checkpoints_and_resume_gives_the_uninterrupted_weights(setup, tm
     assert 3 <= step < 8 and f"after step {step}: checkpoint {ckpt}" in log
     assert os.path.isfile(os.path.join(ckpt, ".metadata")) and os.path.isfile(os.path.join(ckpt, common.RUN_CONFIG))
     assert not os.path.exists(tmp_path / "stopped" / "final")
+    if not full:
+        return
     # the exact command printed, then the same run uninterrupted
     resumed = subprocess.run([sys.executable] + cmd[1:], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -427,16 +431,28 @@ def test_signal_checkpoints_and_resume_gives_the_uninterrupted_weights(setup, tm
 
 
 def test_second_signal_exits_at_once(setup, tmp_path):
+    """A second signal exits at once, nothing written; one within a second of the first is the
+    same signal delivered twice (SLURM signals every process of a step, torchrun forwards it)."""
     _, cfg = setup
-    p = start_slow(tmp_path, cfg, f"--out_dir={tmp_path / 'out'}")
+    p = start_slow(tmp_path, cfg, f"--out_dir={tmp_path / 'out'}", seconds=2.0)
     log = []
-    read_until(p, "STEP 2", log)
+    read_until(p, "STEP 1", log)
     p.send_signal(signal.SIGINT)
     read_until(p, "SIGINT: stopping after this step", log)
+    time.sleep(1.2)
     t0 = time.time()
     p.send_signal(signal.SIGINT)
     log += p.stdout.readlines()
     p.wait(timeout=30)
-    assert p.returncode == 130 and time.time() - t0 < 5, "".join(log)[-2000:]
+    assert p.returncode == 130 and time.time() - t0 < 1.5, "".join(log)[-2000:]
     assert "SIGINT again: exiting at once, nothing saved" in "".join(log)
     assert not os.path.exists(tmp_path / "out" / "checkpoints")
+    # twice at once: one stop, with its checkpoint
+    p = start_slow(tmp_path, cfg, f"--out_dir={tmp_path / 'twice'}", seconds=2.0)
+    read_until(p, "STEP 1", log)
+    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGTERM)
+    log = "".join(p.stdout.readlines())
+    p.wait(timeout=60)
+    assert p.returncode == 143 and "exiting at once" not in log and "resume with:" in log, log[-2000:]
+    assert (tmp_path / "twice" / "checkpoints" / "step_00000002").is_dir()
