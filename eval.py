@@ -387,9 +387,10 @@ def check_config(args: EvalConfig):
     common.check_range("top_p", args.top_p, 0, 1, lo_open=True)
     common.check_min("timeout", args.timeout, 0, strict=True)
     common.check_min("memory_mb", args.memory_mb, 1)
-    if not args.k or min(args.k) < 1:
-        raise common.ConfigError(f"config key 'k': pass@k needs k >= 1 and <= n_samples={args.n_samples}, got "
-                                 f"{args.k}: set --k=1 (or e.g. --k=1,10 with --n_samples=10)")
+    if not args.k or min(args.k) < 1:  # (parse_args has dropped, and said so, every k > n_samples)
+        raise common.ConfigError(f"config key 'k': no k with 1 <= k <= n_samples={args.n_samples} is left, so "
+                                 f"there would be no pass@k: set --k=1 (or raise --n_samples, e.g. --k=1,10 "
+                                 f"--n_samples=10)")
     if args.out:
         common.check_out_dir("out", args.out)
 

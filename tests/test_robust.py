@@ -233,7 +233,8 @@ def test_eval_checks(setup, no_model_load, tmp_path):
         ([str(tmp / "model.json"), "--workers=-1"], "'workers' must be >= 0"),
         ([str(tmp / "model.json"), "--top_p=0"], r"'top_p' must be in \(0, 1\]"),
         ([str(tmp / "model.json"), "--timeout=0"], "'timeout' must be > 0"),
-        ([str(tmp / "model.json"), "--k=0", "--n_samples=2"], "'k': pass@k needs k >= 1"),
+        ([str(tmp / "model.json"), "--k=0", "--n_samples=2"], "'k': no k with 1 <= k <= n_samples=2 is left"),
+        ([str(tmp / "model.json"), "--k=5", "--n_samples=2"], "'k': no k with 1 <= k <= n_samples=2 is left"),
         ([str(tmp / "model.json"), f"--out={tmp / 'model.json'}"], "'out': .* is a file"),
     ]:
         refused(ev.main, args, match)
