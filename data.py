@@ -147,6 +147,8 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
     examples, skipped = [], 0
     for i, r in enumerate(raw, start=1):
         problem = r if isinstance(r, str) else next((f"field {f!r} is missing" for f in fields if r.get(f) is None), None)
+        if problem and source == "jsonl" and isinstance(r, dict) and {"task_id", "text", "code"} <= set(r):
+            problem += "; the rows look like MBPP's: set data.source=mbpp"
         ex = convert(r) if problem is None else None
         if not _usable(ex, problem, f"{source} {path or ''} row {i}", skip_bad_rows):
             skipped += 1

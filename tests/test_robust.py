@@ -170,8 +170,11 @@ def test_data_errors_come_before_the_model_load(setup, no_model_load, tmp_path):
     ]
     for lines, match in cases:
         refused(train_rho1.main, [cfg, out, f"--data.path={_write(tmp_path / 'bad.jsonl', lines)}"], match)
-    # {prompt, completion} rows read as MBPP: say which source they are
+    # {prompt, completion} rows read as MBPP, and MBPP rows read as {prompt, completion}: say which source they are
     refused(train_rho1.main, [cfg, out, "--data.source=mbpp"], "set data.source=jsonl")
+    mbpp = _write(tmp_path / "mbpp.jsonl", [{"task_id": 601, "text": "t", "code": "x = 1", "test_list": []}])
+    refused(train_rho1.main, [cfg, out, f"--data.path={mbpp}"], "field 'prompt' is missing; the rows look like "
+                                                               "MBPP's: set data.source=mbpp")
 
 
 def test_skip_bad_rows_skips_and_counts_malformed_json_lines(tmp_path):
