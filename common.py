@@ -5,11 +5,13 @@ tracked. None of the MTP or weighting math is here (that is mtp.py and train_cri
 
 Read top to bottom:
   1. Config: YAML + `--key=value` overrides -> plain dataclasses: the one command-line dialect of
-     every script, eval.py's included. Unknown keys and bad values are errors naming the key.
+     every script, eval.py's included. Unknown keys and bad values are errors naming the key;
+     the checks every script runs on its values and paths before anything heavy loads.
   2. Devices, processes and models: cuda > mps > cpu; torchrun -> a process group and FSDP2
      sharding; the policy loaded from a spec.
   3. Optimizer: AdamW with warmup + cosine, clipping, the NaN/inf guard, head warm-up.
-  4. Held-out loss, resumable sharded checkpoints (torch.distributed.checkpoint), the
+  4. Held-out loss, resumable sharded checkpoints (torch.distributed.checkpoint) that carry the
+     run's config and refuse to resume into another model, stopping on SIGTERM/SIGINT, the
      consolidated export, MLflow.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import os
 import types
 import typing
+import warnings
 
 import torch
 import torch.nn as nn
@@ -53,6 +56,7 @@ class TrainConfig:
     chunk_size: int = 0              # tokens per logits chunk in the loss; 0 = from vocab size
     compile: bool = False            # torch.compile each transformer block
     heads_only_steps: int = 0        # head warm-up: the first N steps train heads 1..n-1 alone
+    overwrite: bool = False          # a fresh run may replace an earlier run's checkpoints/ and final/ in out_dir
 
 
 @dataclasses.dataclass
@@ -68,9 +72,10 @@ class ConfigError(ValueError):
 
 
 def run_main(main, argv: list[str]):
-    """A script's entry point: a user's mistake -- a bad config value, a missing file or model --
-    is one line on stderr and exit status 2, before anything heavy when it can be; a traceback
-    means a bug in WMTP."""
+    """A script's entry point: a user's mistake -- a bad config value, a missing file or model, a
+    malformed data row (an exception whose class sets `user_error`) -- is one line on stderr and
+    exit status 2, before anything heavy when it can be; a traceback means a bug in WMTP. Ctrl-C
+    outside the training loop (which has its own handler, StopSignal) is one line and status 130."""
     import sys
     try:
         main(argv)
@@ -78,6 +83,16 @@ def run_main(main, argv: list[str]):
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT)", file=sys.stderr)
+        if "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
+            sys.modules["mlflow"].end_run(status="KILLED")  # not FINISHED, which MLflow's atexit would say
+        sys.exit(130)
+    except Exception as e:
+        if not getattr(e, "user_error", False):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -234,19 +249,249 @@ def _check_type(key, v, t):
     return v
 
 
+# ---- checks before anything heavy loads ----------------------------------------------------
+# Each script's check_config(cfg, world) runs right after parse_config and calls these: a bad
+# value or path is one line naming the key and the fix (run_main: exit status 2), in seconds,
+# instead of a traceback after the model has loaded.
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def world_size() -> int:
+    """The number of processes of this run (torchrun sets WORLD_SIZE), before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_min(key: str, value, minimum, strict: bool = False):
+    """value >= minimum (> with strict)."""
+    if value < minimum or strict and value == minimum:
+        op = ">" if strict else ">="
+        raise ConfigError(f"config key {key!r} must be {op} {minimum}, got {value}: set --{key}= to a value {op} {minimum}")
+
+
+def check_range(key: str, value, lo, hi, lo_open=False, hi_open=False):
+    """lo <= value <= hi (< with *_open)."""
+    if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ConfigError(f"config key {key!r} must be in {interval}, got {value}: set --{key}= to a value in {interval}")
+
+
+def check_batches(prefix: str, global_batch: int, micro_batch: int, world: int):
+    """Batch sizes >= 1, and the global batch made of whole micro-steps of every rank."""
+    check_min(f"{prefix}.global_batch", global_batch, 1)
+    check_min(f"{prefix}.micro_batch", micro_batch, 1)
+    per = micro_batch * world
+    if global_batch % per:
+        up = -(-global_batch // per) * per
+        raise ConfigError(f"config key '{prefix}.global_batch' ({global_batch}) must be a multiple of "
+                          f"{prefix}.micro_batch x world size = {micro_batch} x {world} = {per}: set "
+                          f"--{prefix}.global_batch={up}, or a {prefix}.micro_batch that divides it")
+
+
+def check_file(key: str, path: str):
+    """A local data file the config names."""
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"config key {key!r}: file {path!r} {what}; fix --{key}=")
+
+
+def check_out_dir(key: str, path: str):
+    """An output directory that exists or can be created, and is writable -- checked without
+    creating anything (a dry run writes nothing)."""
+    if not path:
+        raise ConfigError(f"config key {key!r} is empty: name an output directory, --{key}=DIR")
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise ConfigError(f"config key {key!r}: {path!r} is a file, not a directory; choose another --{key}=DIR")
+    parent = p
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"config key {key!r}: cannot create {path!r}, because {parent!r} is a file; "
+                          f"choose another --{key}=DIR")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key {key!r}: {parent!r} is not writable; choose another --{key}=DIR")
+
+
+def earlier_run(out_dir: str) -> list[str]:
+    """What an earlier run left in out_dir: its checkpoints and its final/ export."""
+    found = [os.path.join("checkpoints", os.path.basename(d)) for d in _ckpt_dirs(out_dir)]
+    return found[-1:] + (["final/"] if os.path.isdir(os.path.join(out_dir, "final")) else [])
+
+
+def check_train(t: TrainConfig, world: int, resume, dry_run: bool, writes: bool = True, key: str = "train"):
+    """The shared `train` section: ranges, batch divisibility, device, dtype, out_dir; and a
+    fresh run may not write into an earlier run's out_dir unless told (--overwrite). writes=False:
+    this run writes nothing to out_dir (train_critic.py --stages=value)."""
+    pick_device(t.device, f"{key}.device")
+    if t.dtype not in DTYPES:
+        raise ConfigError(f"config key '{key}.dtype': {t.dtype!r} is not one of {list(DTYPES)}")
+    check_min(f"{key}.max_steps", t.max_steps, 1)
+    check_batches(key, t.global_batch, t.micro_batch, world)
+    check_min(f"{key}.lr", t.lr, 0)
+    check_range(f"{key}.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    check_range(f"{key}.beta1", t.beta1, 0, 1, hi_open=True)
+    check_range(f"{key}.beta2", t.beta2, 0, 1, hi_open=True)
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every", "keep_last",
+                 "chunk_size", "heads_only_steps"):
+        check_min(f"{key}.{name}", getattr(t, name), 0)
+    check_min(f"{key}.log_every", t.log_every, 1)
+    if not writes:
+        return
+    check_out_dir(f"{key}.out_dir", t.out_dir)
+    if resume and t.overwrite:
+        raise ConfigError("--resume continues the run in out_dir and --overwrite would delete it: choose one")
+    found = earlier_run(t.out_dir)
+    if found and not (resume or t.overwrite or dry_run):
+        raise ConfigError(f"config key '{key}.out_dir': {t.out_dir!r} holds an earlier run ({', '.join(found)}); "
+                          f"continue it with --resume, choose a new directory with --{key}.out_dir=DIR, "
+                          f"or replace it with --overwrite")
+
+
+def clear_earlier_run(out_dir: str, dist):
+    """--overwrite: rank 0 deletes the earlier run's checkpoints/ and final/ before training (its
+    checkpoints would otherwise be taken for this run's by --resume, and its final/ for this run's
+    result); other files in out_dir stay."""
+    import shutil
+    found = earlier_run(out_dir)
+    if dist.rank == 0 and found:
+        print(f"--overwrite: deleting the earlier run's {', '.join(found)} in {out_dir}")
+        for d in ("checkpoints", "final"):
+            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+
+
+HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # a Hugging Face repo id: org/name
+
+
+def check_model_spec(key: str, spec: str, kind: str = "model"):
+    """A model spec (README: hub id, local directory, .gguf, pkg:<package>/<file>, Meta MTP
+    directory, model-config .json) that can be loaded: a local one exists and holds a model (or,
+    kind="tokenizer", a tokenizer), a hub id is well-formed and in the local cache or on the
+    hub (asked with a 10 s timeout; offline, the cache must have it). Nothing is loaded."""
+    import json
+    import re
+    if not spec:
+        raise ConfigError(f"config key {key!r} is empty: name a {kind}")
+    fix = f"fix --{key}="
+    if spec.startswith("pkg:") or spec.endswith(".gguf"):
+        try:
+            mtp.resolve_model(spec)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config key {key!r}: {e}") from None
+        return
+    if spec.endswith(".json"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"config key {key!r}: model-config file {spec!r} does not exist; {fix}")
+        try:
+            with open(spec) as f:
+                mc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key {key!r}: {spec!r} is not a JSON model config ({e}); {fix}") from None
+        if not isinstance(mc, dict) or "model_type" not in mc:
+            raise ConfigError(f"config key {key!r}: {spec!r} has no 'model_type' (a transformers model config "
+                              f"is needed to build a random-init model); {fix}")
+        return
+    if os.path.isdir(spec):
+        files = set(os.listdir(spec))
+        want = ({"config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}
+                if kind == "tokenizer" else {"config.json", "params.json"})
+        if not files & want:
+            raise FileNotFoundError(f"config key {key!r}: directory {spec!r} holds no {kind} (none of "
+                                    f"{sorted(want)}); {fix}")
+        return
+    if os.path.exists(spec):
+        raise ConfigError(f"config key {key!r}: {spec!r} is a file, not a {kind} directory, .gguf or .json; {fix}")
+    first = spec.split("/")[0]
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.path.isdir(first) or not re.fullmatch(HUB_ID, spec):
+        hub = "" if spec.count("/") > 1 or spec.startswith((".", "/", "~")) else " and not a hub id (org/name)"
+        raise FileNotFoundError(f"config key {key!r}: {spec!r}: no such file or directory{hub}; {fix}")
+    _check_hub_id(key, spec, kind)
+
+
+def _check_hub_id(key: str, spec: str, kind: str):
+    from huggingface_hub import try_to_load_from_cache
+    for f in ("config.json", "tokenizer_config.json", "params.json"):
+        if isinstance(try_to_load_from_cache(spec, f), str):
+            return  # in the local cache
+    local = "; on a machine without the hub, download it elsewhere and pass the local directory"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("0", ""):
+        raise FileNotFoundError(f"config key {key!r}: {kind} {spec!r}: not a local path, and the Hugging Face hub "
+                                f"could not provide it (offline: HF_HUB_OFFLINE is set and the local cache "
+                                f"does not have it){local}")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    try:
+        HfApi().model_info(spec, timeout=10)
+    except GatedRepoError:
+        return  # exists; loading it says what access it needs
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"config key {key!r}: {kind} {spec!r}: not a local path, and the Hugging Face hub "
+                                f"has no such repository (or it is private: log in); fix --{key}=") from None
+    except Exception as e:  # no network, DNS, timeout, HTTP errors
+        raise FileNotFoundError(f"config key {key!r}: {kind} {spec!r}: not a local path, and the Hugging Face hub "
+                                f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})"
+                                f"{local}") from None
+
+
+def spec_vocab_size(spec: str) -> int | None:
+    """The vocabulary size of a model spec when it can be read without loading the model (a
+    model-config .json, a local directory's config.json); else None."""
+    import json
+    path = spec if spec.endswith(".json") else os.path.join(spec, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            mc = json.load(f)
+        return int(mc.get("vocab_size") or mc.get("text_config", {}).get("vocab_size"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def check_random_init_vocab(key: str, spec: str, policy_vocab: int | None, policy: str):
+    """A random-init model-config .json (reference, value backbone) has no tokenizer of its own: it
+    reads the policy's token ids, so its vocabulary must be the policy's (else an index error
+    mid-forward). policy_vocab None: not known yet (checked again once the policy has loaded)."""
+    if spec.endswith(".json") and policy_vocab is not None:
+        v = spec_vocab_size(spec)
+        if v is not None and v != policy_vocab:
+            raise ConfigError(f"config key {key!r}: {spec!r} has vocab_size {v} but the policy {policy!r} has "
+                              f"{policy_vocab}; a random-init model shares the policy's tokenizer, so set "
+                              f"vocab_size to {policy_vocab} in {spec}")
+
+
+def check_policy(m, t: TrainConfig):
+    """The `model` section both training scripts share: policy, tokenizer, n_heads, head_discount."""
+    check_model_spec("model.policy", m.policy)
+    if m.tokenizer:
+        check_model_spec("model.tokenizer", m.tokenizer, kind="tokenizer")
+    elif m.policy.endswith(".json"):
+        raise ConfigError("config key 'model.tokenizer': a random-init policy (model-config .json) has no "
+                          "tokenizer of its own; set --model.tokenizer=DIR_OR_HUB_ID")
+    check_min("model.n_heads", m.n_heads, 1)
+    check_min("model.head_discount", m.head_discount, 0, strict=True)
+    if t.heads_only_steps and m.n_heads == 1:
+        raise ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up; "
+                          "set --train.heads_only_steps=0 or --model.n_heads=2 or more")
+
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Devices, processes, models
 # --------------------------------------------------------------------------------------------
 
-def pick_device(pref: str = "auto") -> torch.device:
+def pick_device(pref: str = "auto", key: str = "device") -> torch.device:
     """cuda > mps > cpu unless the config names one."""
     if pref != "auto":
         kind = pref.split(":")[0]
         if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not (
                 getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise ConfigError(f"config key 'device': {pref!r} is not available on this machine "
-                              f"(--device=auto picks cuda > mps > cpu)")
-        return torch.device(pref)
+            raise ConfigError(f"config key {key!r}: {pref!r} is not available on this machine "
+                              f"(--{key}=auto picks cuda > mps > cpu)")
+        try:
+            return torch.device(pref)
+        except RuntimeError:
+            raise ConfigError(f"config key {key!r}: {pref!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -463,11 +708,89 @@ def _ckpt_dirs(out_dir):
                   if d.startswith("step_") and not d.endswith(".tmp"))
 
 
-def save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last=2):
+# Every checkpoint carries the config of the run that wrote it (RUN_CONFIG, written by rank 0
+# into the step directory before the rename): `identity` -- what the model and the loss are
+# (the weighting, the keys each script lists as RESUME_KEYS, the vocabulary size) -- and the
+# whole resolved config, for the record. A resume must have the same identity.
+RUN_CONFIG = "run_config.json"
+
+
+def _norm(v):
+    """A spec or path that exists locally, made absolute: the same model named from another cwd
+    is the same model."""
+    return os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
+
+
+def run_config(weighting: str, cfg, keys: tuple[str, ...], **extra) -> dict:
+    """What save_checkpoint records and check_resume compares: {"identity": {weighting, the
+    values of `keys` (dotted config keys), extra (e.g. vocab_size once the model is loaded)},
+    "config": the whole flattened config}."""
+    flat = flatten_config(cfg)
+    values = {k: _norm(extra.pop(k, flat[k])) for k in keys}
+    return {"identity": {"weighting": weighting, **values, **extra}, "config": flat}
+
+
+def find_checkpoint(which: str, out_dir: str) -> str:
+    """`--resume` ("latest" or a path) -> the directory of a complete checkpoint, or a one-line
+    error (FileNotFoundError) saying why there is none."""
+    if which in ("latest", "true", "True"):
+        found = _ckpt_dirs(out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir}/checkpoints (runs write "
+                                    f"them every train.save_every steps and when stopped by SIGTERM/SIGINT); "
+                                    f"check --train.out_dir, or start a fresh run without --resume")
+        return found[-1]
+    if not os.path.isfile(os.path.join(which, ".metadata")):
+        raise FileNotFoundError(f"--resume: {which!r} is not a complete checkpoint")
+    return which
+
+
+def check_resume(path: str, current: dict):
+    """Refuse to resume a checkpoint written by a run of another model or loss: every key of the
+    current run's identity (run_config) that the checkpoint recorded must be equal. A checkpoint
+    written before checkpoints carried their config can only be warned about."""
+    import json
+    import sys
+    f = os.path.join(path, RUN_CONFIG)
+    if not os.path.isfile(f):
+        print(f"warning: {path} has no {RUN_CONFIG} (written by an older WMTP): cannot check that it is "
+              f"of this run's model and loss", file=sys.stderr)
+        return
+    with open(f) as fh:
+        saved = json.load(fh)["identity"]
+    diffs = [k for k, v in current["identity"].items() if k in saved and saved[k] != v]
+    if diffs:
+        what = "; ".join(f"{k}: {saved[k]!r} in the checkpoint, {current['identity'][k]!r} now" for k in diffs)
+        fix = " ".join(f"--{k}={saved[k]}" for k in diffs if k in current["config"])
+        raise ConfigError(f"--resume: {path} was written by a run of another model or loss ({what}); resume "
+                          f"with the checkpoint's values{f' ({fix})' if fix else ''}, or start a new run in "
+                          f"another --train.out_dir")
+
+
+def _identity(path):
+    import json
+    try:
+        with open(os.path.join(path, RUN_CONFIG)) as f:
+            return json.load(f)["identity"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+_last_saved = None  # the directory of this process's latest save_checkpoint
+
+
+def checkpoint_dir(out_dir, step) -> str:
+    return os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+
+
+def save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last=2, run_cfg=None):
     """A sharded, resumable checkpoint (torch.distributed.checkpoint): model, optimizer, LR
-    schedule, step, RNG. Every rank writes its shards into `step_N.tmp`; only when all are done
-    does rank 0 rename it to `step_N`, so a run killed mid-write leaves the previous checkpoint
-    as the latest. The data position is the step itself (data.step_batches)."""
+    schedule, step, RNG, and the run's config (run_config). Every rank writes its shards into
+    `step_N.tmp`; only when all are done does rank 0 rename it to `step_N`, so a run killed
+    mid-write leaves the previous checkpoint as the latest. The data position is the step itself
+    (data.step_batches). Pruning (keep_last) deletes only older checkpoints of the same identity:
+    never another run's."""
+    import json
     import shutil
 
     import torch.distributed.checkpoint as dcp
@@ -477,7 +800,7 @@ def save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last=2):
              "meta": {"step": step, "schedule": schedule.state_dict(),
                       "rng_cpu": torch.get_rng_state(),
                       "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
-    final = os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+    final = checkpoint_dir(out_dir, step)
     tmp = final + ".tmp"
     dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
     master = not dist_on or torch.distributed.get_rank() == 0
@@ -485,37 +808,45 @@ def save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last=2):
         shutil.rmtree(tmp)
     if dist_on:
         torch.distributed.barrier()
-    dcp.save(state, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # "... assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp)
+    if master and run_cfg is not None:
+        with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+            json.dump(run_cfg, f, indent=1, default=str)
     if dist_on:
         torch.distributed.barrier()
     if master:
+        if os.path.isdir(final):  # this step again, after resuming from an earlier checkpoint
+            shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in _ckpt_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
+        mine = _identity(final)
+        older = [d for d in _ckpt_dirs(out_dir) if d < final and _identity(d) == mine]
+        for old in older[:max(0, len(older) - keep_last + 1)] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if dist_on:
         torch.distributed.barrier()
+    global _last_saved
+    _last_saved = os.path.abspath(final)
 
 
-def load_checkpoint(which, out_dir, model, optimizer, schedule) -> int:
+def load_checkpoint(which, out_dir, model, optimizer, schedule, run_cfg=None) -> int:
     """Restore a checkpoint written by save_checkpoint (`which` = "latest" or a path) into the
     live, already sharded model and optimizer; -> the step to continue from. The checkpoint may
-    come from a run with a different number of ranks (DCP reshards on load)."""
+    come from a run with a different number of ranks (DCP reshards on load); with `run_cfg`, it
+    must be of the same model and loss (check_resume)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if which in ("latest", "true", "True"):
-        found = _ckpt_dirs(out_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir}/checkpoints")
-        path = found[-1]
-    else:
-        path = which
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"--resume: {path!r} is not a complete checkpoint")
+    path = find_checkpoint(which, out_dir)
+    if run_cfg is not None:
+        check_resume(path, run_cfg)
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd,
              "meta": {"step": 0, "schedule": schedule.state_dict(), "rng_cpu": torch.get_rng_state(),
                       "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     meta = state["meta"]
     schedule.load_state_dict(meta["schedule"])
@@ -523,6 +854,70 @@ def load_checkpoint(which, out_dir, model, optimizer, schedule) -> int:
     if meta["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(meta["rng_cuda"])
     return int(meta["step"])
+
+
+class StopSignal:
+    """SIGTERM (what SLURM and Kubernetes send before they preempt a job) and SIGINT (Ctrl-C)
+    during training. The first one is noted; the script checks `requested()` at the end of every
+    optimizer step, and then writes a checkpoint, prints the command that resumes it and exits
+    with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT, the shell's
+    convention: a scheduler sees a failed job) -- `save_on_stop`. A second signal exits at once
+    (same status, nothing written); one within a second of the first is taken for the same
+    signal delivered twice (SLURM signals every process of a job step, and torchrun forwards it
+    to workers that already got it). Under torchrun the ranks agree every step (one all-reduce
+    of one number), so all stop after the same step even if only some got the signal. A signal
+    that arrives after the last step lets the final export finish."""
+
+    def __init__(self, script: str, argv: list[str]):
+        import signal
+        self.script, self.argv, self.signum, self.stopped, self.t_first = script, list(argv), 0, False, 0.0
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        import signal
+        import time
+        name = signal.Signals(signum).name
+        if self.signum and time.monotonic() - self.t_first < 1.0:
+            return  # the same signal, delivered twice
+        if self.signum:
+            os.write(2, f"\n{name} again: exiting at once, nothing saved\n".encode())
+            os._exit(128 + signum)
+        self.signum, self.t_first = signum, time.monotonic()
+        # os.write, not print: the handler may interrupt a print (tqdm's) to the same stream
+        os.write(2, f"\n{name}: stopping after this step with a checkpoint (send it again to exit at once)\n".encode())
+
+    def requested(self, dist: Dist) -> bool:
+        """Did this rank, or any rank, get a signal? (end of a step; a collective under torchrun).
+        Sets `stopped`, which all ranks then agree on."""
+        if dist.group is not None:
+            s = mtp.all_reduce(torch.tensor([self.signum], device=dist.device), "max", dist.group)
+            self.signum = int(s.item())
+        self.stopped = bool(self.signum)
+        return self.stopped
+
+    def restore(self):
+        import signal
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def save_on_stop(stop: StopSignal, out_dir, step, model, optimizer, schedule, keep_last, run_cfg, dist: Dist) -> int:
+    """After StopSignal.requested(): checkpoint `step` (all ranks take part; unless the periodic
+    checkpoint just wrote it), print where it is and the exact command that resumes it, end the
+    process group; -> the exit status, 128 + the signal's number."""
+    import shlex
+    import signal
+    path = checkpoint_dir(out_dir, step)
+    if _last_saved != os.path.abspath(path):  # (the periodic checkpoint may have just written it)
+        save_checkpoint(out_dir, step, model, optimizer, schedule, keep_last, run_cfg)
+    if dist.rank == 0:
+        args = [a for a in stop.argv if a.split("=")[0] not in ("--resume", "--overwrite", "--train.overwrite")]
+        launcher = "torchrun <the same torchrun options>" if dist.group is not None else "python"
+        print(f"\nstopped by {signal.Signals(stop.signum).name} after step {step}: checkpoint {path}\n"
+              f"resume with: {launcher} {stop.script} {shlex.join(args + ['--resume=' + path])}", flush=True)
+    stop.restore()
+    shutdown(dist)
+    return 128 + stop.signum
 
 
 def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None, save=mtp.save_consolidated):

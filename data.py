@@ -32,6 +32,22 @@ MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "
 MBPP_HUB_ID = "google-research-datasets/mbpp"
 
 
+class DataError(ValueError):
+    """Something wrong with the user's data (a malformed row, an empty file, a dataset smaller
+    than a batch): the scripts print it as one line and exit 2 (common.run_main), no traceback."""
+    user_error = True
+
+
+def _hub_dataset(hub_id: str, key: str, **kwargs):
+    """A dataset split from the Hugging Face hub, or a one-line DataError saying how to do without."""
+    import datasets
+    try:
+        return datasets.load_dataset(hub_id, **kwargs)
+    except Exception as e:  # no network, offline mode, unknown split: all end the same way
+        raise DataError(f"{hub_id} could not be loaded from the hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass a local file with {key}=") from None
+
+
 def mbpp_prompt(text: str, tests: list[str]) -> str:
     """The prompt format of Austin et al. (2021), which eval.py's 3-shot prompt also uses, so
     that training and evaluation present a task the same way."""
@@ -39,8 +55,10 @@ def mbpp_prompt(text: str, tests: list[str]) -> str:
             f"Your code should pass these tests:\n\n" + "\n".join(tests) + "\n[BEGIN]\n")
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSONL file; a line that is not a JSON object is an error naming its line."""
+def read_jsonl(path: str, skip_bad_rows: bool = False) -> list[dict | str]:
+    """Rows of a JSONL file. A line that is not a JSON object is an error naming its line; with
+    skip_bad_rows it is returned as a string saying what is wrong with it, for the caller to skip
+    and count like any other malformed row."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     rows = []
@@ -50,24 +68,38 @@ def read_jsonl(path: str) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
+                problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+                problem = f"not valid JSON ({e.msg} at column {e.colno})"
+            if problem and not skip_bad_rows:
+                raise DataError(f"{path}:{i}: {problem}; fix the line, or set data.skip_bad_rows=true to skip such rows")
+            rows.append(f"line {i}: {problem}" if problem else row)
     return rows
 
 
-def load_mbpp_rows(path: str | None, split: str) -> list[dict]:
+def _task_id(r) -> int:
+    try:
+        return int(r.get("task_id", -1))
+    except (TypeError, ValueError):
+        return -1
+
+
+def load_mbpp_rows(path: str | None, split: str, skip_bad_rows: bool = False) -> list[dict | str]:
     """Raw MBPP rows of one split, from a local JSONL (all 974 tasks, split here by task id) or,
-    with no path, from the hub."""
+    with no path, from the hub. With skip_bad_rows, malformed lines come back as strings
+    (read_jsonl)."""
     if split not in MBPP_SPLITS:
-        raise ValueError(f"unknown MBPP split {split!r}; one of {list(MBPP_SPLITS)}")
+        raise DataError(f"unknown MBPP split {split!r}; one of {list(MBPP_SPLITS)}")
     if path:
         lo, hi = MBPP_SPLITS[split]
-        return [r for r in read_jsonl(path) if lo <= int(r.get("task_id", -1)) <= hi]
-    import datasets
-    return list(datasets.load_dataset(MBPP_HUB_ID, "full", split=split))
+        rows = read_jsonl(path, skip_bad_rows)
+        objects = [r for r in rows if isinstance(r, dict)]
+        if objects and not any("task_id" in r for r in objects):
+            hint = ("they look like {prompt, completion} rows: set data.source=jsonl"
+                    if any("prompt" in r and "completion" in r for r in objects) else "is it an MBPP file?")
+            raise DataError(f"{path}: no row has MBPP's 'task_id' field; {hint}")
+        return [r for r in rows if isinstance(r, str) or lo <= _task_id(r) <= hi]
+    return list(_hub_dataset(MBPP_HUB_ID, "data.path", name="full", split=split))
 
 
 def _usable(ex, problem, where, skip_bad_rows) -> bool:
@@ -79,7 +111,7 @@ def _usable(ex, problem, where, skip_bad_rows) -> bool:
         elif not ex["completion"].strip():
             problem = "the completion is empty"
     if problem and not skip_bad_rows:
-        raise ValueError(f"{where}: {problem} (set data.skip_bad_rows=true to skip such rows)")
+        raise DataError(f"{where}: {problem} (set data.skip_bad_rows=true to skip such rows)")
     return problem is None
 
 
@@ -91,7 +123,7 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
     unless skip_bad_rows, in which case it is skipped and counted.
     """
     if source == "mbpp":
-        raw = load_mbpp_rows(path, split)
+        raw = load_mbpp_rows(path, split, skip_bad_rows)
         fields = ("text", "code", "test_list")
 
         def convert(r):
@@ -106,8 +138,8 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
             return {"prompt": r["prompt"], "completion": r["canonical_solution"]}
     elif source == "jsonl":
         if not path:
-            raise ValueError("data source 'jsonl' needs a path")
-        raw = read_jsonl(path)
+            raise DataError("data source 'jsonl' needs a path: set data.path=")
+        raw = read_jsonl(path, skip_bad_rows)
         fields = ("prompt", "completion")
 
         def convert(r):
@@ -126,18 +158,21 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
         def convert(r):
             return {"prompt": r["prompt"], "completion": r["completion"]}
     else:
-        raise ValueError(f"unknown data source {source!r}; one of 'mbpp', 'humaneval', 'jsonl', 'stdlib'")
+        raise DataError(f"unknown data source {source!r}; one of 'mbpp', 'humaneval', 'jsonl', 'stdlib'")
 
     examples, skipped = [], 0
     for i, r in enumerate(raw, start=1):
-        problem = next((f"field {f!r} is missing" for f in fields if r.get(f) is None), None)
+        problem = r if isinstance(r, str) else next((f"field {f!r} is missing" for f in fields if r.get(f) is None), None)
+        if problem and source == "jsonl" and isinstance(r, dict) and {"task_id", "text", "code"} <= set(r):
+            problem += "; the rows look like MBPP's: set data.source=mbpp"
         ex = convert(r) if problem is None else None
         if not _usable(ex, problem, f"{source} {path or ''} row {i}", skip_bad_rows):
             skipped += 1
             continue
         examples.append(ex)
     if not examples:
-        raise ValueError(f"{source} {path or ''} split {split!r}: no usable rows")
+        why = "the file has no rows" if not raw else f"all {len(raw)} rows were malformed and skipped"
+        raise DataError(f"{source} {path or ''} split {split!r}: no usable rows ({why})")
     return examples, skipped
 
 
@@ -161,7 +196,7 @@ def tokenize_examples(tok, examples: list[dict], max_seq_len: int) -> tuple[list
     """Tokenize all examples; -> (list of (ids, mask), counts). Examples whose prompt alone fills
     max_seq_len have nothing to learn from and are dropped (counted)."""
     if tok.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; the model could not learn to stop")
+        raise DataError("the tokenizer has no EOS token; the model could not learn to stop")
     out, n_trunc, n_dropped = [], 0, 0
     for ex in examples:
         ids, mask, truncated = tokenize_example(tok, ex["prompt"], ex["completion"], max_seq_len)
@@ -171,7 +206,7 @@ def tokenize_examples(tok, examples: list[dict], max_seq_len: int) -> tuple[list
             continue
         out.append((ids, mask))
     if not out:
-        raise ValueError(f"every example's prompt is longer than max_seq_len={max_seq_len}")
+        raise DataError(f"every example's prompt is longer than max_seq_len={max_seq_len}: raise data.max_seq_len")
     return out, {"examples": len(out), "truncated": n_trunc, "dropped_prompt_too_long": n_dropped}
 
 
@@ -224,11 +259,12 @@ def step_batches(data, step: int, global_batch: int, micro_batch: int, seed: int
     """
     per_micro = micro_batch * world
     if global_batch % per_micro:
-        raise ValueError(f"global_batch={global_batch} is not a multiple of micro_batch * world "
-                         f"= {micro_batch} * {world}")
+        raise DataError(f"global_batch={global_batch} is not a multiple of micro_batch * world "
+                        f"= {micro_batch} * {world}")
     steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"global_batch={global_batch} is larger than the dataset ({len(data)} examples)")
+        raise DataError(f"global_batch={global_batch} is larger than the dataset ({len(data)} examples): "
+                        f"lower global_batch, or use more data")
     epoch, i = divmod(step, steps_per_epoch)
     groups = [item[3] for item in data] if by_problem else None
     order = epoch_order(len(data), seed, epoch, groups)[i * global_batch: (i + 1) * global_batch]
@@ -281,16 +317,15 @@ def code_contests_prompt(description: str) -> str:
             f"{description.strip()}\n\n```python\n")
 
 
-def _code_contests_raw(path: str | None, split: str) -> list[dict]:
+def _code_contests_raw(path: str | None, split: str, skip_bad_rows: bool = False) -> list[dict | str]:
     if not path:
-        import datasets
-        return list(datasets.load_dataset(CODE_CONTESTS_HUB_ID, split=split))
+        return list(_hub_dataset(CODE_CONTESTS_HUB_ID, "data.path", split=split))
     if path.endswith(".parquet"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file {path!r} does not exist")
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
-    return read_jsonl(path)
+    return read_jsonl(path, skip_bad_rows)
 
 
 def _as_label(v) -> float | None:
@@ -316,7 +351,10 @@ def load_labelled(source: str, path: str | None = None, split: str = "train", sk
     # candidates: (row number, labelled row or a string saying what is wrong with the row)
     candidates: list[tuple[int, dict | str]] = []
     if source == "code_contests":
-        for i, r in enumerate(_code_contests_raw(path, split), start=1):
+        for i, r in enumerate(_code_contests_raw(path, split, skip_bad_rows), start=1):
+            if isinstance(r, str):
+                candidates.append((i, r))
+                continue
             if not isinstance(r.get("description"), str) or not r.get("name"):
                 candidates.append((i, "fields 'name' and 'description' are required"))
                 continue
@@ -333,8 +371,11 @@ def load_labelled(source: str, path: str | None = None, split: str = "train", sk
                                                "passed": passed, "problem": str(r["name"])}))
     elif source in ("samples", "jsonl"):
         if not path:
-            raise ValueError(f"labelled data source {source!r} needs a path")
-        for i, r in enumerate(read_jsonl(path), start=1):
+            raise DataError(f"labelled data source {source!r} needs a path: set data.path=")
+        for i, r in enumerate(read_jsonl(path, skip_bad_rows), start=1):
+            if isinstance(r, str):
+                candidates.append((i, r))
+                continue
             problem = r.get("task_id") if source == "samples" else r.get("problem", r.get("task_id"))
             passed = r.get("passed")
             label = _as_label(passed)
@@ -345,8 +386,8 @@ def load_labelled(source: str, path: str | None = None, split: str = "train", sk
             candidates.append((i, {"prompt": r.get("prompt"), "completion": r.get("completion"), "passed": label,
                                    "problem": str(problem if problem is not None else r.get("prompt"))}))
     else:
-        raise ValueError(f"unknown labelled data source {source!r}; one of 'code_contests', 'samples', "
-                         f"'jsonl' (or build the offline set with data.mbpp_mutants)")
+        raise DataError(f"unknown labelled data source {source!r}; one of 'code_contests', 'samples', "
+                        f"'jsonl' (or build the offline set with data.mbpp_mutants)")
 
     rows, skipped = [], 0
     for i, row in candidates:
@@ -366,7 +407,7 @@ def load_labelled(source: str, path: str | None = None, split: str = "train", sk
         rows = [r for group in by_key.values()
                 for r in [group[j] for j in sorted(torch.randperm(len(group), generator=g)[:max_per_problem].tolist())]]
     if not rows:
-        raise ValueError(f"{source} {path or ''} split {split!r}: no usable labelled rows")
+        raise DataError(f"{source} {path or ''} split {split!r}: no usable labelled rows")
     return rows, skipped
 
 
@@ -378,8 +419,8 @@ def class_balance(rows: list[dict], name: str = "labelled data") -> dict:
               "failed": len(rows) - n_pass, "pass_rate": round(n_pass / max(1, len(rows)), 4),
               "mean_label": round(sum(r["passed"] for r in rows) / max(1, len(rows)), 4)}
     if n_pass == 0 or n_pass == len(rows):
-        raise ValueError(f"{name}: only one class ({counts}); the value model needs passing and "
-                         f"failing solutions")
+        raise DataError(f"{name}: only one class ({counts}); the value model needs passing and "
+                        f"failing solutions")
     return counts
 
 
@@ -388,7 +429,7 @@ def tokenize_labelled(tok, rows: list[dict], max_seq_len: int) -> tuple[list[tup
     dropped (counted): the label is a verdict on the whole program, and a cut-off solution
     whose bug was in the cut would teach the value model noise."""
     if tok.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token")
+        raise DataError("the tokenizer has no EOS token")
     problems = {p: i for i, p in enumerate(sorted({r["problem"] for r in rows}))}
     out, n_trunc = [], 0
     for r in rows:
@@ -398,7 +439,7 @@ def tokenize_labelled(tok, rows: list[dict], max_seq_len: int) -> tuple[list[tup
             continue
         out.append((ids, mask, float(r["passed"]), problems[r["problem"]]))
     if not out:
-        raise ValueError(f"every labelled example is longer than max_seq_len={max_seq_len}")
+        raise DataError(f"every labelled example is longer than max_seq_len={max_seq_len}: raise data.max_seq_len")
     return out, {"examples": len(out), "dropped_too_long": n_trunc}
 
 
@@ -498,7 +539,7 @@ def default_executor(timeout: float, workers: int = 2):
 
 def mbpp_mutants(mbpp_path: str | None, split: str = "train", per_task: int = 4, seed: int = 0,
                  max_tasks: int = 0, cache_dir: str = "out/labels", timeout: float = 5.0,
-                 executor=None) -> str:
+                 executor=None, skip_bad_rows: bool = False) -> str:
     """Build (or find in the cache) the labelled MBPP set -> path of a generic labelled JSONL
     (source 'jsonl'). Each task gives its reference solution and `per_task` mutants, in the
     prompt/completion format of `load_examples("mbpp")`, labelled by running the task's tests
@@ -509,7 +550,7 @@ def mbpp_mutants(mbpp_path: str | None, split: str = "train", per_task: int = 4,
     if os.path.isfile(cache):
         return cache
     executor = executor or default_executor(timeout)
-    tasks = load_mbpp_rows(mbpp_path, split)[: max_tasks or None]
+    tasks = [r for r in load_mbpp_rows(mbpp_path, split, skip_bad_rows) if isinstance(r, dict)][: max_tasks or None]
     rows, programs = [], []
     for r in tasks:
         code = r["code"].replace("\r\n", "\n")

@@ -220,8 +220,31 @@ def parse_args(argv=None) -> EvalConfig:
     return args
 
 
+def check_config(args: EvalConfig):
+    """The model, data and numbers of an evaluation, checked before the model loads: a mistake is
+    one line naming the key and the fix (common.run_main, exit status 2)."""
+    common.check_model_spec("model", args.model)
+    if args.data_path:
+        common.check_file("data_path", args.data_path)
+    common.pick_device(args.device)
+    if args.dtype not in common.DTYPES:
+        raise common.ConfigError(f"config key 'dtype': {args.dtype!r} is not one of {list(common.DTYPES)}")
+    for key in ("limit", "batch_size", "workers", "max_tests", "temperature"):
+        common.check_min(key, getattr(args, key) or 0, 0)
+    common.check_range("top_p", args.top_p, 0, 1, lo_open=True)
+    common.check_min("timeout", args.timeout, 0, strict=True)
+    common.check_min("memory_mb", args.memory_mb, 1)
+    if not args.k or min(args.k) < 1:  # (parse_args has dropped, and said so, every k > n_samples)
+        raise common.ConfigError(f"config key 'k': no k with 1 <= k <= n_samples={args.n_samples} is left, so "
+                                 f"there would be no pass@k: set --k=1 (or raise --n_samples, e.g. --k=1,10 "
+                                 f"--n_samples=10)")
+    if args.out:
+        common.check_out_dir("out", args.out)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_config(args)
     problems = load_problems(args.task, args.data_path or None, args.split)[:args.limit]
     # Under torchrun every rank takes every world-th problem; the rows are gathered on rank 0.
     dist = common.init_distributed(args.device)

@@ -517,6 +517,12 @@ def all_reduce(x, op, group):
 
 
 
+class TokenizerMismatch(ValueError):
+    """Two models that must share a tokenizer do not: the user's configuration, not a bug (the
+    scripts print it as one line, common.run_main)."""
+    user_error = True
+
+
 def check_same_tokenizer(tok_a, tok_b, name_a, name_b, needs="Rho-1 needs a reference model"):
     """Rho-1's excess loss compares two models' CE of the *same token id* (and the critic's value
     model scores the policy's token sequence): that is only meaningful if both tokenizers map
@@ -525,10 +531,10 @@ def check_same_tokenizer(tok_a, tok_b, name_a, name_b, needs="Rho-1 needs a refe
     if va != vb:
         only_a = sorted(set(va) - set(vb))[:5]
         diff = [t for t in va if t in vb and va[t] != vb[t]][:5]
-        raise ValueError(f"tokenizer mismatch: policy {name_a!r} ({len(va)} tokens) and reference "
-                         f"{name_b!r} ({len(vb)} tokens) do not share a vocabulary "
-                         f"(e.g. only in the first: {only_a}, different ids: {diff}); "
-                         f"{needs} with the same tokenizer")
+        raise TokenizerMismatch(f"tokenizer mismatch: policy {name_a!r} ({len(va)} tokens) and reference "
+                                f"{name_b!r} ({len(vb)} tokens) do not share a vocabulary "
+                                f"(e.g. only in the first: {only_a}, different ids: {diff}); "
+                                f"{needs} with the same tokenizer")
 
 
 # --------------------------------------------------------------------------------------------

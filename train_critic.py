@@ -57,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mbpp_mutants"     # labelled data: mbpp_mutants (alias mbpp) | code_contests | samples (eval.py's) | jsonl
+    source: Literal["mbpp_mutants", "mbpp", "code_contests", "samples", "jsonl"] = "mbpp_mutants"  # labelled data; mbpp = mbpp_mutants; samples = eval.py's
     path: str = ""                   # mbpp_mutants: MBPP JSONL; code_contests: JSONL/parquet; "" = hub; samples/jsonl: file
     split: str = "train"
     max_problems: int = 0            # use the first N problems (0 = all)
@@ -68,7 +68,7 @@ class DataConfig:
     reward_model: str = ""           # a sequence classifier whose score in [0,1] replaces `passed` ("" = the data's labels)
     reward_positive_index: int = -1  # with several classes: the one whose probability is the score
     eval_frac: float = 0.1           # fraction of problems held out (value-model metrics, policy held-out CE)
-    policy_source: str = ""          # stage-2 text: "" = passing labelled solutions of the training problems;
+    policy_source: Literal["", "mbpp", "humaneval", "jsonl", "stdlib"] = ""  # stage-2 text: "" = passing labelled solutions of the training problems;
     policy_path: str = ""            #   or mbpp | humaneval | jsonl as in train_rho1.py (R = 1 for all)
     policy_split: str = "train"
     policy_eval_split: str = "validation"
@@ -124,6 +124,17 @@ class Config:
 # Keys of configs/*.yaml that only train_rho1.py reads: one M3 config serves both scripts.
 RHO1_ONLY_KEYS = ("rho1", "model.reference", "data.eval_source", "data.eval_path", "data.eval_split",
                   "data.eval_limit")
+
+# What a stage-2 checkpoint must share with the run that resumes it -- the model and the loss
+# (with the weighting and the vocabulary size: common.run_config); --resume refuses any other.
+RESUME_KEYS = ("model.policy", "model.n_heads", "model.head_discount", "model.tokenizer", "critic.value_model",
+               "critic.lam", "critic.beta", "critic.w_min", "critic.w_max", "critic.whiten", "critic.shuffle")
+
+
+def run_config(cfg, **extra) -> dict:
+    """common.run_config of stage 2; its value model is the one stage 1 wrote when none is named."""
+    return common.run_config("critic", cfg, RESUME_KEYS, **{"critic.value_model": cfg.critic.value_model
+                                                             or cfg.value.out_dir}, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,8 +355,10 @@ def binary_auc(scores, labels) -> float:
 # 2. Labelled data: (prompt, completion, passed)
 # --------------------------------------------------------------------------------------------
 
-def load_labelled_data(cfg, tok, dist, device):
-    """-> (train items, held-out items, counts): tokenized labelled solutions, split by problem."""
+def read_labelled_data(cfg, dist):
+    """-> (labelled rows, counts): read (and for mbpp_mutants built by executing them), scored by a
+    reward model if the config names one. Before any model of ours loads: a bad file stops the
+    run in seconds."""
     d, say = cfg.data, (print if dist.rank == 0 else (lambda *a, **k: None))
     source, path = d.source, d.path or None
     if source in ("mbpp", "mbpp_mutants"):
@@ -353,7 +366,7 @@ def load_labelled_data(cfg, tok, dist, device):
         # builds it.
         def build():
             return data.mbpp_mutants(path, d.split, d.mutants_per_task, cfg.train.seed, d.max_problems,
-                                     d.label_cache, d.exec_timeout)
+                                     d.label_cache, d.exec_timeout, skip_bad_rows=d.skip_bad_rows)
         if dist.rank == 0:
             say(f"labelled data: {build()}")
         if dist.group is not None:
@@ -366,18 +379,22 @@ def load_labelled_data(cfg, tok, dist, device):
         # with its own tokenizer, so it may come from another model family than the policy.
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         rm_path, _ = mtp.resolve_model(d.reward_model)
-        rm = AutoModelForSequenceClassification.from_pretrained(rm_path).to(device)
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_path).to(dist.device)
         scores = data.reward_model_scores(rm, AutoTokenizer.from_pretrained(rm_path),
                                           [r["prompt"] + r["completion"] for r in rows],
                                           max_len=d.max_seq_len, positive_index=d.reward_positive_index)
         rows = [{**r, "passed": s} for r, s in zip(rows, scores)]
         del rm
-    counts = data.class_balance(rows, f"labelled data ({d.source})")
-    items, tok_counts = data.tokenize_labelled(tok, rows, d.max_seq_len)
-    train_items, eval_items = data.split_by_problem(items, d.eval_frac, cfg.train.seed)
-    counts |= tok_counts | {"skipped_bad_rows": skipped, "train_examples": len(train_items),
-                            "heldout_examples": len(eval_items)}
-    say(f"labelled data: {counts}")
+    return rows, data.class_balance(rows, f"labelled data ({d.source})") | {"skipped_bad_rows": skipped}
+
+
+def tokenize_labelled_data(cfg, tok, rows, counts, dist):
+    """-> (train items, held-out items, counts): tokenized labelled solutions, split by problem."""
+    items, tok_counts = data.tokenize_labelled(tok, rows, cfg.data.max_seq_len)
+    train_items, eval_items = data.split_by_problem(items, cfg.data.eval_frac, cfg.train.seed)
+    counts = counts | tok_counts | {"train_examples": len(train_items), "heldout_examples": len(eval_items)}
+    if dist.rank == 0:
+        print(f"labelled data: {counts}")
     return train_items, eval_items, counts
 
 
@@ -452,6 +469,7 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
     amp = common.autocast(device, dtype, dist)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if v.backbone:
+        common.check_random_init_vocab("value.backbone", v.backbone, base.config.vocab_size, cfg.model.policy)
         vbase, vtok = mtp.load_model_and_tokenizer(v.backbone, dtype=torch.float32)
         mtp.check_same_tokenizer(tok, vtok or tok, cfg.model.policy, v.backbone, needs="the critic needs a value model")
     else:
@@ -472,6 +490,10 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
             f"params ({n_trainable / 1e6:.3f}M trained), loss {loss.item():.4f}")
         return value_model.requires_grad_(False).eval()
 
+    if cfg.train.overwrite and os.path.isfile(os.path.join(v.out_dir, VALUE_CONFIG)) and dist.rank == 0:
+        import shutil
+        print(f"--overwrite: deleting the earlier value model {v.out_dir}")
+        shutil.rmtree(v.out_dir)
     run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg, dist.rank == 0)
     if run is not None:
         import mlflow
@@ -570,23 +592,31 @@ def weight_stats(masks, values, advs, z, weights, c: CriticConfig, mean, std, gr
             "value/final_mean": s[8] / s[9].clamp_min(1), "adv/mean": mean, "adv/std": std}
 
 
-def policy_data(cfg, tok, train_items, eval_items):
+def read_policy_examples(cfg):
+    """Stage 2's text from another source (data.policy_source) -> (train, held-out) examples, read
+    before any model loads; None when stage 2 learns from the labelled data's passing solutions."""
+    d = cfg.data
+    if not d.policy_source or cfg.stages == "value":
+        return None
+    return tuple(data.load_examples(d.policy_source, path or None, split, d.skip_bad_rows)[0]
+                 for path, split in ((d.policy_path, d.policy_split),
+                                     (d.policy_eval_path or d.policy_path, d.policy_eval_split)))
+
+
+def policy_data(cfg, tok, train_items, eval_items, policy_examples):
     """Stage 2's text -> (train, held-out) items. The policy learns from passing solutions only
     (R = their label: 1 for tested solutions, the score for reward-model labels); the critic's
     weights redistribute the loss over their tokens. Or another source, all with R = 1."""
-    d = cfg.data
-    if not d.policy_source:
+    if policy_examples is None:
         return [it for it in train_items if it[2] >= 0.5], [it for it in eval_items if it[2] >= 0.5]
-
-    def load(path, split):
-        examples, _ = data.load_examples(d.policy_source, path or None, split, d.skip_bad_rows)
-        return [(ids, m, 1.0, 0) for ids, m in data.tokenize_examples(tok, examples, d.max_seq_len)[0]]
-    return load(d.policy_path, d.policy_split), load(d.policy_eval_path or d.policy_path, d.policy_eval_split)
+    return tuple([(ids, m, 1.0, 0) for ids, m in data.tokenize_examples(tok, examples, cfg.data.max_seq_len)[0]]
+                 for examples in policy_examples)
 
 
-def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval):
+def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval, argv):
     """Stage 2: critic-weighted MTP fine-tuning of `model` (on the device already, as is the
-    frozen value model) -> nothing; writes the consolidated export."""
+    frozen value model) -> nothing; writes the consolidated export. `argv`: the command line, for
+    the resume command printed when SIGTERM / SIGINT stops it."""
     c, device, world, master = cfg.critic, dist.device, dist.world, dist.rank == 0
     say = print if master else (lambda *a, **k: None)
     amp = common.autocast(device, dtype, dist)
@@ -595,6 +625,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
     lambdas = mtp.head_lambdas(n_heads, cfg.model.head_discount).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     micro_steps = cfg.train.global_batch // (cfg.train.micro_batch * world)
+    run_cfg = run_config(cfg, vocab_size=model.config.vocab_size)  # kept with every checkpoint
     say(f"stage 2 data: {len(policy_set)} passing solutions, {len(policy_eval)} held out")
     optimizer, schedule = common.adamw_cosine(
         model.parameters(), cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
@@ -632,8 +663,10 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
 
     start_step = 0
     if cfg.resume:
-        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule)
+        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule, run_cfg)
         say(f"resumed from step {start_step}")
+    elif cfg.train.overwrite:
+        common.clear_earlier_run(cfg.train.out_dir, dist)
     run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/policy"), cfg, master,
                               resume_step=start_step)
     if run is not None:
@@ -647,6 +680,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
     bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True,
                desc="stage 2 (policy)")
     speed = common.Throughput()
+    stop = common.StopSignal("train_critic.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
     for step in range(start_step, cfg.train.max_steps):
         batches = batches_of(step)
         shuffler = common.step_generator(cfg.train.seed, step, dist.rank) if c.shuffle else None
@@ -672,15 +706,84 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
         if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
             common.report_heldout(evaluate(), step + 1, dist, run)
         if common.every(step, cfg.train.save_every, cfg.train.max_steps):
-            common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
+            common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last, run_cfg)
+        if stop.requested(dist):  # all ranks agree; the checkpoint is written below
+            break
     bar.close()
+    if stop.stopped:
+        code = common.save_on_stop(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule,
+                                   cfg.train.keep_last, run_cfg, dist)
+        if run is not None:
+            mlflow.end_run(status="KILLED")  # not FINISHED: it stopped before max_steps
+        sys.exit(code)
     common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps,
                            "train_critic.py")
+    stop.restore()
 
 
 # --------------------------------------------------------------------------------------------
 # main: load, stage 1, stage 2
 # --------------------------------------------------------------------------------------------
+
+def check_config(cfg: Config, world: int):
+    """Every value and path of the run, checked before anything heavy loads: a mistake stops the
+    run in seconds with one line naming the key and the fix (common.run_main, exit status 2)."""
+    if cfg.stages == "policy" and not cfg.critic.value_model:
+        raise common.ConfigError("--stages=policy needs critic.value_model (a directory written by stage 1)")
+    if cfg.resume and cfg.stages != "policy":
+        raise common.ConfigError("resume continues stage 2, but --stages=value trains only stage 1")
+    stage1, stage2 = cfg.stages in ("both", "value"), cfg.stages in ("both", "policy")
+    common.check_train(cfg.train, world, cfg.resume, cfg.dry_run, writes=stage2)
+    common.check_policy(cfg.model, cfg.train)
+    c, d, v = cfg.critic, cfg.data, cfg.value
+    if cfg.stages == "policy" and not os.path.isfile(os.path.join(c.value_model, VALUE_CONFIG)):
+        raise FileNotFoundError(f"config key 'critic.value_model': {c.value_model!r} is not a value-model directory "
+                                f"(no {VALUE_CONFIG}); stage 1 of train_critic.py writes one")
+    common.check_min("critic.beta", c.beta, 0, strict=True)
+    common.check_min("critic.w_min", c.w_min, 0)
+    common.check_min("critic.w_max", c.w_max, c.w_min)
+    common.check_range("critic.lam", c.lam, 0, 1)
+    if stage1:
+        common.check_min("value.max_steps", v.max_steps, 1)
+        common.check_batches("value", v.global_batch, v.micro_batch, world)
+        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "rank_weight"):
+            common.check_min(f"value.{name}", getattr(v, name), 0)
+        common.check_min("value.train_layers", v.train_layers, -1)
+        common.check_range("value.target_lambda", v.target_lambda, 0, 1)
+        if v.backbone:
+            common.check_model_spec("value.backbone", v.backbone)
+            common.check_random_init_vocab("value.backbone", v.backbone, common.spec_vocab_size(cfg.model.policy),
+                                           cfg.model.policy)
+        common.check_out_dir("value.out_dir", v.out_dir)
+        if os.path.isfile(os.path.join(v.out_dir, VALUE_CONFIG)) and not (cfg.train.overwrite or cfg.dry_run):
+            raise common.ConfigError(f"config key 'value.out_dir': {v.out_dir!r} holds an earlier value model; "
+                                     f"use it with --stages=policy --critic.value_model={v.out_dir}, choose a new "
+                                     f"directory with --value.out_dir=DIR, or replace it with --overwrite")
+    if cfg.stages != "policy" or not d.policy_source:  # the labelled data is read
+        if d.path:
+            common.check_file("data.path", d.path)
+        elif d.source in ("samples", "jsonl"):
+            raise common.ConfigError(f"config key 'data.path': data source {d.source!r} needs a file: set --data.path=FILE")
+        if d.source in ("mbpp", "mbpp_mutants"):
+            common.check_out_dir("data.label_cache", d.label_cache)
+        if d.reward_model:
+            common.check_model_spec("data.reward_model", d.reward_model)
+    if d.policy_source and stage2:
+        if d.policy_path:
+            common.check_file("data.policy_path", d.policy_path)
+        if d.policy_eval_path:
+            common.check_file("data.policy_eval_path", d.policy_eval_path)
+        if not d.policy_path and d.policy_source == "jsonl":
+            raise common.ConfigError("config key 'data.policy_path': data source 'jsonl' needs a file: "
+                                     "set --data.policy_path=FILE")
+    common.check_range("data.eval_frac", d.eval_frac, 0, 1, hi_open=True)
+    for name in ("max_problems", "max_per_problem", "mutants_per_task"):
+        common.check_min(f"data.{name}", getattr(d, name), 0)
+    common.check_min("data.exec_timeout", d.exec_timeout, 0, strict=True)
+    common.check_min("data.max_seq_len", d.max_seq_len, 2)
+    if cfg.resume:
+        common.check_resume(common.find_checkpoint(cfg.resume, cfg.train.out_dir), run_config(cfg))
+
 
 def main(argv):
     cfg = common.parse_config(Config, argv, ignore=RHO1_ONLY_KEYS)
@@ -690,24 +793,21 @@ def main(argv):
         # Checkpoints are stage 2's (stage 1 is short and ends in its export): continue stage 2
         # with the value model that stage 1 of this run saved.
         cfg.stages, cfg.critic.value_model = "policy", cfg.critic.value_model or cfg.value.out_dir
-    if cfg.stages == "policy" and not cfg.critic.value_model:
-        raise common.ConfigError("--stages=policy needs critic.value_model (a directory written by stage 1)")
-    if cfg.resume and cfg.stages != "policy":
-        raise common.ConfigError("resume continues stage 2, but --stages=value trains only stage 1")
-    if not (cfg.critic.beta > 0 and 0 <= cfg.critic.w_min <= cfg.critic.w_max and 0 <= cfg.critic.lam <= 1):
-        raise common.ConfigError("config keys critic.*: need beta > 0, 0 <= w_min <= w_max, 0 <= lam <= 1")
+    check_config(cfg, common.world_size())
 
     dist = common.init_distributed(cfg.train.device)
     dtype = common.pick_dtype(cfg.train.dtype, dist.device)
     torch.manual_seed(cfg.train.seed)
     say = print if dist.rank == 0 else (lambda *a, **k: None)
-    model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
-    if cfg.train.heads_only_steps and model.n_heads == 1:
-        raise common.ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up")
-
-    train_items, eval_items, label_counts = [], [], {}
+    # the data first: a bad file stops the run before the models load
+    rows, label_counts = [], {}
     if cfg.stages != "policy" or not cfg.data.policy_source:
-        train_items, eval_items, label_counts = load_labelled_data(cfg, tok, dist, dist.device)
+        rows, label_counts = read_labelled_data(cfg, dist)
+    policy_examples = read_policy_examples(cfg)
+    model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
+    train_items, eval_items = [], []
+    if rows:
+        train_items, eval_items, label_counts = tokenize_labelled_data(cfg, tok, rows, label_counts, dist)
 
     # ---- stage 1 ---------------------------------------------------------------------------
     if cfg.stages in ("both", "value"):
@@ -730,8 +830,8 @@ def main(argv):
     loaded = value_model if cfg.stages == "policy" else None
     model, loaded = common.prepare_for_training(model, loaded, dist, dtype, compile=cfg.train.compile)
     value_model = loaded or value_model
-    policy_set, policy_eval = policy_data(cfg, tok, train_items, eval_items)
-    train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval)
+    policy_set, policy_eval = policy_data(cfg, tok, train_items, eval_items, policy_examples)
+    train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval, argv)
     common.shutdown(dist)
 
 

@@ -4,6 +4,7 @@ train_rho1.py — multi-token-prediction fine-tuning with Rho-1 token weights, t
     python train_rho1.py configs/tiny.yaml                    # offline CPU demo (SmolLM2-135M)
     python train_rho1.py configs/tiny.yaml --dry_run          # load, one fwd/bwd, print sizes, exit
     python train_rho1.py configs/tiny.yaml --max_steps=3      # any config key: --key=value
+    python train_rho1.py configs/tiny.yaml --overwrite        # replace the earlier run in out_dir
     python train_rho1.py configs/m3.yaml                      # Apple silicon (MPS)
     torchrun --nproc_per_node=8 train_rho1.py configs/a100.yaml            # FSDP2
     torchrun --nproc_per_node=8 train_rho1.py configs/a100.yaml --resume   # continue the latest checkpoint
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -43,10 +45,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mbpp"             # mbpp | humaneval | jsonl
+    source: Literal["mbpp", "humaneval", "jsonl", "stdlib"] = "mbpp"
     path: str = ""                   # local file (MBPP-schema JSONL, {prompt,completion} JSONL); "" = hub
     split: str = "train"
-    eval_source: str = ""            # held-out set; "" = same source as training
+    eval_source: Literal["", "mbpp", "humaneval", "jsonl", "stdlib"] = ""  # held-out set; "" = same source as training
     eval_path: str = ""
     eval_split: str = "validation"
     eval_limit: int = 0              # held-out examples used (0 = all)
@@ -57,7 +59,7 @@ class DataConfig:
 @dataclass
 class Rho1Config:
     ratio: float = 0.7               # fraction of tokens kept per head (Rho-1: 60-70%); 1 = uniform MTP
-    mode: str = "hard"               # hard = top-ρ selection; soft = w ∝ exp(excess / temperature)
+    mode: Literal["hard", "soft"] = "hard"  # hard = top-ρ selection; soft = w ∝ exp(excess / temperature)
     temperature: float = 1.0
     shuffle: bool = False            # the random-weight control: the same weights, dealt to random valid tokens
 
@@ -79,15 +81,41 @@ CRITIC_ONLY_KEYS = ("stages", "value", "critic", "data.max_problems", "data.max_
                     "data.reward_positive_index", "data.eval_frac", "data.policy_source", "data.policy_path",
                     "data.policy_split", "data.policy_eval_split", "data.policy_eval_path")
 
+# What a checkpoint must share with the run that resumes it -- the model and the loss (with the
+# weighting and the vocabulary size: common.run_config); --resume refuses any other.
+RESUME_KEYS = ("model.policy", "model.n_heads", "model.head_discount", "model.reference", "model.tokenizer",
+               "rho1.ratio", "rho1.mode", "rho1.temperature", "rho1.shuffle")
+
+
+def check_config(cfg: Config, world: int):
+    """Every value and path of the run, checked before anything heavy loads: a mistake stops the
+    run in seconds with one line naming the key and the fix (common.run_main, exit status 2)."""
+    common.check_train(cfg.train, world, cfg.resume, cfg.dry_run)
+    common.check_policy(cfg.model, cfg.train)
+    if cfg.model.reference:
+        common.check_model_spec("model.reference", cfg.model.reference)
+        common.check_random_init_vocab("model.reference", cfg.model.reference,
+                                       common.spec_vocab_size(cfg.model.policy), cfg.model.policy)
+    common.check_range("rho1.ratio", cfg.rho1.ratio, 0, 1, lo_open=True)
+    common.check_min("rho1.temperature", cfg.rho1.temperature, 0, strict=True)
+    d = cfg.data
+    common.check_min("data.max_seq_len", d.max_seq_len, 2)
+    common.check_min("data.eval_limit", d.eval_limit, 0)
+    for key, source, path in (("data.path", d.source, d.path), ("data.eval_path", d.eval_source, d.eval_path)):
+        if path:
+            common.check_file(key, path)
+        elif source == "jsonl" and not d.path:
+            raise common.ConfigError(f"config key {key!r}: data source 'jsonl' needs a file: set --{key}=FILE")
+    if cfg.resume:
+        common.check_resume(common.find_checkpoint(cfg.resume, cfg.train.out_dir),
+                            common.run_config("rho1", cfg, RESUME_KEYS))
+
 
 def main(argv):
     cfg = common.parse_config(Config, argv, ignore=CRITIC_ONLY_KEYS)
     if cfg.resume is True:
         cfg.resume = "latest"
-    if not 0 < cfg.rho1.ratio <= 1:
-        raise common.ConfigError(f"config key 'rho1.ratio': must be in (0, 1], got {cfg.rho1.ratio}")
-    if cfg.rho1.mode not in ("hard", "soft"):
-        raise common.ConfigError(f"config key 'rho1.mode': must be 'hard' or 'soft', got {cfg.rho1.mode!r}")
+    check_config(cfg, common.world_size())
 
     # ---- processes and devices -------------------------------------------------------------
     # torchrun sets WORLD_SIZE; then every rank holds a shard of every block (FSDP2).
@@ -97,17 +125,24 @@ def main(argv):
     torch.manual_seed(cfg.train.seed)
     say = print if master else (lambda *a, **k: None)
 
+    # ---- data, read first: a bad file stops the run before the models load ------------------
+    examples, skipped = data.load_examples(cfg.data.source, cfg.data.path or None, cfg.data.split,
+                                           cfg.data.skip_bad_rows)
+    eval_examples, _ = data.load_examples(cfg.data.eval_source or cfg.data.source,
+                                          (cfg.data.eval_path or cfg.data.path) or None,
+                                          cfg.data.eval_split, cfg.data.skip_bad_rows)
+
     # ---- models ----------------------------------------------------------------------------
     # Master weights stay fp32; compute runs in `dtype` (autocast on one device, FSDP's mixed
     # precision under torchrun), as mixed-precision training is meant to.
     model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
     base, n_heads = model.base, model.n_heads
-    if cfg.train.heads_only_steps and n_heads == 1:
-        raise common.ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up")
+    run_cfg = common.run_config("rho1", cfg, RESUME_KEYS, vocab_size=model.config.vocab_size)  # kept with every checkpoint
     # The reference: another model with the same tokenizer, or (by default) a frozen copy of
     # the policy's starting point -- then excess loss measures what training has not yet learned.
     ref_spec = cfg.model.reference or cfg.model.policy
     if cfg.model.reference:
+        common.check_random_init_vocab("model.reference", ref_spec, model.config.vocab_size, cfg.model.policy)
         ref, ref_tok = mtp.load_model_and_tokenizer(ref_spec, dtype=torch.float32)
         if ref_tok is not None:
             mtp.check_same_tokenizer(tok, ref_tok, cfg.model.policy, ref_spec)
@@ -123,13 +158,8 @@ def main(argv):
     lambdas = mtp.head_lambdas(n_heads, cfg.model.head_discount).to(device)
     chunk = cfg.train.chunk_size or None
 
-    # ---- data ------------------------------------------------------------------------------
-    examples, skipped = data.load_examples(cfg.data.source, cfg.data.path or None, cfg.data.split,
-                                           cfg.data.skip_bad_rows)
+    # ---- data: tokenized -------------------------------------------------------------------
     train_set, counts = data.tokenize_examples(tok, examples, cfg.data.max_seq_len)
-    eval_examples, _ = data.load_examples(cfg.data.eval_source or cfg.data.source,
-                                          (cfg.data.eval_path or cfg.data.path) or None,
-                                          cfg.data.eval_split, cfg.data.skip_bad_rows)
     eval_set, _ = data.tokenize_examples(tok, eval_examples[: cfg.data.eval_limit or None], cfg.data.max_seq_len)
     counts["skipped_bad_rows"] = skipped
     say(f"data: {counts} | held-out: {len(eval_set)} examples")
@@ -201,8 +231,10 @@ def main(argv):
     # ---- resume and tracking ---------------------------------------------------------------
     start_step = 0
     if cfg.resume:
-        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule)
+        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule, run_cfg)
         say(f"resumed from step {start_step}")
+    elif cfg.train.overwrite:
+        common.clear_earlier_run(cfg.train.out_dir, dist)
     run = common.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
     if run is not None:
         import mlflow
@@ -216,6 +248,7 @@ def main(argv):
     model.train()
     bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True)
     speed = common.Throughput()
+    stop = common.StopSignal("train_rho1.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
     for step in range(start_step, cfg.train.max_steps):
         batches = data.step_batches(train_set, step, cfg.train.global_batch, cfg.train.micro_batch,
                                     cfg.train.seed, rank, world, pad_id)
@@ -242,14 +275,23 @@ def main(argv):
         if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
             common.report_heldout(evaluate(), step + 1, dist, run)
         if common.every(step, cfg.train.save_every, cfg.train.max_steps):
-            common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last)
+            common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last, run_cfg)
+        if stop.requested(dist):  # all ranks agree; the checkpoint is written below
+            break
     bar.close()
+    if stop.stopped:
+        code = common.save_on_stop(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule,
+                                   cfg.train.keep_last, run_cfg, dist)
+        if run is not None:
+            mlflow.end_run(status="KILLED")  # not FINISHED: it stopped before max_steps
+        sys.exit(code)
 
     # ---- final held-out loss and consolidated export ----------------------------------------
     if speed.run_rate():
         say(f"throughput {speed.run_rate():.0f} tokens/s after the first step, "
             f"peak memory {common.peak_memory_gb(device):.2f} GB (rank 0)")
     common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps, "train_rho1.py")
+    stop.restore()
 
 
 def log_step(stats: common.HeadStats, step, grad_norm, schedule, speed: common.Throughput, bar, run):
