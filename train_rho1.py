@@ -28,6 +28,7 @@ import torch
 import common
 import data
 import mtp
+import viz
 
 
 @dataclass
@@ -201,10 +202,20 @@ def main(argv):
         start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule)
         say(f"resumed from step {start_step}")
     run = common.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
-    if run is not None:
-        import mlflow
-        mlflow.log_params({"n_params": n_params, "n_ref_params": n_ref, "world_size": world,
-                           **{f"data.{k}": v for k, v in counts.items()}})
+    run.log_params({"n_params": n_params, "n_ref_params": n_ref, "world_size": world,
+                    **{f"data.{k}": v for k, v in counts.items()}})
+    run.set_model_tags(base_model=cfg.model.policy, n_heads=n_heads, steps=cfg.train.max_steps,
+                       weighting=f"rho1 ratio={cfg.rho1.ratio} mode={cfg.rho1.mode}",
+                       data=f"{cfg.data.source}:{cfg.data.path or 'hub'}:{cfg.data.split}")
+
+    def weight_pages(step):  # Rho-1's choice on a few fixed held-out examples, drawn by viz.py
+        shown = data.collate(eval_set[:cfg.mlflow.weight_pages], pad_id)
+        model.eval()
+        with torch.no_grad():
+            _, ce, _, _, valid, w, ref_ce = micro_step(shown, denominators([shown]))
+        model.train()
+        return viz.rho1_page(tok, shown, ce, ref_ce, w, valid, cfg.rho1.mode, f"train_rho1.py, step {step}")
+    run.weight_pages = weight_pages if eval_set else None
 
     # ---- train -----------------------------------------------------------------------------
     from tqdm import tqdm
