@@ -188,11 +188,11 @@ def png(page: dict, path: str, width: int = 110):
             rows.append(("gap", None))
     char_in, row_in, label_chars, font = 7 * 0.602 / 72, 0.17, 7, 7
     width = min(width, used)
-    total = width + label_chars
+    total = width + label_chars + 2  # 2: a margin on the right
     fig = Figure(figsize=(total * char_in, len(rows) * row_in), dpi=150)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(-label_chars, width)
+    ax.set_xlim(-label_chars, width + 2)
     ax.set_ylim(-len(rows), 0)
     ax.axis("off")
     for r, (kind, payload) in enumerate(rows):
