@@ -35,7 +35,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -163,7 +163,8 @@ def load_model(spec: str, device, dtype):
 
 @dataclass
 class EvalConfig:
-    model: str = ""                  # WMTP checkpoint dir, HF dir / hub id, .gguf, or pkg:<package>/<file> (positional)
+    model: str = ""                  # WMTP checkpoint dir, HF dir / hub id, .gguf, pkg:<package>/<file>,
+                                     # models:/NAME/VERSION or runs:/RUN_ID/PATH (MLflow) (positional)
     task: Literal["humaneval", "mbpp", "code_contests"] = "humaneval"
     data_path: str = ""              # local JSONL (MBPP / CodeContests schema) or HumanEval file; "" = package / hub
     split: str = "test"              # MBPP: test | validation | train (task ids as data.MBPP_SPLITS); CodeContests (hub)
@@ -250,7 +251,9 @@ def main(argv=None):
     dist = common.init_distributed(args.device)
     rank, world, device, master = dist.rank, dist.world, dist.device, dist.rank == 0
     dtype = common.pick_dtype(args.dtype, device)
-    model, tok = load_model(args.model, device, dtype)
+    with common.mlflow_model(args.model, args.mlflow) as path:  # models:/NAME/VERSION, runs:/RUN_ID/PATH
+        model, tok = load_model(path, device, dtype)
+        trained_in = common.export_link(path).get("mlflow_run_id")  # the training run, for MLflow below
     eos_ids = sampling.eos_token_ids(model, tok)
     if args.speculative and model.n_heads == 1:
         print("--speculative with a 1-head model: there is nothing to draft, expect a speed-up of ~1")
@@ -376,21 +379,21 @@ def main(argv=None):
               f"({s['plain_seconds']}s plain vs {s['speculative_seconds']}s), {s['mismatches']} mismatches")
     print(f"wrote {out_dir}/results.json and samples.jsonl")
 
-    if args.mlflow.enabled:
-        import mlflow
-        if args.mlflow.tracking_uri:
-            mlflow.set_tracking_uri(args.mlflow.tracking_uri)
-        mlflow.set_experiment(args.mlflow.experiment)
-        with mlflow.start_run(run_name=args.mlflow.run_name or f"eval-{args.task}"):
-            mlflow.log_params({k: results[k] for k in ("task", "model", "n_heads", "n_samples", "temperature",
-                                                       "top_p", "max_new_tokens", "seed", "limit")})
-            numbers = {k.replace("@", "_at_"): v for k, v in metrics.items()}
-            if args.speculative:
-                numbers.update({f"speculative_{k}": v for k, v in results["speculative"].items()
-                                if isinstance(v, (int, float))})
-            mlflow.log_metrics(numbers)
-            mlflow.log_artifact(os.path.join(out_dir, "results.json"))
-            mlflow.log_artifact(os.path.join(out_dir, "samples.jsonl"))
+    # MLflow: a run of its own (tagged with the training run the checkpoint names), results.json and
+    # samples.jsonl as artifacts, pass@k onto the registered model version(s) evaluated.
+    run = common.start_mlflow(replace(args.mlflow, run_name=args.mlflow.run_name or f"eval-{args.task}"), args, True,
+                              local_dir=out_dir, tags={"model_spec": args.model, "training_run_id": trained_in or ""})
+    numbers = {k.replace("@", "_at_"): v for k, v in metrics.items()}
+    if args.speculative:
+        numbers.update({f"speculative_{k}": v for k, v in results["speculative"].items() if isinstance(v, (int, float))})
+    run.log_metrics(numbers)
+    run.log_artifact(os.path.join(out_dir, "results.json"))
+    run.log_artifact(os.path.join(out_dir, "samples.jsonl"))
+    tagged = run.tag_model_versions(args.model, trained_in, {f"eval/{args.task}/{k}": v for k, v in numbers.items()
+                                                                  if k.startswith("pass_at_")})
+    if tagged:
+        print("pass@k written onto model version(s) " + ", ".join(f"models:/{n}/{v}" for n, v in tagged))
+    run.end()
     return results
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import common
 import data
 import mtp
+import viz
 
 
 @dataclass
@@ -494,12 +495,10 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
         import shutil
         print(f"--overwrite: deleting the earlier value model {v.out_dir}")
         shutil.rmtree(v.out_dir)
-    run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg, dist.rank == 0)
-    if run is not None:
-        import mlflow
-        mlflow.set_tag("stage", "value")
-        mlflow.log_params({"value.n_trainable": n_trainable, "world_size": world,
-                           **{f"labels.{k}": x for k, x in label_counts.items()}})
+    run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg,
+                              dist.rank == 0, local_dir=v.out_dir, tags={"stage": "value"})
+    run.log_params({"value.n_trainable": n_trainable, "world_size": world,
+                    **{f"labels.{k}": x for k, x in label_counts.items()}})
     from tqdm import tqdm
     value_model.train()
     bar = tqdm(total=v.max_steps, disable=dist.rank != 0, dynamic_ncols=True, desc="stage 1 (value)")
@@ -526,12 +525,11 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
     say(f"stage 1 final held-out: {held_out}")
     common.export_consolidated(value_model, tok, v.out_dir, dist, save=save_value_model, extra={
         "trained_with": "train_critic.py", "steps": v.max_steps, "loss": v.loss,
-        "train_layers": v.train_layers, "labelled_data": label_counts, "heldout": held_out})
+        "train_layers": v.train_layers, "labelled_data": label_counts, "heldout": held_out, **run.link()})
     say(f"saved value model {v.out_dir}")
-    if run is not None:
-        mlflow.log_metrics(held_out, step=v.max_steps)
-        mlflow.log_param("value_model_dir", os.path.abspath(v.out_dir))
-        mlflow.end_run()
+    run.log_metrics(held_out, v.max_steps)
+    run.log_params({"value_model_dir": os.path.abspath(v.out_dir)})
+    run.end()
     return value_model.requires_grad_(False).eval()  # stage 2 uses it frozen, as it is
 
 
@@ -668,12 +666,22 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
     elif cfg.train.overwrite:
         common.clear_earlier_run(cfg.train.out_dir, dist)
     run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/policy"), cfg, master,
-                              resume_step=start_step)
-    if run is not None:
-        import mlflow
-        mlflow.set_tag("stage", "policy")
-        mlflow.log_params({"n_params": n_params, "world_size": world, "policy_examples": len(policy_set),
-                           "value_model_dir": os.path.abspath(c.value_model or cfg.value.out_dir)})
+                              resume_step=start_step, tags={"stage": "policy"})
+    run.log_params({"n_params": n_params, "world_size": world, "policy_examples": len(policy_set),
+                    "value_model_dir": os.path.abspath(c.value_model or cfg.value.out_dir)})
+    run.set_model_tags(base_model=cfg.model.policy, n_heads=n_heads, steps=cfg.train.max_steps,
+                       weighting=f"critic lam={c.lam} beta={c.beta} w=[{c.w_min},{c.w_max}]",
+                       data=f"{cfg.data.policy_source or cfg.data.source}:{cfg.data.policy_path or cfg.data.path or 'hub'}")
+
+    def weight_pages(step):  # V_t, δ_t, A_t, w_t on a few fixed held-out solutions, drawn by viz.py
+        shown = data.collate(policy_eval[:cfg.mlflow.weight_pages], pad_id)
+        ids, mask = shown["input_ids"].to(device), shown["loss_mask"].to(device)
+        (w,), _, _ = critic_step_weights(value_model, [shown], c, n_heads, amp, device, dist.group)
+        with torch.no_grad(), amp:
+            v = torch.sigmoid(value_model(ids)).float()
+        delta = critic_deltas(v, mask, shown["passed"].to(device))
+        return viz.critic_page(tok, shown, v, delta, gae(delta, mask, c.lam), w, f"train_critic.py stage 2, step {step}")
+    run.weight_pages = weight_pages if policy_eval else None
 
     from tqdm import tqdm
     model.train()
@@ -713,8 +721,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
     if stop.stopped:
         code = common.save_on_stop(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule,
                                    cfg.train.keep_last, run_cfg, dist)
-        if run is not None:
-            mlflow.end_run(status="KILLED")  # not FINISHED: it stopped before max_steps
+        run.end(status="KILLED")  # not FINISHED: it stopped before max_steps
         sys.exit(code)
     common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps,
                            "train_critic.py")

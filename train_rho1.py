@@ -30,6 +30,7 @@ import torch
 import common
 import data
 import mtp
+import viz
 
 
 @dataclass
@@ -236,10 +237,20 @@ def main(argv):
     elif cfg.train.overwrite:
         common.clear_earlier_run(cfg.train.out_dir, dist)
     run = common.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
-    if run is not None:
-        import mlflow
-        mlflow.log_params({"n_params": n_params, "n_ref_params": n_ref, "world_size": world,
-                           **{f"data.{k}": v for k, v in counts.items()}})
+    run.log_params({"n_params": n_params, "n_ref_params": n_ref, "world_size": world,
+                    **{f"data.{k}": v for k, v in counts.items()}})
+    run.set_model_tags(base_model=cfg.model.policy, n_heads=n_heads, steps=cfg.train.max_steps,
+                       weighting=f"rho1 ratio={cfg.rho1.ratio} mode={cfg.rho1.mode}",
+                       data=f"{cfg.data.source}:{cfg.data.path or 'hub'}:{cfg.data.split}")
+
+    def weight_pages(step):  # Rho-1's choice on a few fixed held-out examples, drawn by viz.py
+        shown = data.collate(eval_set[:cfg.mlflow.weight_pages], pad_id)
+        model.eval()
+        with torch.no_grad():
+            _, ce, _, _, valid, w, ref_ce = micro_step(shown, denominators([shown]))
+        model.train()
+        return viz.rho1_page(tok, shown, ce, ref_ce, w, valid, cfg.rho1.mode, f"train_rho1.py, step {step}")
+    run.weight_pages = weight_pages if eval_set else None
 
     # ---- train -----------------------------------------------------------------------------
     from tqdm import tqdm
@@ -282,8 +293,7 @@ def main(argv):
     if stop.stopped:
         code = common.save_on_stop(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule,
                                    cfg.train.keep_last, run_cfg, dist)
-        if run is not None:
-            mlflow.end_run(status="KILLED")  # not FINISHED: it stopped before max_steps
+        run.end(status="KILLED")  # not FINISHED: it stopped before max_steps
         sys.exit(code)
 
     # ---- final held-out loss and consolidated export ----------------------------------------

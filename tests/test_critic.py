@@ -497,6 +497,12 @@ def test_mlflow_runs_of_both_stages(toy_run):
     assert m["value/final_mean"] > 0.9  # the passing solutions' final value (V at EOS)
     assert len(client.get_metric_history(policy.info.run_id, "loss")) == 6
     assert os.path.exists(tmp / "out" / "final" / "mtp_config.json")
+    # the critic's token-weight pages at each held-out evaluation, the export registered (tests/test_tracking.py)
+    pages = {a.path for a in client.list_artifacts(policy.info.run_id, "token_weights")}
+    assert pages == {f"token_weights/step_00000{s}.{ext}" for s in (3, 6) for ext in ("html", "png")}
+    assert "w_t = " in open(tmp / "out" / "token_weights" / "step_000006.html").read()
+    version = client.get_model_version("toy", "1")
+    assert version.run_id == policy.info.run_id and version.tags["weighting"].startswith("critic lam=")
 
 
 def test_stage_two_from_a_saved_value_model(toy_run, tmp_path):
