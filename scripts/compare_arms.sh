@@ -18,7 +18,7 @@
 # Every step below is skipped when its output exists: the script can be re-run to continue.
 set -euo pipefail
 BASE=${1:?usage: bash scripts/compare_arms.sh BASE_MODEL (a local HF dir, hub id or .gguf)}
-OUT=${OUT:-out/cmp}
+RUN=${RUN:-out/cmp}          # everything the matrix writes
 SEEDS=${SEEDS:-"1 2 3"}
 ARMS=${ARMS:-"ntp mtp rho1 random critic"}
 STEPS=${STEPS:-200}          # joint steps of every fine-tuned arm
@@ -27,71 +27,76 @@ N=${N:-10}                   # samples per problem
 TASKS=${TASKS:-"humaneval mbpp"}
 LIMIT=${LIMIT:-0}            # problems per evaluation (0 = all; a smoke test uses a few)
 MBPP=${MBPP:-../shared/data/mbpp.jsonl}
-PAR=${PAR:-5}                # jobs sharing the GPU at once (a 135M model leaves most of it idle)
+PAR=${PAR:-5}                # training jobs sharing the GPU at once (a 135M model leaves most of it idle)
+EVAL_PAR=${EVAL_PAR:-2}      # evaluations at once: each holds a static KV cache of GEN_BATCH slots (~20 GB for
+                             # MBPP's 3-shot prompts) and 16 sandbox workers; with 6 at once most evaluations
+                             # failed on one H200 (logs lost; GPU memory is the likely cause, unconfirmed)
 GEN_BATCH=${GEN_BATCH:-640}  # eval rows decoded together
 WORKERS=${WORKERS:-$(nproc)}
 PY=${PY:-python}
-mkdir -p "$OUT/logs"
+mkdir -p "$RUN/logs"
 
 TRAIN="--mlflow.enabled=false --train.dtype=bfloat16 --train.global_batch=16 --train.micro_batch=16
        --train.lr=3e-5 --train.warmup_steps=10 --train.eval_every=0 --data.max_seq_len=512"
-DATA="--data.source=jsonl --data.path=$OUT/data/stdlib_train.jsonl --data.eval_path=$OUT/data/stdlib_validation.jsonl"
+DATA="--data.source=jsonl --data.path=$RUN/data/stdlib_train.jsonl --data.eval_path=$RUN/data/stdlib_validation.jsonl"
 
-# run NAME CMD...: log to $OUT/logs/NAME.log, at most PAR at once
+# run NAME CMD...: log to $RUN/logs/NAME.log, at most $PAR at once
 run() {
   local name=$1; shift
   while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do wait -n || true; done
   echo "[$(date +%T)] $name"
-  ("$@" > "$OUT/logs/$name.log" 2>&1 || echo "FAILED: $name (see $OUT/logs/$name.log)") &
+  ("$@" > "$RUN/logs/$name.log" 2>&1 || echo "FAILED: $name (see $RUN/logs/$name.log)") &
 }
 
 # ---- 0. data: the stdlib source, exported once so every machine trains on the same rows -------
-if [ ! -f "$OUT/data/stdlib_validation.jsonl" ]; then
-  mkdir -p "$OUT/data"
+# (the set depends on the interpreter's stdlib: 3.11.7 gives 2,879 + 127 examples, 3.12.3 gives
+# 2,320 + 100; export it where you like and copy $RUN/data to the GPU machine to pin it)
+if [ ! -f "$RUN/data/stdlib_validation.jsonl" ]; then
+  mkdir -p "$RUN/data"
   $PY -c "
 import json, sys, data
 for split in ('train', 'validation'):
     rows, counts = data.stdlib_examples(split, mbpp_path='$MBPP')
     rows = rows[:256] if split == 'validation' else rows  # the held-out CE of every arm: the same 256
-    with open('$OUT/data/stdlib_' + split + '.jsonl', 'w') as f:
+    with open('$RUN/data/stdlib_' + split + '.jsonl', 'w') as f:
         f.writelines(json.dumps({'prompt': r['prompt'], 'completion': r['completion']}) + '\n' for r in rows)
     print(split, {k: counts[k] for k in ('python', 'found', 'kept', 'examples', 'sha256')}, 'contaminated:', len(counts['contaminated']))
 "
 fi
 
 # ---- 1-3. shared inputs: head warm-up, Rho-1 reference, critic labels --------------------------
-[ -f "$OUT/warm/final/mtp_config.json" ] || run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
+[ -f "$RUN/warm/final/mtp_config.json" ] || run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
   --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$WARM --train.heads_only_steps=$WARM --train.lr=1e-4 \
-  --train.out_dir=$OUT/warm
-[ -f "$OUT/reference/final/mtp_config.json" ] || run reference $PY train_rho1.py configs/smol_reference.yaml \
-  --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$OUT/reference --mlflow.enabled=false \
+  --train.out_dir=$RUN/warm
+[ -f "$RUN/reference/final/mtp_config.json" ] || run reference $PY train_rho1.py configs/smol_reference.yaml \
+  --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$RUN/reference --mlflow.enabled=false \
   --train.max_steps=${REF_STEPS:-70}
-[ -f "$OUT/labels/samples.jsonl" ] || run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
+[ -f "$RUN/labels/samples.jsonl" ] || run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
   --n_samples=8 --temperature=0.8 --top_p=0.95 --k=1 --max_new_tokens=384 --batch_size=$GEN_BATCH --limit=$LIMIT \
-  --workers=$WORKERS --out=$OUT/labels --mlflow.enabled=false
+  --workers=$WORKERS --out=$RUN/labels --mlflow.enabled=false
 wait
-[ -f "$OUT/value/value_config.json" ] || run value $PY train_critic.py --model.policy="$BASE" --stages=value \
-  --data.source=samples --data.path=$OUT/labels/samples.jsonl --data.max_seq_len=768 --value.train_layers=-1 \
+[ -f "$RUN/value/value_config.json" ] || run value $PY train_critic.py --model.policy="$BASE" --stages=value \
+  --data.source=samples --data.path=$RUN/labels/samples.jsonl --data.max_seq_len=768 --value.train_layers=-1 \
   --value.max_steps=${VALUE_STEPS:-150} --value.global_batch=32 --value.micro_batch=32 --value.lr=2e-5 --value.eval_every=50 \
-  --value.out_dir=$OUT/value --train.dtype=bfloat16 --mlflow.enabled=false
+  --value.out_dir=$RUN/value --train.dtype=bfloat16 --mlflow.enabled=false
 wait
 
 # ---- 4. the arms, every seed ----------------------------------------------------------------
 for seed in $SEEDS; do
   for arm in $ARMS; do
-    out=$OUT/$arm-s$seed
+    out=$RUN/$arm-s$seed
     [ -f "$out/final/mtp_config.json" ] && continue
     common=(--train.seed=$seed --train.max_steps=$STEPS --train.out_dir=$out)
     case $arm in
       ntp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy="$BASE" --model.n_heads=1 --rho1.ratio=1 ;;
-      mtp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$OUT/warm/final --model.n_heads=4 --rho1.ratio=1 ;;
-      rho1)   run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$OUT/warm/final --model.n_heads=4 \
-                --rho1.ratio=0.7 --model.reference=$OUT/reference/final ;;
-      random) run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$OUT/warm/final --model.n_heads=4 \
-                --rho1.ratio=0.7 --model.reference=$OUT/reference/final --rho1.shuffle=true ;;
-      critic) run $arm-s$seed $PY train_critic.py $TRAIN "${common[@]}" --model.policy=$OUT/warm/final --model.n_heads=4 \
-                --stages=policy --critic.value_model=$OUT/value --data.policy_source=jsonl \
-                --data.policy_path=$OUT/data/stdlib_train.jsonl --data.policy_eval_path=$OUT/data/stdlib_validation.jsonl ;;
+      mtp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 --rho1.ratio=1 ;;
+      rho1)   run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 \
+                --rho1.ratio=0.7 --model.reference=$RUN/reference/final ;;
+      random) run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 \
+                --rho1.ratio=0.7 --model.reference=$RUN/reference/final --rho1.shuffle=true ;;
+      critic) run $arm-s$seed $PY train_critic.py $TRAIN "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 \
+                --stages=policy --critic.value_model=$RUN/value --data.policy_source=jsonl \
+                --data.policy_path=$RUN/data/stdlib_train.jsonl --data.policy_eval_path=$RUN/data/stdlib_validation.jsonl ;;
     esac
   done
 done
@@ -100,17 +105,18 @@ wait
 # ---- 5. evaluations: every model on every task, N samples at T = 0.8 -------------------------
 evaluate() {  # evaluate NAME MODEL
   for task in $TASKS; do
-    [ -f "$OUT/eval/$1/$task/results.json" ] && continue
+    [ -f "$RUN/eval/$1/$task/results.json" ] && continue
     run eval-$1-$task $PY eval.py "$2" --task=$task --data_path=$([ $task = mbpp ] && echo "$MBPP") \
       --n_samples=$N --temperature=0.8 --top_p=0.95 --k=1,10 --max_new_tokens=${MAX_NEW:-512} --batch_size=$GEN_BATCH --limit=$LIMIT \
-      --workers=$WORKERS --out=$OUT/eval/$1/$task --mlflow.enabled=false
+      --workers=$WORKERS --out=$RUN/eval/$1/$task --mlflow.enabled=false
   done
 }
+PAR=$EVAL_PAR
 evaluate base "$BASE"
-for seed in $SEEDS; do for arm in $ARMS; do evaluate $arm-s$seed $OUT/$arm-s$seed/final; done; done
+for seed in $SEEDS; do for arm in $ARMS; do evaluate $arm-s$seed $RUN/$arm-s$seed/final; done; done
 wait
 
 # ---- 6. the table ---------------------------------------------------------------------------
-arms="base=$OUT/eval/base/*/results.json"
-for arm in $ARMS; do arms="$arms $arm=$OUT/eval/$arm-s*/*/results.json"; done
-$PY compare.py --arms="$arms" --ref=ntp --out=$OUT/comparison.md
+arms="base=$RUN/eval/base/*/results.json"
+for arm in $ARMS; do arms="$arms $arm=$RUN/eval/$arm-s*/*/results.json"; done
+$PY compare.py --arms="$arms" --ref=ntp --out=$RUN/comparison.md
