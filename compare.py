@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import common
+import tracking
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -253,7 +254,7 @@ class CompareConfig:
     seed: int = 0
     level: float = 0.95              # interval coverage
     out: str = "out/compare/compare.md"  # markdown file (JSON beside it)
-    mlflow: common.MlflowConfig = field(default_factory=lambda: common.MlflowConfig(experiment="wmtp-compare"))
+    mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-compare"))
 
 
 def parse_args(argv=None) -> CompareConfig:

@@ -45,6 +45,7 @@ import data
 import mtp
 import sampling
 import sandbox
+import tracking
 
 # --------------------------------------------------------------------------------------------
 # 1. pass@k
@@ -186,7 +187,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"              # auto = bf16 on GPUs (fp32 with --speculative), fp32 on CPU
     out: str = ""                    # output directory ("" = out/eval/<task>-<time>)
-    mlflow: common.MlflowConfig = field(default_factory=lambda: common.MlflowConfig(experiment="wmtp-eval"))
+    mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-eval"))
 
 
 def parse_args(argv=None) -> EvalConfig:
@@ -224,7 +225,8 @@ def parse_args(argv=None) -> EvalConfig:
 def check_config(args: EvalConfig):
     """The model, data and numbers of an evaluation, checked before the model loads: a mistake is
     one line naming the key and the fix (common.run_main, exit status 2)."""
-    common.check_model_spec("model", args.model)
+    if not args.model.startswith(("models:/", "runs:/")):  # MLflow specs: checked by tracking.mlflow_model
+        common.check_model_spec("model", args.model)
     if args.data_path:
         common.check_file("data_path", args.data_path)
     common.pick_device(args.device)
@@ -251,9 +253,9 @@ def main(argv=None):
     dist = common.init_distributed(args.device)
     rank, world, device, master = dist.rank, dist.world, dist.device, dist.rank == 0
     dtype = common.pick_dtype(args.dtype, device)
-    with common.mlflow_model(args.model, args.mlflow) as path:  # models:/NAME/VERSION, runs:/RUN_ID/PATH
+    with tracking.mlflow_model(args.model, args.mlflow) as path:  # models:/NAME/VERSION, runs:/RUN_ID/PATH
         model, tok = load_model(path, device, dtype)
-        trained_in = common.export_link(path).get("mlflow_run_id")  # the training run, for MLflow below
+        trained_in = tracking.export_link(path).get("mlflow_run_id")  # the training run, for MLflow below
     eos_ids = sampling.eos_token_ids(model, tok)
     if args.speculative and model.n_heads == 1:
         print("--speculative with a 1-head model: there is nothing to draft, expect a speed-up of ~1")
@@ -381,7 +383,7 @@ def main(argv=None):
 
     # MLflow: a run of its own (tagged with the training run the checkpoint names), results.json and
     # samples.jsonl as artifacts, pass@k onto the registered model version(s) evaluated.
-    run = common.start_mlflow(replace(args.mlflow, run_name=args.mlflow.run_name or f"eval-{args.task}"), args, True,
+    run = tracking.start_mlflow(replace(args.mlflow, run_name=args.mlflow.run_name or f"eval-{args.task}"), args, True,
                               local_dir=out_dir, tags={"model_spec": args.model, "training_run_id": trained_in or ""})
     numbers = {k.replace("@", "_at_"): v for k, v in metrics.items()}
     if args.speculative:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import common
 import data
 import mtp
+import tracking
 import viz
 
 
@@ -117,7 +118,7 @@ class Config:
     # stage 2 (device, dtype, seed, betas and min_lr_ratio also for stage 1)
     train: common.TrainConfig = field(default_factory=lambda: common.TrainConfig(out_dir="out/critic"))
     # runs are named <run_name>/value and <run_name>/policy
-    mlflow: common.MlflowConfig = field(default_factory=lambda: common.MlflowConfig(experiment="wmtp-critic"))
+    mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-critic"))
     dry_run: bool = False            # load everything, one forward/backward per stage, print sizes, exit
     resume: str | bool = ""          # continue stage 2 ("latest" or a checkpoint path); needs --stages=policy
 
@@ -495,7 +496,7 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
         import shutil
         print(f"--overwrite: deleting the earlier value model {v.out_dir}")
         shutil.rmtree(v.out_dir)
-    run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg,
+    run = tracking.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg,
                               dist.rank == 0, local_dir=v.out_dir, tags={"stage": "value"})
     run.log_params({"value.n_trainable": n_trainable, "world_size": world,
                     **{f"labels.{k}": x for k, x in label_counts.items()}})
@@ -665,7 +666,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
         say(f"resumed from step {start_step}")
     elif cfg.train.overwrite:
         common.clear_earlier_run(cfg.train.out_dir, dist)
-    run = common.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/policy"), cfg, master,
+    run = tracking.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/policy"), cfg, master,
                               resume_step=start_step, tags={"stage": "policy"})
     run.log_params({"n_params": n_params, "world_size": world, "policy_examples": len(policy_set),
                     "value_model_dir": os.path.abspath(c.value_model or cfg.value.out_dir)})
@@ -718,11 +719,8 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
         if stop.requested(dist):  # all ranks agree; the checkpoint is written below
             break
     bar.close()
-    if stop.stopped:
-        code = common.save_on_stop(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule,
-                                   cfg.train.keep_last, run_cfg, dist)
-        run.end(status="KILLED")  # not FINISHED: it stopped before max_steps
-        sys.exit(code)
+    common.exit_if_stopped(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last,
+                           run_cfg, dist, run)
     common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps,
                            "train_critic.py")
     stop.restore()

@@ -30,6 +30,7 @@ import torch
 import common
 import data
 import mtp
+import tracking
 import viz
 
 
@@ -71,7 +72,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: common.TrainConfig = field(default_factory=lambda: common.TrainConfig(out_dir="out/rho1"))
     rho1: Rho1Config = field(default_factory=Rho1Config)
-    mlflow: common.MlflowConfig = field(default_factory=lambda: common.MlflowConfig(experiment="wmtp-rho1"))
+    mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-rho1"))
     dry_run: bool = False            # load everything, one forward/backward, print sizes, exit
     resume: str | bool = ""          # "" = fresh run; "latest"/true = newest checkpoint in out_dir; or a path
 
@@ -236,7 +237,7 @@ def main(argv):
         say(f"resumed from step {start_step}")
     elif cfg.train.overwrite:
         common.clear_earlier_run(cfg.train.out_dir, dist)
-    run = common.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
+    run = tracking.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
     run.log_params({"n_params": n_params, "n_ref_params": n_ref, "world_size": world,
                     **{f"data.{k}": v for k, v in counts.items()}})
     run.set_model_tags(base_model=cfg.model.policy, n_heads=n_heads, steps=cfg.train.max_steps,
@@ -290,11 +291,8 @@ def main(argv):
         if stop.requested(dist):  # all ranks agree; the checkpoint is written below
             break
     bar.close()
-    if stop.stopped:
-        code = common.save_on_stop(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule,
-                                   cfg.train.keep_last, run_cfg, dist)
-        run.end(status="KILLED")  # not FINISHED: it stopped before max_steps
-        sys.exit(code)
+    common.exit_if_stopped(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last,
+                           run_cfg, dist, run)
 
     # ---- final held-out loss and consolidated export ----------------------------------------
     if speed.run_rate():

@@ -3,7 +3,7 @@ viz.py — token-weight pages: which tokens of a completion got the weight, draw
 
 At every held-out evaluation the training scripts compute, with their own code paths
 (mtp.rho1_weights via train_rho1's micro_step; train_critic.critic_step_weights), the weights of
-a few fixed held-out examples and hand them here; common.Tracker writes the page as HTML (hover a
+a few fixed held-out examples and hand them here; tracking.Tracker writes the page as HTML (hover a
 token for its numbers; readable in the MLflow UI's artifact viewer) and PNG under
 <out_dir>/token_weights/ and logs both as MLflow artifacts.
 

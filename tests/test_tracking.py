@@ -26,6 +26,7 @@ from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 import common
 import data
 import mtp
+import tracking
 import viz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,10 +236,10 @@ def test_large_export_is_registered_by_reference(tmp_path):
     (export / mtp.MTP_CONFIG).write_text('{"n_heads": 2}')
     (export / "tokenizer.json").write_text("{}")
     (export / "model.safetensors").write_bytes(bytes(4096))
-    mcfg = common.MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="big",
+    mcfg = tracking.MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="big",
                                log_artifacts_max_mb=0.001)
     try:
-        run = common.start_mlflow(mcfg, common.parse_config(common.TrainConfig, []), True, local_dir=str(export.parent))
+        run = tracking.start_mlflow(mcfg, common.parse_config(common.TrainConfig, []), True, local_dir=str(export.parent))
         run.set_model_tags(n_heads=2)
         run.log_export(str(export))
         run.end()
@@ -246,10 +247,10 @@ def test_large_export_is_registered_by_reference(tmp_path):
         assert {a.path for a in client.list_artifacts(run.run_id, "final")} == {
             "final/export_ref.json", "final/tokenizer.json", f"final/{mtp.MTP_CONFIG}"}
         assert client.get_model_version("big", "1").tags == {"n_heads": "2"}
-        with common.mlflow_model("models:/big/1", mcfg) as path:
+        with tracking.mlflow_model("models:/big/1", mcfg) as path:
             assert path == str(export)
         export.rename(tmp_path / "moved")
-        with pytest.raises(FileNotFoundError, match="registered by reference"), common.mlflow_model("models:/big/1", mcfg):
+        with pytest.raises(FileNotFoundError, match="registered by reference"), tracking.mlflow_model("models:/big/1", mcfg):
             pass
     finally:
         mlflow.set_tracking_uri(old_uri)
@@ -258,7 +259,7 @@ def test_large_export_is_registered_by_reference(tmp_path):
 # ---- the tracking server closed or silent: training goes on ----
 
 def offline_records(out_dir):
-    with open(os.path.join(out_dir, common.OFFLINE_FILE)) as f:
+    with open(os.path.join(out_dir, tracking.OFFLINE_FILE)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -274,7 +275,7 @@ def test_closed_port_trains_warns_once_and_exits_0(tmp_path):
     # nothing lost: the kept records replay into a tracking store
     from mlflow import MlflowClient
     db = f"sqlite:///{tmp_path / 'replayed.db'}"
-    run_id = common.replay_offline(str(tmp_path / "out" / common.OFFLINE_FILE), db)
+    run_id = tracking.replay_offline(str(tmp_path / "out" / tracking.OFFLINE_FILE), db)
     client = MlflowClient(db)
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
     assert client.get_run(run_id).data.params["rho1.ratio"] == "0.7"
@@ -290,10 +291,10 @@ def test_silent_server_costs_one_bounded_wait(tmp_path, monkeypatch, capsys):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
-        mcfg = common.MlflowConfig(tracking_uri=f"http://127.0.0.1:{silent.getsockname()[1]}", experiment="x")
+        mcfg = tracking.MlflowConfig(tracking_uri=f"http://127.0.0.1:{silent.getsockname()[1]}", experiment="x")
         t0 = time.time()
         try:
-            run = common.start_mlflow(mcfg, common.parse_config(common.TrainConfig, []), True, local_dir=str(tmp_path))
+            run = tracking.start_mlflow(mcfg, common.parse_config(common.TrainConfig, []), True, local_dir=str(tmp_path))
             for step in range(5):
                 run.log_metrics({"loss": 1.0 / (step + 1)}, step)
             run.log_export(str(tmp_path))
