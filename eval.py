@@ -108,6 +108,9 @@ def load_mbpp(path, split="test"):
     et al. (2021), §2.2: tasks 2, 3 and 4 as worked examples, each `<task + tests> [BEGIN] <code>
     [DONE]`, one per line (the prompt format is data.py's, so that training and evaluation agree)."""
     shots = {r["task_id"]: r for r in data.load_mbpp_rows(path, "prompt")}
+    if missing := [i for i in (2, 3, 4) if i not in shots]:
+        raise data.DataError(f"{path}: MBPP's 3-shot prompt needs tasks 2, 3 and 4 (its prompt split); "
+                             f"missing {missing}: pass the full MBPP file")
     few_shot = "".join(data.mbpp_prompt(shots[i]["text"], list(shots[i]["test_list"]))
                        + shots[i]["code"].replace("\r\n", "\n") + "\n[DONE]\n" for i in (2, 3, 4))
     return [mbpp_problem(r, few_shot) for r in data.load_mbpp_rows(path, split)]

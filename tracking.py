@@ -47,6 +47,13 @@ def flatten_config(cfg, prefix="") -> dict:
     return out
 
 
+def _mlflow():
+    """The mlflow module, imported only once a call reaches MLflow: with --mlflow.enabled=false
+    every Tracker method is a no-op and mlflow need not be installed (e.g. on a GPU box)."""
+    import mlflow
+    return mlflow
+
+
 def start_mlflow(mcfg: MlflowConfig, cfg, master: bool, resume_step: int = 0, local_dir: str | None = None,
                  tags: dict | None = None) -> Tracker:
     """This process's Tracker. On rank 0 with mlflow.enabled: a started MLflow run (tracking URI
@@ -200,20 +207,16 @@ class Tracker:
                                                             "config.yaml"))
 
     def log_params(self, params: dict):
-        import mlflow
-        self._call("log params", lambda: mlflow.log_params(params), {"params": params})
+        self._call("log params", lambda: _mlflow().log_params(params), {"params": params})
 
     def log_metrics(self, metrics: dict, step: int | None = None):
-        import mlflow
-        self._call("log metrics", lambda: mlflow.log_metrics(metrics, step=step), {"step": step, "metrics": metrics})
+        self._call("log metrics", lambda: _mlflow().log_metrics(metrics, step=step), {"step": step, "metrics": metrics})
 
     def set_tags(self, tags: dict):
-        import mlflow
-        self._call("set tags", lambda: mlflow.set_tags(tags), {"tags": tags})
+        self._call("set tags", lambda: _mlflow().set_tags(tags), {"tags": tags})
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> bool:
-        import mlflow
-        return self._upload(os.path.basename(path), lambda: mlflow.log_artifact(path, artifact_path))
+        return self._upload(os.path.basename(path), lambda: _mlflow().log_artifact(path, artifact_path))
 
     def set_model_tags(self, **tags):
         """What the final export is (base model, n_heads, weighting, data, steps): tags of this run
@@ -272,10 +275,8 @@ class Tracker:
         (models:/NAME/VERSION) and those registered from `training_run_id`."""
         import re
 
-        import mlflow
-
         def go():
-            client = mlflow.MlflowClient()
+            client = _mlflow().MlflowClient()
             m = re.fullmatch(r"models:/([^/@]+)/(\d+)/?", spec)
             versions = {(m[1], m[2])} if m else set()
             if training_run_id:

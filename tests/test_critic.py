@@ -277,6 +277,28 @@ def test_tokenize_and_split_by_problem(tmp_path):
     assert sum(a != b for a, b in zip(seq, seq[1:])) == len(set(seq)) - 1
 
 
+def test_labels_that_max_seq_len_leaves_one_class_of(tmp_path, capsys):
+    """Only the short solutions pass: at a small max_seq_len the training split has no passing
+    example left (an error naming data.max_seq_len); at a larger one, a held-out split of one
+    class is a warning that its AUC is undefined."""
+    import types
+
+    import train_critic
+    tok = char_tokenizer(tmp_path / "tok")
+    rows = [{"prompt": f"p{i % 8}", "completion": "x" * (12 if i < 16 else 3), "passed": float(i < 16),
+             "problem": f"q{i % 8}"} for i in range(40)]
+    counts = data.class_balance(rows)
+    world = types.SimpleNamespace(rank=0)
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(max_seq_len=10, eval_frac=0.25), train=types.SimpleNamespace(seed=0))
+    with pytest.raises(data.DataError, match=r"training split has one class only .* raise data.max_seq_len"):
+        train_critic.tokenize_labelled_data(cfg, tok, rows, counts, world)
+    rows = [{**r, "passed": float(r["problem"] in ("q0", "q1", "q2", "q3", "q4", "q5"))} for r in rows]
+    cfg.data.max_seq_len = 64
+    train, held, _ = train_critic.tokenize_labelled_data(cfg, tok, rows, data.class_balance(rows), world)
+    held_labels = {it[2] for it in held}
+    assert len(held_labels) == 1 and "held-out AUC is undefined" in capsys.readouterr().err
+
+
 # ---- offline demo labels: mutants, executed ----------------------------------------------------
 
 def test_mutants_are_distinct_single_site_edits():

@@ -147,3 +147,29 @@ def test_random_weight_control_keeps_the_count_and_loses_the_selection(tiny_run)
         assert real[f"head{k}/excess_selected"] > real[f"head{k}/excess_all"] + 0.05
         assert abs(rand[f"head{k}/excess_selected"] - rand[f"head{k}/excess_all"]) < \
             real[f"head{k}/excess_selected"] - real[f"head{k}/excess_all"]
+
+
+def test_mlflow_disabled_needs_no_mlflow(tiny_run):
+    """--mlflow.enabled=false must work where mlflow is not installed (the GPU box of the
+    comparison run had none, and every step failed at its first log call): train, then evaluate,
+    in a subprocess where `import mlflow` raises ImportError."""
+    tmp_path, cfg = tiny_run
+    block = "import sys; sys.modules['mlflow'] = None; import runpy; sys.argv = sys.argv[1:]; "
+    for argv in ([os.path.join(REPO, "train_rho1.py"), cfg, "--train.max_steps=2", "--mlflow.enabled=false"],
+                 [os.path.join(REPO, "eval.py"), str(tmp_path / "out" / "final"), "--task=mbpp",
+                  f"--data_path={_mbpp_rows(tmp_path)}", "--n_samples=1", "--max_new_tokens=4", "--workers=1",
+                  "--mlflow.enabled=false", f"--out={tmp_path / 'eval'}"]):
+        p = subprocess.run([sys.executable, "-c", block + "runpy.run_path(sys.argv[0], run_name='__main__')", *argv],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert os.path.exists(tmp_path / "eval" / "results.json")
+
+
+def _mbpp_rows(tmp_path):
+    """MBPP-format rows: the 3-shot prompt's tasks 2-4 and two test problems (ids 11, 12)."""
+    import json
+    rows = [{"task_id": i, "text": "Write a function f that returns 1.", "code": "def f():\n    return 1",
+             "test_list": ["assert f() == 1"], "test_setup_code": "", "challenge_test_list": []} for i in (2, 3, 4, 11, 12)]
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
