@@ -11,17 +11,25 @@ bench.py — training-step speed and memory of WMTP against what users would run
     python bench.py --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
-full training steps -- forward, backward, optimizer -- after warm-up, for, in one process on
-one GPU:
+full training steps -- forward, backward, optimizer -- after warm-up, on one GPU, each variant in
+its own process (Liger-Kernel patches transformers' classes globally; no variant inherits
+another's compiled code or allocator state):
   hf          (a) the plain Hugging Face step users write today:
                   model(input_ids, labels=input_ids).loss.backward(); eager, HF modelling code
+  hf_liger        the same with Liger-Kernel (fused RoPE, RMSNorm, SwiGLU and its fused linear
+                  cross-entropy: apply_liger_kernel_to_llama) and fused AdamW -- the next-token peer
   naive_mtp   (b) 4-head MTP that materialises every head's logits (what the seeds' code did)
+  liger_mtp4      4-head MTP assembled from Liger: our trunk/heads (mtp.MTPModel) with Liger's
+                  kernels, Liger's fused linear CE called once per head, fused AdamW -- the MTP peer
   wmtp1           our path with one head (next-token fine-tuning)
-  wmtp4       (c) WMTP, 4 heads, uniform weights
+  wmtp4       (c) WMTP, 4 heads, uniform weights (sequential heads unless --no_sequential)
   rho1_q      (d) WMTP 4 heads + Rho-1, reference of ~1/4 the policy size (its forward included)
   rho1_same   (d) the same with a reference as large as the policy
   critic      (e) WMTP 4 heads + critic weights (a ~1/4-size value model's forward, GAE, whitening)
-and prints tokens/s, MFU and peak memory, each also as a ratio to (a) measured in the same run.
+and prints tokens/s, MFU and peak memory, each also as a ratio to (a) and to the Liger peer of
+the same kind (wmtp1: hf_liger; the 4-head variants: liger_mtp4), measured in the same run.
+Liger-Kernel is optional and only bench.py uses it (`pip install liger-kernel`): without it the
+two Liger variants are reported as missing and the rest runs.
 
 --generate measures sampling instead (see `generate_bench`): generated tokens/s of eval.py's
 slot decoder against Hugging Face's `model.generate` on the same prompts, batch, sampling
@@ -29,7 +37,9 @@ settings, max length and stop strings, each in its own process, in one run.
 
 All variants use bf16 parameters (no fp32 master copy) and AdamW, so that memory compares like
 with like; "ours" (wmtp*, rho1*, critic) use every optimisation: compiled blocks, fused AdamW,
-the chunked fused loss, no host syncs. MFU counts model FLOPs only (recomputation under
+the chunked fused loss, sequential heads, no host syncs. With activation checkpointing (--ckpt)
+the trunk is checkpointed in every variant; the heads are not (--ckpt_heads: ours and
+liger_mtp4 checkpoint them too). MFU counts model FLOPs only (recomputation under
 activation checkpointing is not counted):
     FLOPs/token = 6 * (matmul parameters on the trained path) + 6 * L * T * d   (causal attention)
               + 2 * (matmul parameters of a frozen reference / value model) + 2 * L' * T * d'
@@ -40,6 +50,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -98,6 +110,27 @@ def step_hf(model, opt, ids, **_):
     opt.zero_grad(set_to_none=True)
 
 
+def step_hf_liger(model, opt, ids, **_):
+    """The next-token peer: (a) after apply_liger_kernel_to_llama (its forward with labels runs
+    Liger's fused linear cross-entropy; the logits are never materialised)."""
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def step_liger_mtp(model, opt, ids, n_heads, liger_targets, **_):
+    """The MTP peer: every head's hidden states, then Liger's fused linear CE once per head (mean
+    over that head's completion targets, -100 elsewhere), summed over heads."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    hiddens, _ = model.hidden_states(ids, use_cache=False)
+    W = model.lm_head_weight
+    loss = sum(liger_fused_linear_cross_entropy(hiddens[k].flatten(0, 1), W, liger_targets[k].reshape(-1))
+               for k in range(n_heads))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def step_naive_mtp(model, opt, ids, n_heads, **_):
     """(b): every head's logits materialised at once, fp32 upcast for the loss (as HF does)."""
     hiddens, _ = model.hidden_states(ids, use_cache=False)
@@ -123,9 +156,10 @@ def step_rho1(model, opt, ids, n_heads, targets, valid, denom, lambdas, ref, row
     """(d): reference forward, then the policy's per-head CE, top-70% selection, weighted loss."""
     ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, rows=ref_rows), n_heads)
 
-    def coef_fn(ce):
-        w = mtp.rho1_weights(ce - ref_ce, valid, 0.7)
-        return mtp.loss_coefficients(w, valid, denom, lambdas)
+    def coef_fn(ce, head=None):  # per head with sequential heads (head=k, ce [1, B, T])
+        ks = slice(None) if head is None else slice(head, head + 1)
+        w = mtp.rho1_weights(ce - ref_ce[ks], valid[ks], 0.7)
+        return mtp.loss_coefficients(w, valid[ks], denom[ks], lambdas[ks])
 
     loss, *_ = model(ids, targets, coef_fn=coef_fn, rows=rows, n_nonzero=n_kept)
     loss.backward()
@@ -152,18 +186,44 @@ def step_critic(model, opt, ids, n_heads, targets, valid, lambdas, value_model, 
 
 # ---- one measurement ------------------------------------------------------------------------
 
+VARIANTS = ("hf", "hf_liger", "naive_mtp", "liger_mtp4", "wmtp1", "wmtp4", "rho1_q", "rho1_same", "critic")
+LIGER = ("hf_liger", "liger_mtp4")
+PEER = {"wmtp1": "hf_liger", "wmtp4": "liger_mtp4", "rho1_q": "liger_mtp4", "rho1_same": "liger_mtp4",
+        "critic": "liger_mtp4"}
+
+
+def apply_liger():
+    """Liger-Kernel's Llama patches (before the model is built: they replace transformers'
+    classes). A missing package is one line, not a traceback."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError:
+        print("LIGER_MISSING bench.py: the hf_liger and liger_mtp4 variants need Liger-Kernel "
+              "(pip install liger-kernel); skipped", flush=True)
+        sys.exit(3)
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True)
+
+
 def measure(name, args, cfg, device, dtype, ckpt):
-    ours = name != "hf" and name != "naive_mtp"
-    n_heads = 1 if name in ("hf", "wmtp1") else 4
+    ours = name not in ("hf", "naive_mtp") + LIGER
+    n_heads = 1 if name in ("hf", "hf_liger", "wmtp1") else 4
     base = build(cfg, device, dtype)
-    model = base if name == "hf" else mtp.MTPModel(base, n_heads)
-    if ckpt:  # HF's own for (a) and (b); ours leaves the heads un-checkpointed
-        mtp.enable_grad_checkpointing(model, args.ckpt_heads) if ours else mtp.checkpointing_enable(base)
+    model = base if name in ("hf", "hf_liger") else mtp.MTPModel(base, n_heads)
+    if ours:
+        model.sequential_heads = args.sequential and n_heads > 1
+    elif n_heads > 1:
+        model.sequential_heads = False  # the peers run all heads at once, as their users would
+    if ckpt:  # HF's own for the plain HF steps; the MTP models leave the heads un-checkpointed
+        if name in ("hf", "hf_liger", "naive_mtp"):
+            mtp.checkpointing_enable(base)
+        else:
+            mtp.enable_grad_checkpointing(model, args.ckpt_heads)
     if ours and args.compile:
         for block in common.transformer_blocks(model):
             block.compile()
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=ours and device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=name not in ("hf", "naive_mtp") and device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
     mask_cpu = torch.ones(args.batch, args.seq, dtype=torch.long)
@@ -176,11 +236,13 @@ def measure(name, args, cfg, device, dtype, ckpt):
     kw = dict(n_heads=n_heads, targets=targets, valid=valid, lambdas=lambdas, mask=mask,
               coef=mtp.loss_coefficients(valid.float(), valid, denom, lambdas),
               denom=mtp.selected_count(valid.flatten(1).sum(1), 0.7).float(),
-              rows=mtp.loss_rows(mask_cpu, n_heads).to(device), ref_rows=mtp.loss_rows(mask_cpu, 1).to(device),
-              n_kept=int(mtp.selected_count(mtp.align_to_heads(mask_cpu, n_heads).flatten(1).sum(1), 0.7).sum()))
+              rows=[r.to(device) for r in mtp.head_rows(mask_cpu, n_heads)], ref_rows=mtp.loss_rows(mask_cpu, 1).to(device),
+              n_kept=mtp.selected_count(mtp.align_to_heads(mask_cpu, n_heads).flatten(1).sum(1), 0.7).tolist(),
+              liger_targets=torch.where(valid.bool(), targets, -100))
     frozen = []
-    step = {"hf": step_hf, "naive_mtp": step_naive_mtp, "wmtp1": step_wmtp, "wmtp4": step_wmtp,
-            "rho1_q": step_rho1, "rho1_same": step_rho1, "critic": step_critic}[name]
+    step = {"hf": step_hf, "hf_liger": step_hf_liger, "naive_mtp": step_naive_mtp, "liger_mtp4": step_liger_mtp,
+            "wmtp1": step_wmtp, "wmtp4": step_wmtp, "rho1_q": step_rho1, "rho1_same": step_rho1,
+            "critic": step_critic}[name]
     if name.startswith("rho1"):
         rcfg = cfg if name == "rho1_same" else args.small_cfg
         ref = mtp.MTPModel(build(rcfg, device, dtype, seed=1).eval().requires_grad_(False), 1)
@@ -375,9 +437,13 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default="hf,naive_mtp,wmtp1,wmtp4,rho1_q,rho1_same,critic")
+    p.add_argument("--variants", default="hf,hf_liger,liger_mtp4,wmtp1,wmtp4,rho1_q,critic",
+                   help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--no_sequential", dest="sequential", action="store_false",
+                   help="ours: all heads at once (the path before sequential heads)")
+    p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # set for the child processes
     p.add_argument("--no_compile", dest="compile", action="store_false")
-    p.add_argument("--ckpt_heads", action="store_true", help="checkpoint our MTP heads too (less memory, more compute)")
+    p.add_argument("--ckpt_heads", action="store_true", help="checkpoint the MTP heads too (less memory, more compute)")
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
     p.add_argument("--json", default="", help="also write the results here")
@@ -430,45 +496,105 @@ def main():
         if args.impl:
             return generate_one(args)
         return generate_bench(args)
-    device = common.pick_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tiny:
         args.seq, args.batch, args.steps, args.warmup = 64, 2, 2, 1
+    if args.variant:
+        return train_variant(args)
+    train_bench(args)
+
+
+def shapes(args, vocab):
+    """(policy config, the ~1/4-size reference / value model config) for one vocabulary."""
+    if args.tiny:
+        return llama_config(vocab, 64, 3, 128, 4, 2, args.seq), llama_config(vocab, 32, 2, 64, 4, 2, args.seq)
+    return (llama_config(vocab, 2048, 22, 5632, 32, 4, args.seq),     # ~1.1B (TinyLlama)
+            llama_config(vocab, 1024, 16, 2816, 16, 4, args.seq))     # ~1/4 of it
+
+
+def train_variant(args):
+    """A child process: one variant, every vocabulary and checkpointing setting asked for, one
+    after the other (the memory is freed and the peak reset in between); one RESULT line each."""
+    device = common.pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.variant in LIGER:
+        apply_liger()
+    for vocab in [int(v) for v in args.vocab.split(",")]:
+        cfg, args.small_cfg = shapes(args, vocab)
+        for ckpt in [c == "on" for c in args.ckpt.split(",")]:
+            try:
+                r = measure(args.variant, args, cfg, device, dtype, ckpt)
+            except torch.OutOfMemoryError:
+                r = {"variant": args.variant, "tok_s": float("nan"), "peak_gb": float("inf"), "tflops": float("nan")}
+                gc.collect()
+                torch.cuda.empty_cache()
+            print("RESULT " + json.dumps(r | {"vocab": vocab, "ckpt": ckpt}), flush=True)
+
+
+def train_bench(args):
+    """Every variant in its own process, one after the other; then one table per setting with the
+    ratios to hf and to the Liger peer, and the issue's goals checked."""
+    device = common.pick_device(args.device)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
-    print(f"# {gpu}, torch {torch.__version__}, batch {args.batch} x {args.seq} tokens, "
-          f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, compile={args.compile}")
-    results = []
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    print(f"# {gpu}, torch {torch.__version__}, batch {args.batch} x {args.seq} tokens, {dtype}, "
+          f"compile={args.compile}, sequential heads={args.sequential}, warm-up {args.warmup}, timed {args.steps}",
+          flush=True)
+    results, missing = [], {}
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            sys.exit(f"bench.py: unknown variant {name!r}; choose from {list(VARIANTS)}")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], f"--variant={name}"], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        got = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        note = [ln for ln in proc.stdout.splitlines() if ln.startswith("LIGER_MISSING")]
+        if note or proc.returncode:
+            missing[name] = note[0].split(" ", 1)[1] if note else f"exit {proc.returncode}: {proc.stdout[-1500:]}"
+            print(f"  ... {name}: {missing[name]}", flush=True)
+        for r in got:
+            r["mfu"] = r["tflops"] / peak
+            print(f"  ... {name}, vocab {r['vocab']}, ckpt {'on' if r['ckpt'] else 'off'}: {r['tok_s']:.0f} tok/s, "
+                  f"{r['peak_gb']:.1f} GB ({time.perf_counter() - t0:.0f} s)", flush=True)
+        results += got
+        if args.json:  # after every variant: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"gpu": gpu, "torch": torch.__version__, "args": sys.argv[1:], "results": results,
+                           "missing": missing}, f, indent=1)
     for vocab in [int(v) for v in args.vocab.split(",")]:
-        if args.tiny:
-            cfg = llama_config(vocab, 64, 3, 128, 4, 2, args.seq)
-            args.small_cfg = llama_config(vocab, 32, 2, 64, 4, 2, args.seq)
-        else:
-            cfg = llama_config(vocab, 2048, 22, 5632, 32, 4, args.seq)          # ~1.1B (TinyLlama)
-            args.small_cfg = llama_config(vocab, 1024, 16, 2816, 16, 4, args.seq)  # ~1/4 of it
         for ckpt in [c == "on" for c in args.ckpt.split(",")]:
-            rows = []
-            for name in args.variants.split(","):
-                try:
-                    r = measure(name, args, cfg, device, dtype, ckpt)
-                except torch.OutOfMemoryError:
-                    r = {"variant": name, "tok_s": float("nan"), "peak_gb": float("inf"), "tflops": float("nan")}
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                r |= {"vocab": vocab, "ckpt": ckpt, "mfu": r["tflops"] / peak}
-                rows.append(r)
-                print(f"  ... {name}: {r['tok_s']:.0f} tok/s", flush=True)
-            base = rows[0] if rows[0]["variant"] == "hf" else None
+            rows = {r["variant"]: r for r in results if r["vocab"] == vocab and r["ckpt"] == ckpt}
             print(f"\nvocab {vocab}, activation checkpointing {'on' if ckpt else 'off'}")
-            print(f"{'variant':<11} {'tok/s':>9} {'x hf':>6} {'MFU':>6} {'peak GB':>8} {'x hf':>6}")
-            for r in rows:
-                rt = r["tok_s"] / base["tok_s"] if base else float("nan")
-                rm = r["peak_gb"] / base["peak_gb"] if base else float("nan")
-                print(f"{r['variant']:<11} {r['tok_s']:>9.0f} {rt:>6.2f} {r['mfu']:>6.1%} {r['peak_gb']:>8.1f} {rm:>6.2f}")
-            results += rows
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            print(f"{'variant':<11} {'tok/s':>9} {'x hf':>6} {'x peer':>7} {'MFU':>6} {'peak GB':>8} {'x hf':>6} {'x peer':>7}")
+            for name in args.variants.split(","):
+                if name not in rows:
+                    continue
+                r, hf, peer = rows[name], rows.get("hf"), rows.get(PEER.get(name, ""))
+                ratio = lambda a, b, k: a[k] / b[k] if b else float("nan")  # noqa: E731
+                print(f"{name:<11} {r['tok_s']:>9.0f} {ratio(r, hf, 'tok_s'):>6.2f} {ratio(r, peer, 'tok_s'):>7.2f} "
+                      f"{r['mfu']:>6.1%} {r['peak_gb']:>8.1f} {ratio(r, hf, 'peak_gb'):>6.2f} "
+                      f"{ratio(r, peer, 'peak_gb'):>7.2f}")
+            for line in goals(rows):
+                print(line)
+
+
+def goals(rows):
+    """Issue 15's goals for one setting, as lines that say whether each holds."""
+    def check(what, a, b, key, op, bound):
+        if a not in rows or b not in rows:
+            return f"  goal {what}: not measured"
+        x = rows[a][key] / rows[b][key]
+        ok = x >= bound if op == ">=" else x <= bound
+        return f"  goal {what}: {x:.2f} {op} {bound} {'ok' if ok else 'MISSED'}"
+    out = [check("wmtp4 tok/s vs liger_mtp4", "wmtp4", "liger_mtp4", "tok_s", ">=", 1.3),
+           check("wmtp4 memory vs liger_mtp4", "wmtp4", "liger_mtp4", "peak_gb", "<=", 0.8),
+           check("wmtp1 tok/s vs hf_liger", "wmtp1", "hf_liger", "tok_s", ">=", 1.2),
+           check("wmtp1 memory vs hf_liger", "wmtp1", "hf_liger", "peak_gb", "<=", 1.0),
+           check("rho1_q tok/s vs wmtp4", "rho1_q", "wmtp4", "tok_s", ">=", 0.9),
+           check("critic tok/s vs wmtp4", "critic", "wmtp4", "tok_s", ">=", 0.9)]
+    if "wmtp4" in rows:
+        out.append(f"  wmtp4 MFU {rows['wmtp4']['mfu']:.1%} (goal at 128k: >= 50%)")
+    return out
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ class MTPModel(nn.Module):
     fine-tuning a next-token model).
     """
 
-    def __init__(self, base: nn.Module, n_heads: int):
+    def __init__(self, base: nn.Module, n_heads: int, sequential_heads: bool | None = None):
         super().__init__()
         if n_heads < 1:
             raise ValueError(f"n_heads must be >= 1, got {n_heads}")
@@ -110,6 +110,10 @@ class MTPModel(nn.Module):
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_norm", norm)
         object.__setattr__(self, "_last_block", blocks[-1])
+        object.__setattr__(self, "_blocks", blocks)
+        # Meta's sequential heads for the training loss (`_sequential_loss`): on by default with
+        # more than one head, where it saves memory; the loss and its gradients are the same.
+        self.sequential_heads = n_heads > 1 if sequential_heads is None else sequential_heads
         # The trunk's output is the input of the last block. Rather than re-implementing every
         # architecture's forward (masks, rotary embeddings, caches), we let the base model run
         # and record what it hands to its last block: the trunk hidden state plus every other
@@ -169,7 +173,20 @@ class MTPModel(nn.Module):
 
         Everything happens inside this forward so that, under FSDP, the shared unembedding is
         used while its parameters are gathered.
+
+        rows may also be a list of n index tensors, one per head, into that head's flattened
+        [B, T] (`head_rows`); n_nonzero may be a list of per-head counts (the sequential path
+        needs them per head). While training with `sequential_heads`, the heads run one after
+        another, each forward *and backward* here (`_sequential_loss`); coef_fn is then called
+        once per head as coef_fn(ce_k, head=k) with ce_k [1, B, T] -- a coef_fn without a `head`
+        argument gets the all-heads path.
         """
+        if (self.sequential_heads and torch.is_grad_enabled()
+                and (coef is not None or _takes_head(coef_fn))):
+            return self._sequential_loss(input_ids, targets, coef, coef_fn, chunk_size, rows, n_nonzero)
+        rows = _flat_rows(rows, targets.shape)
+        if isinstance(n_nonzero, (list, tuple)):
+            n_nonzero = int(sum(n_nonzero))
         hiddens, _ = self.hidden_states(input_ids, use_cache=False)
         W = self.lm_head_weight
         if coef is None:
@@ -183,6 +200,182 @@ class MTPModel(nn.Module):
                 return loss, ce, correct, coef
         loss, ce, correct = weighted_ce(hiddens, W, targets, coef.detach(), chunk_size, rows)
         return loss, ce, correct, coef
+
+
+    def trunk(self, input_ids) -> tuple[torch.Tensor, tuple, dict]:
+        """Run blocks 0..L-2 only -> (trunk output, the last block's other args, its kwargs).
+
+        The base model's forward runs as usual, but its last block is swapped for a stub that
+        records what it was handed and stops the forward there (`_TrunkEnd`): the heads are then
+        run by the caller, one at a time, with exactly those arguments."""
+        stub, last = _TrunkEnd(), self._blocks[-1]
+        self._blocks[-1] = stub
+        try:
+            self._inner(input_ids=input_ids, use_cache=False)
+            raise RuntimeError("the base model never called its last block")
+        except _TrunkDone:
+            pass
+        finally:
+            self._blocks[-1] = last
+        args, kwargs = stub.args, stub.kwargs
+        z = args[0] if args else kwargs.pop("hidden_states")
+        return z, args[1:], kwargs
+
+    def _sequential_loss(self, input_ids, targets, coef, coef_fn, chunk_size, rows, n_nonzero):
+        """The weighted MTP loss with Meta's sequential heads (Gloeckle et al. 2024, §2 and Fig. 2):
+        the trunk runs once; then each head in turn runs forward from the *detached* trunk output,
+        its loss (the fused chunked CE), and its backward down to that detached input -- so only
+        one head's activations and one chunk of its logits are ever alive -- while the trunk
+        output's gradient, the shared norm's and the unembedding's accumulate over heads. The
+        trunk's backward then runs once, in the caller's `loss.backward()`.
+
+        To the caller this is the same loss: `_SequentialHeads` keeps the gradients computed here
+        and hands them to autograd in the backward, scaled by the incoming gradient, so
+        `(loss * world).backward()`, `torch.autograd.grad(loss, params)` and gradient accumulation
+        over micro-batches behave as with the all-heads path (tests/test_mtp.py, float64).
+        Rho-1's selection is per head (docs/design.md §5; its denominators are counts known before
+        the step), so coef_fn needs only that head's CE. Under FSDP2 the heads are not sharded on
+        their own (common.prepare_for_training): they belong to the root's group with the norm and
+        the unembedding, gathered for the whole forward, and their gradients reach FSDP through the
+        backward like any other, reduce-scattered once per backward."""
+        n, B, T = targets.shape
+        z, args, kwargs = self.trunk(input_ids)
+        heads = [self._last_block, *self.extra_heads]
+        W = self.lm_head_weight
+        norm_params = [p for p in self._norm.parameters() if p.requires_grad]
+        head_params = [[p for p in h.parameters() if p.requires_grad] for h in heads]
+        params = [p for ps in head_params for p in ps] + norm_params + ([W] if W.requires_grad else [])
+        per_head_rows = _head_rows_of(rows, n, B, T)
+        counts = n_nonzero if isinstance(n_nonzero, (list, tuple)) else None
+
+        def run(z):
+            acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
+            # The unembedding's gradient in W's own dtype, over every chunk of every head: with bf16
+            # parameters that is bf16 (each chunk's product is accumulated in fp32 by the matmul
+            # and added once), as Liger-Kernel's fused linear CE does by default, instead of an
+            # fp32 buffer of the vocabulary's size (1 GiB at 128k x 2048).
+            grad_W = torch.zeros_like(W) if W.requires_grad else None
+            grad_z = None
+            grads = {}  # id(param) -> gradient, over heads
+            ce_all = torch.zeros(n, B * T, device=z.device, dtype=acc)
+            correct_all = torch.zeros(n, B * T, device=z.device, dtype=torch.bool)
+            coefs, loss = [], torch.zeros((), device=z.device, dtype=acc)
+            for k, head in enumerate(heads):
+                with torch.enable_grad():
+                    zd = z.detach().requires_grad_(z.requires_grad)
+                    h = head(zd, *args, **kwargs)
+                    h = self._norm(h[0] if isinstance(h, tuple) else h).reshape(B * T, -1)
+                    r = per_head_rows[k]
+                    hk = h if r is None else h[r]
+                y = targets[k].reshape(-1) if r is None else targets[k].reshape(-1)[r]
+                if coef is not None:
+                    c_full = coef[k].detach()
+                    ck = c_full.reshape(-1) if r is None else c_full.reshape(-1)[r]
+                    loss_k, ce_k, correct_k, grad_h, _ = _fused_linear_ce(
+                        hk.detach(), W.detach(), y, ck, chunk_size, grad_W, need_W=grad_W is not None)
+                else:  # Rho-1: this head's CE first (no gradient), its coefficients, then the loss
+                    _, ce_k, correct_k, _, _ = _fused_linear_ce(hk.detach(), W.detach(), y, None, chunk_size)
+                    ce_full = torch.zeros(B * T, device=z.device, dtype=acc)
+                    ce_full = ce_full if r is None else ce_full.index_copy(0, r, ce_k)
+                    c_full = coef_fn((ce_k if r is None else ce_full).view(1, B, T), head=k)[0].detach()
+                    ck = c_full.reshape(-1) if r is None else c_full.reshape(-1)[r]
+                    if counts is not None:  # only the pairs with a nonzero coefficient
+                        picked = torch.topk((ck != 0).float(), counts[k], sorted=False).indices
+                        loss_k, _, _, g, _ = _fused_linear_ce(hk.detach()[picked], W.detach(), y[picked],
+                                                              ck[picked], chunk_size, grad_W, grad_W is not None)
+                        grad_h = torch.zeros_like(hk).index_copy_(0, picked, g)
+                    else:
+                        loss_k, _, _, grad_h, _ = _fused_linear_ce(hk.detach(), W.detach(), y, ck, chunk_size,
+                                                                   grad_W, grad_W is not None)
+                coefs.append(c_full)
+                loss = loss + loss_k
+                idx = slice(None) if r is None else r
+                ce_all[k, idx], correct_all[k, idx] = ce_k, correct_k
+                # this head's backward, down to its detached input: its activations die here
+                inputs = [zd] * zd.requires_grad + head_params[k] + norm_params
+                got = torch.autograd.grad(hk, inputs, grad_outputs=grad_h, allow_unused=True)
+                del h, hk, grad_h
+                if zd.requires_grad:
+                    grad_z = got[0] if grad_z is None else grad_z.add_(got[0])
+                    got = got[1:]
+                for p, g in zip(head_params[k] + norm_params, got):
+                    if g is not None:
+                        grads[id(p)] = g if id(p) not in grads else grads[id(p)].add_(g)
+            if W.requires_grad:
+                grads[id(W)] = grad_W if id(W) not in grads else grads[id(W)].add_(grad_W)
+            return (loss, ce_all.view(n, B, T), correct_all.view(n, B, T), torch.stack(coefs),
+                    [grad_z] + [grads.get(id(p)) for p in params])
+
+        return _SequentialHeads.apply(run, z, *params)
+
+
+class _TrunkDone(Exception):
+    pass
+
+
+class _TrunkEnd(nn.Module):
+    """Stands in for the last block during `MTPModel.trunk`: records its arguments and stops the
+    base model's forward (the final norm and anything after it are not needed)."""
+
+    def forward(self, *args, **kwargs):
+        self.args, self.kwargs = args, dict(kwargs)
+        raise _TrunkDone
+
+
+class _SequentialHeads(torch.autograd.Function):
+    """The sequential heads' loss as one autograd node: `run` computes the loss and, already,
+    the gradients of the trunk output and of every head parameter (the heads' backward runs in
+    the forward, one head at a time); the backward hands them over, scaled by the incoming
+    gradient (in place: no second copy of a gradient)."""
+
+    @staticmethod
+    def forward(ctx, run, z, *params):
+        loss, ce, correct, coef, grads = run(z)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(ce, correct, coef)
+        return loss, ce, correct, coef
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads, ctx.grads = ctx.grads, None
+        return (None, *(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads))
+
+
+def _takes_head(coef_fn) -> bool:
+    """Does coef_fn accept `head=k` (a per-head coefficient function, for sequential heads)?"""
+    import inspect
+    if coef_fn is None:
+        return False
+    try:
+        return "head" in inspect.signature(coef_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def head_rows(mask: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
+    """`loss_rows` per head: for each head k, indices into its flattened [B, T] of the positions
+    whose target is a completion token. Call it on the CPU copy of the mask: no device sync."""
+    return [v.flatten().nonzero().squeeze(1) for v in align_to_heads(mask, n_heads)]
+
+
+def _head_rows_of(rows, n, B, T):
+    """Per-head rows from either form `forward` accepts (None = every position of every head).
+    A flat `loss_rows` tensor is split here, which costs one host sync on a GPU: pass
+    `head_rows(...)` instead."""
+    if rows is None:
+        return [None] * n
+    if isinstance(rows, (list, tuple)):
+        return list(rows)
+    bounds = torch.searchsorted(rows, torch.arange(n + 1, device=rows.device) * (B * T)).tolist()
+    return [rows[bounds[k]: bounds[k + 1]] - k * B * T for k in range(n)]
+
+
+def _flat_rows(rows, shape):
+    """Per-head rows -> indices into the flattened [n, B, T] (the all-heads path's form)."""
+    if not isinstance(rows, (list, tuple)):
+        return rows
+    n, B, T = shape
+    return torch.cat([r + k * B * T for k, r in enumerate(rows)])
 
 
 def checkpointing_enable(base):
@@ -226,11 +419,12 @@ def align_to_heads(x: torch.Tensor, n_heads: int, fill=0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def default_chunk_size(vocab_size: int) -> int:
-    # ~64M logits per chunk (128 MB in bf16), at least 2048 rows: large enough to keep the
-    # matmuls efficient and the grad_W accumulations few at vocab 128k, small enough that the
-    # loss never dominates memory
-    # (docs/design.md §3: naive MTP at vocab 128k needs 1.6x the memory of next-token training).
-    return max(2048, (1 << 26) // vocab_size)
+    # ~64M logits per chunk (128 MB in bf16), at least 1024 rows: large enough to keep the
+    # matmuls efficient and the grad_W accumulations few at vocab 128k (each one reads and
+    # writes the whole W-sized buffer), small enough that the loss never dominates memory
+    # (docs/design.md §3: naive MTP at vocab 128k needs 1.6x the memory of next-token training;
+    # 1024 rows at 128k: 0.25 GiB of bf16 logits and as much for their gradient).
+    return max(1024, (1 << 26) // vocab_size)
 
 
 def _ce_chunk(logits, y, coef, acc: torch.dtype, need_grad: bool, out_dtype: torch.dtype):
@@ -244,10 +438,14 @@ def _ce_chunk(logits, y, coef, acc: torch.dtype, need_grad: bool, out_dtype: tor
     correct = logits.argmax(-1) == y
     if not need_grad:
         return ce, correct, None
-    minus_one = -torch.ones_like(lse)[:, None]
-    if torch.compiler.is_compiling():  # pure ops: inductor fuses them into one pass
-        g = torch.exp(logits - lse[:, None]).scatter_add(1, y[:, None], minus_one) * coef[:, None].to(acc)
+    if torch.compiler.is_compiling():
+        # pointwise only (the one-hot as a comparison with the column index, not a scatter): inductor
+        # fuses upcast, exp, one-hot and scaling into one kernel that reads the bf16 logits and
+        # writes the bf16 gradient -- no fp32 buffer of the chunk's size
+        onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == y[:, None]
+        g = (torch.exp(logits - lse[:, None]) - onehot.to(acc)) * coef[:, None].to(acc)
     else:  # eager: in place, so that one chunk of logits is the only chunk-sized buffer
+        minus_one = -torch.ones_like(lse)[:, None]
         g = logits.sub_(lse[:, None]).exp_().scatter_add_(1, y[:, None], minus_one).mul_(coef[:, None].to(acc))
     return ce, correct, g.to(out_dtype)
 
@@ -269,9 +467,14 @@ _ADDMM_OUT_DTYPE = None  # whether this torch/device accumulates bf16 products i
 
 
 def _add_matmul(acc, a, b):
-    """acc += a @ b, accumulated in acc's (fp32) precision: in place with cuBLAS where torch
-    supports addmm's out_dtype (no bf16 temporary, no extra pass over acc), else via a temporary."""
+    """acc += a @ b in place: one addmm into acc when the dtypes agree (the product accumulates
+    in fp32 inside the matmul and is added once); an fp32 acc of bf16 products (fp32 master
+    weights under autocast) in place with cuBLAS where torch supports addmm's out_dtype, else
+    via a temporary."""
     global _ADDMM_OUT_DTYPE
+    if acc.dtype == a.dtype:
+        torch.addmm(acc, a, b, out=acc)
+        return
     if acc.dtype != a.dtype and a.is_cuda and _ADDMM_OUT_DTYPE is not False:
         try:
             torch.addmm(acc, a, b, acc.dtype, out=acc)
@@ -282,47 +485,65 @@ def _add_matmul(acc, a, b):
     acc += a @ b
 
 
-class _WeightedLinearCE(torch.autograd.Function):
-    """Σ_i coef_i · CE(h_i W^T, y_i), without ever materialising all logits.
+def _fused_linear_ce(h, W, targets, coef, chunk_size=None, grad_W=None, need_W=True):
+    """Σ_i coef_i · CE(h_i W^T, y_i) and its gradients, without ever materialising all logits.
 
-    The forward walks over row chunks: logits of one chunk -> CE -> (softmax - onehot) · coef,
-    from which it computes this chunk's gradients w.r.t. h and W right away (the "fused linear
-    cross-entropy" of Liger-Kernel / Wijmans et al. 2024, "Cut Your Losses"). The backward only
-    scales the stored gradients by the incoming scalar. Cost: the same three matmuls as the
-    naive loss; memory: one chunk of logits plus grad buffers the size of h and W.
+    Walks over row chunks: logits of one chunk -> CE -> (softmax - onehot) · coef, from which
+    this chunk's gradients w.r.t. h and W are computed right away (the "fused linear
+    cross-entropy" of Liger-Kernel / Wijmans et al. 2024, "Cut Your Losses"). Cost: the same
+    three matmuls as the naive loss; memory: one chunk of logits plus the gradient buffers.
+    coef None: CE and correctness only (no gradient, no loss). grad_W: a buffer (W's shape) the
+    unembedding's gradient is added into -- over heads, for sequential heads; if None and W needs
+    one, a fresh buffer of W's dtype (bf16 parameters: bf16, as Liger's default accum_dtype; the
+    matmul accumulates each chunk in fp32); need_W=False: no gradient for W at all. Plain
+    tensors in, plain tensors out (no autograd).
+    Returns (loss, ce, correct, grad_h, grad_W) (None where not computed).
     """
+    need = coef is not None
+    # fp32 statistics for bf16/fp16 models (as HF upcasts logits for its loss); fp64 stays fp64.
+    acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
+    N = h.shape[0]
+    chunk_size = chunk_size or default_chunk_size(W.shape[0])
+    ce = torch.empty(N, device=h.device, dtype=acc)
+    correct = torch.empty(N, device=h.device, dtype=torch.bool)
+    grad_h = torch.empty_like(h) if need else None
+    if need and need_W and grad_W is None:
+        grad_W = torch.zeros_like(W)
+    chunk_fn = _chunk_fn(h.device)
+    c = coef if need else ce  # (unused without a gradient)
+    for s in range(0, N, chunk_size):
+        e = min(s + chunk_size, N)
+        ce[s:e], correct[s:e], g = chunk_fn(h[s:e] @ W.t(), targets[s:e], c[s:e], acc, need, h.dtype)
+        if g is not None:
+            torch.mm(g, W, out=grad_h[s:e])
+            if need_W:
+                _add_matmul(grad_W, g.t(), h[s:e])
+    loss = (coef.to(acc) * ce).sum() if need else None
+    return loss, ce, correct, grad_h, grad_W if need and need_W else None
+
+
+class _WeightedLinearCE(torch.autograd.Function):
+    """`_fused_linear_ce` as an autograd node (the all-heads path): the gradients are computed
+    in the forward; the backward only scales them by the incoming scalar, in place."""
 
     @staticmethod
     def forward(ctx, h, W, targets, coef, chunk_size):
         need_h, need_W = h.requires_grad, W.requires_grad
-        # fp32 statistics for bf16/fp16 models (as HF upcasts logits for its loss); fp64 stays fp64.
-        acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
-        N = h.shape[0]
-        ce = torch.empty(N, device=h.device, dtype=acc)
-        correct = torch.empty(N, device=h.device, dtype=torch.bool)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_W = torch.zeros(W.shape, device=W.device, dtype=acc) if need_W else None
-        chunk_fn = _chunk_fn(h.device)
-        for s in range(0, N, chunk_size):
-            e = min(s + chunk_size, N)
-            ce[s:e], correct[s:e], g = chunk_fn(h[s:e] @ W.t(), targets[s:e], coef[s:e], acc,
-                                                need_h or need_W, h.dtype)
-            if g is not None:
-                if need_h:
-                    torch.mm(g, W, out=grad_h[s:e])
-                if need_W:
-                    _add_matmul(grad_W, g.t(), h[s:e])
-        loss = (coef.to(acc) * ce).sum()
-        ctx.grads = (grad_h, grad_W.to(W.dtype) if need_W else None)
+        if need_h or need_W:
+            loss, ce, correct, grad_h, grad_W = _fused_linear_ce(h, W, targets, coef, chunk_size, need_W=need_W)
+            ctx.grads = (grad_h if need_h else None, grad_W)
+        else:
+            _, ce, correct, _, _ = _fused_linear_ce(h, W, targets, None, chunk_size)
+            acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
+            loss, ctx.grads = (coef.to(acc) * ce).sum(), (None, None)
         ctx.mark_non_differentiable(ce, correct)
         return loss, ce, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_correct):
-        grad_h, grad_W = ctx.grads
-        del ctx.grads
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_W), None, None, None
+        grads, ctx.grads = ctx.grads, None
+        scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731
+        return scale(grads[0]), scale(grads[1]), None, None, None
 
 
 def weighted_ce(hiddens, W, targets, coef, chunk_size=None, rows=None):

@@ -824,7 +824,8 @@ def main(argv):
     if cfg.stages != "policy" or not cfg.data.policy_source:
         rows, label_counts = read_labelled_data(cfg, dist)
     policy_examples = read_policy_examples(cfg)
-    model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
+    model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer,
+                                    cfg.train.sequential_heads)
     train_items, eval_items = [], []
     if rows:
         train_items, eval_items, label_counts = tokenize_labelled_data(cfg, tok, rows, label_counts, dist)

@@ -137,7 +137,8 @@ def main(argv):
     # ---- models ----------------------------------------------------------------------------
     # Master weights stay fp32; compute runs in `dtype` (autocast on one device, FSDP's mixed
     # precision under torchrun), as mixed-precision training is meant to.
-    model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer)
+    model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer,
+                                    cfg.train.sequential_heads)
     base, n_heads = model.base, model.n_heads
     run_cfg = common.run_config("rho1", cfg, RESUME_KEYS, vocab_size=model.config.vocab_size)  # kept with every checkpoint
     # The reference: another model with the same tokenizer, or (by default) a frozen copy of
@@ -179,26 +180,32 @@ def main(argv):
         mask = batch["loss_mask"].to(device)
         targets = mtp.align_to_heads(ids, n_heads)
         valid = mtp.align_to_heads(mask, n_heads)
-        # the unembeddings run only where a completion token is the target
-        rows = mtp.loss_rows(batch["loss_mask"], n_heads).to(device)
+        # the unembeddings run only where a completion token is the target (per head, for the
+        # sequential heads: mtp.MTPModel._sequential_loss)
+        rows = [r.to(device) for r in mtp.head_rows(batch["loss_mask"], n_heads)]
         ref_rows = mtp.loss_rows(batch["loss_mask"], 1).to(device)
         picked = {}
         with amp:
             ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, chunk, ref_rows), n_heads)
 
-            def rho1_coef(ce):  # ce: the policy's own per-(head, position) CE, detached
-                picked["w"] = mtp.rho1_weights(ce - ref_ce, valid, cfg.rho1.ratio, cfg.rho1.mode,
-                                               cfg.rho1.temperature, dist.group)
+            def rho1_coef(ce, head=None):  # ce: the policy's own per-(head, position) CE, detached
+                # Sequential heads call this once per head (head=k, ce [1, B, T]): the selection is
+                # per head and its denominators are counts known before the step, so head k needs
+                # only its own CE (docs/design.md §5).
+                ks = slice(None) if head is None else slice(head, head + 1)
+                w = mtp.rho1_weights(ce - ref_ce[ks], valid[ks], cfg.rho1.ratio, cfg.rho1.mode,
+                                     cfg.rho1.temperature, dist.group)
                 if shuffler is not None:  # control: same weights per head, random tokens
-                    picked["w"] = mtp.shuffle_weights(picked["w"], valid, shuffler)
-                return mtp.loss_coefficients(picked["w"], valid, denom, lambdas)
+                    w = mtp.shuffle_weights(w, valid[ks], shuffler)
+                picked.setdefault("w", torch.zeros(valid.shape, device=device))[ks] = w
+                return mtp.loss_coefficients(w, valid[ks], denom[ks], lambdas[ks])
 
             # In one process the hard selection keeps a number of pairs known on the host, so
             # the loss can skip the dropped ones (with several ranks each rank's share varies).
             n_kept = None
             if world == 1 and cfg.rho1.mode == "hard":
                 n_valid = mtp.align_to_heads(batch["loss_mask"], n_heads).flatten(1).sum(1)
-                n_kept = int(mtp.selected_count(n_valid, cfg.rho1.ratio).sum())
+                n_kept = mtp.selected_count(n_valid, cfg.rho1.ratio).tolist()  # per head
             loss, ce, correct, coef = model(ids, targets, coef_fn=rho1_coef, chunk_size=chunk,
                                             rows=rows, n_nonzero=n_kept)
         return loss, ce, correct, coef, valid, picked["w"], ref_ce
