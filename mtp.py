@@ -132,7 +132,8 @@ class MTPModel(nn.Module):
         Head 0 is the base model's own last hidden state; head k>0 runs block copy k on the
         trunk's output with the same mask / position arguments, then the shared final norm.
         """
-        if self.n_heads > 1 and base_kwargs.get("use_cache", True) and base_kwargs.get("past_key_values") is None:
+        cache_given = base_kwargs.get("past_key_values") is not None or base_kwargs.get("cache") is not None
+        if self.n_heads > 1 and base_kwargs.get("use_cache", True) and not cache_given:
             # A cache that grows a slot for every layer index it sees, the extra heads' included
             # (a cache sized from the config would have no room for them).
             from transformers import DynamicCache
