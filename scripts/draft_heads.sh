@@ -35,7 +35,7 @@ phase() {  # phase NAME COMMAND...
 t0=$(now)
 [ -f "$STDLIB" ] || STDLIB=""             # no export: scan this interpreter's standard library
 phase data python speculate.py "$BASE" --stage=data --stdlib_path="$STDLIB" --mbpp_path="$MBPP" \
-    --sampled="$SAMPLED" --max_new_tokens=256 --batch_size=768 --out="$RUN/distill.jsonl"
+    --sampled="$SAMPLED" --max_new_tokens=256 --batch_size=512 --out="$RUN/distill.jsonl"
 t1=$(now)
 phase train python train_rho1.py configs/smol_draft_heads.yaml --model.policy="$BASE" \
     --model.head_target="$HEAD_TARGET" --data.path="$RUN/distill.jsonl" --data.eval_path="$RUN/distill_eval.jsonl" \

@@ -33,9 +33,13 @@ def test_batched_speculative_greedy_equals_plain_greedy_per_row(vocab, n_heads, 
     prompts = random_prompts(vocab, 10)
     spec, st = sampling.decode_rows(model, TOK, prompts, 40, [], set(), speculative=True, batch_size=batch_size)
     plain, pst = sampling.decode_rows(model, TOK, prompts, 40, [], set(), speculative=False, batch_size=batch_size)
-    for p, s, q in zip(prompts, spec, plain):
+    for i, (p, s, q) in enumerate(zip(prompts, spec, plain)):
         ref, _ = sampling.generate(model, TOK, torch.tensor([p]), 1, 40, 0.0, 1.0, [], set())
         assert s == ref[0] and q == ref[0]
+        # The same drafts as the reference decoder (DynamicCache, cropped): as many forwards. Wrong
+        # keys/values in an extra head's cache would change its drafts, not the output.
+        _, ref_fwd = sampling.generate_speculative(model, TOK, torch.tensor([p]), 40, [], set())
+        assert st["forwards"][i] == ref_fwd
     assert pst["forwards"] == [40] * 10 and st["tokens"] == [40] * 10
     assert all(f <= 40 for f in st["forwards"])
     if n_heads > 1 and noise < 0.1 and vocab <= 5:  # heads close to head 0 on a small vocabulary
