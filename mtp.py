@@ -136,7 +136,8 @@ class MTPModel(nn.Module):
         Head 0 is the base model's own last hidden state; head k>0 runs block copy k on the
         trunk's output with the same mask / position arguments, then the shared final norm.
         """
-        if self.n_heads > 1 and base_kwargs.get("use_cache", True) and base_kwargs.get("past_key_values") is None:
+        cache_given = base_kwargs.get("past_key_values") is not None or base_kwargs.get("cache") is not None
+        if self.n_heads > 1 and base_kwargs.get("use_cache", True) and not cache_given:
             # A cache that grows a slot for every layer index it sees, the extra heads' included
             # (a cache sized from the config would have no room for them).
             from transformers import DynamicCache
@@ -157,7 +158,7 @@ class MTPModel(nn.Module):
         return torch.stack(hiddens), out
 
     def forward(self, input_ids, targets, coef=None, coef_fn=None, chunk_size=None, rows=None,
-                n_nonzero=None):
+                n_nonzero=None, head0_targets=False):
         """Weighted MTP loss of one micro-batch (docs/design.md §4).
 
         targets: [n, B, T] token ids in position indexing (see `align_to_heads`).
@@ -168,8 +169,11 @@ class MTPModel(nn.Module):
         n_nonzero: with coef_fn, the number of pairs coef_fn will give a nonzero coefficient, if
                  the host knows it (Rho-1's hard selection in one process keeps exactly
                  Σ_k ceil(ρ·n_valid_k)): the loss's forward/backward then skips the dropped pairs.
+        head0_targets: heads 1..n-1 learn head 0's own next-token distribution instead of the
+                 data's tokens (`head0_distill_loss`; for drafting heads on a frozen base).
         Returns (loss, ce, correct, coef): the scalar loss, and per (head, position) the
-        detached CE, whether the argmax was right, and the coefficients used.
+        detached CE (KL for heads 1..n-1 with head0_targets), whether the argmax was right
+        (agreed with head 0's), and the coefficients used.
 
         Everything happens inside this forward so that, under FSDP, the shared unembedding is
         used while its parameters are gathered.
@@ -192,13 +196,14 @@ class MTPModel(nn.Module):
         if coef is None:
             ce, correct = token_ce(hiddens.detach(), W.detach(), targets, chunk_size, rows)
             coef = coef_fn(ce).detach()
-            if n_nonzero is not None:
+            if n_nonzero is not None and not head0_targets:
                 flat = coef.reshape(-1)
                 pool = rows if rows is not None else torch.arange(flat.numel(), device=flat.device)
                 picked = torch.topk((flat[pool] != 0).float(), n_nonzero, sorted=False).indices
                 loss, _, _ = weighted_ce(hiddens, W, targets, coef, chunk_size, pool[picked])
                 return loss, ce, correct, coef
-        loss, ce, correct = weighted_ce(hiddens, W, targets, coef.detach(), chunk_size, rows)
+        loss_fn = head0_distill_loss if head0_targets else weighted_ce
+        loss, ce, correct = loss_fn(hiddens, W, targets, coef.detach(), chunk_size, rows)
         return loss, ce, correct, coef
 
 
@@ -565,6 +570,71 @@ def weighted_ce(hiddens, W, targets, coef, chunk_size=None, rows=None):
         ce = torch.zeros(targets.numel(), device=ce.device, dtype=ce.dtype).index_copy_(0, rows, ce)
         correct = torch.zeros(targets.numel(), device=ce.device, dtype=torch.bool).index_copy_(0, rows, correct)
     return loss, ce.view(targets.shape), correct.view(targets.shape)
+
+
+class _SoftTargetLinearCE(torch.autograd.Function):
+    """Σ_i coef_i · KL(softmax(t_i W^T) ‖ softmax(h_i W^T)), chunked and fused like
+    _WeightedLinearCE: the teacher rows t are a fixed target (no gradient reaches them), and the
+    gradient w.r.t. the student's logits is coef · (softmax(student) - softmax(teacher))."""
+
+    @staticmethod
+    def forward(ctx, h, teacher, W, coef, chunk_size):
+        need_h, need_W = h.requires_grad, W.requires_grad
+        acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
+        N = h.shape[0]
+        kl = torch.empty(N, device=h.device, dtype=acc)
+        agree = torch.empty(N, device=h.device, dtype=torch.bool)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_W = torch.zeros(W.shape, device=W.device, dtype=acc) if need_W else None
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            log_q = (h[s:e] @ W.t()).to(acc).log_softmax(-1)
+            log_p = (teacher[s:e] @ W.t()).to(acc).log_softmax(-1)
+            p = log_p.exp()
+            kl[s:e] = (p * (log_p - log_q)).sum(-1)
+            agree[s:e] = log_q.argmax(-1) == log_p.argmax(-1)
+            g = ((log_q.exp() - p) * coef[s:e, None].to(acc)).to(h.dtype)
+            if need_h:
+                torch.mm(g, W, out=grad_h[s:e])
+            if need_W:
+                _add_matmul(grad_W, g.t(), h[s:e])
+        loss = (coef.to(acc) * kl).sum()
+        ctx.grads = (grad_h, grad_W.to(W.dtype) if need_W else None)
+        ctx.mark_non_differentiable(kl, agree)
+        return loss, kl, agree
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_agree):
+        grad_h, grad_W = ctx.grads
+        del ctx.grads
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_h), None, scale(grad_W), None, None
+
+
+def head0_distill_loss(hiddens, W, targets, coef, chunk_size=None, rows=None):
+    """Self-distillation of the drafting heads (Medusa-2's self-distillation, Cai et al. 2024,
+    §2.3.2; FastMTP): head 0 keeps its weighted CE against the data's tokens; head k >= 1 at
+    position t learns head 0's own distribution of the same token t+k+1 -- the one head 0
+    computes at position t+k -- as a soft target: KL(p_0(· | x_<=t+k) ‖ p_k(· | x_<=t)), with the
+    same coefficients. A draft is accepted when it is head 0's argmax, so matching head 0's whole
+    distribution (its near-ties included) is the target that decoding rewards; the data's token
+    is only one sample of it. Head 0's hidden states are the target, not trained through.
+    Same arguments and returns as weighted_ce (ce holds the KL of heads >= 1, correct whether the
+    head's argmax is head 0's)."""
+    n, B, T, D = hiddens.shape
+    N = B * T
+    rows = rows if rows is not None else torch.arange(n * N, device=hiddens.device)
+    r0, rk = rows[rows < N], rows[rows >= N]
+    loss, ce, correct = weighted_ce(hiddens, W, targets, coef, chunk_size, r0)
+    if rk.numel():
+        flat = hiddens.reshape(-1, D)
+        teacher = flat[rk % N + rk // N].detach()  # row (k, b, t) -> head 0 at (b, t + k)
+        loss_k, kl, agree = _SoftTargetLinearCE.apply(flat[rk], teacher, W, coef.reshape(-1)[rk],
+                                                      chunk_size or default_chunk_size(W.shape[0]))
+        loss = loss + loss_k
+        ce = ce.reshape(-1).index_copy(0, rk, kl.to(ce.dtype)).view(ce.shape)
+        correct = correct.reshape(-1).index_copy(0, rk, agree).view(correct.shape)
+    return loss, ce, correct
 
 
 @torch.no_grad()

@@ -249,6 +249,12 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: tor
     reorder near-equal probabilities in a sort, which would move every interval between them."""
     if temperature == 0:
         return logits.argmax(-1)
+    return draw(nucleus_probs(logits, temperature, top_p), u)
+
+
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """pick_next's distribution over the last dimension, not renormalised: softmax(logits / T)
+    with the tokens outside the nucleus set to 0 (chosen as pick_next chooses them)."""
     logits = logits / temperature
     probs = logits.softmax(-1)
     if top_p < 1.0:
@@ -256,12 +262,18 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: tor
         sorted_probs = sorted_logits.softmax(-1)
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # pick_next's rule, in sorted order
         probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
-    cdf = probs.cumsum(-1)
+    return probs
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A token from each row of (unnormalised) probs [..., V], by inverse CDF from uniforms u [...]:
+    the first token, in vocabulary order, whose cumulative mass exceeds u times the row's total."""
+    cdf = probs.reshape(-1, probs.shape[-1]).cumsum(-1)
     total = cdf[:, -1:]
     # u < 1, but u * total can round up to total: stay just below it, so that the search lands
     # on a token with mass, never past the end.
-    target = torch.minimum(u.to(cdf.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    target = torch.minimum(u.reshape(-1, 1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).view(u.shape)
 
 
 def first_stop(tok, tokens: list[int], start: int, stop: list[str], eos_ids: set[int]) -> int | None:
@@ -290,7 +302,9 @@ class SlotCache:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        at = self.pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+        Q = key_states.shape[2]  # 1 when sampling; a speculative block writes Q positions from pos[b]
+        at = self.pos.view(-1, 1, 1, 1) if Q == 1 else (self.pos[:, None] + torch.arange(Q, device=k.device)).view(-1, 1, Q, 1)
+        at = at.expand(-1, k.shape[1], Q, k.shape[3])
         k.scatter_(2, at, key_states)
         v.scatter_(2, at, value_states)
         return k, v
@@ -638,3 +652,227 @@ def sample_problems(model, tok, problems, indices, n_samples, max_new_tokens, te
     bar.close()
     stats["seconds"] = time.time() - t0
     return [(i, s, out[j * n_samples + s]) for j, i in enumerate(indices) for s in range(n_samples)], stats
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Self-speculative decoding, fast: batched, exact sampling, static cache, CUDA graphs
+# --------------------------------------------------------------------------------------------
+# `generate_speculative` (section 1) is the reference: one prompt, greedy, a DynamicCache cropped
+# on rejection, a host decision per forward. `decode_rows` is what the measurements use: the
+# same algorithm for B rows at once, each accepting its own number of drafts, decided on the
+# device; greedy or sampled; and, with speculative=False, the plain decoder it is timed against
+# -- the same loop, cache, graphs and checks with a block of one token and head 0 only, so that
+# the speed-up compares the algorithm and nothing else.
+#   - the cache: SlotCache's static buffers, one per layer (the extra heads' layers included).
+#     A row's block is written at positions cur..cur+n-1; accepting a of its n-1 drafts moves
+#     cur by a+1, and the rejected positions are simply past cur: masked, and overwritten by the
+#     next block. That is the crop, at no cost.
+#   - sampling keeps the output distribution exact: speculative sampling (Leviathan et al. 2023,
+#     "Fast Inference from Transformers via Speculative Decoding", Alg. 1; Chen et al. 2023,
+#     "Accelerating LLM Decoding with Speculative Sampling"). Head k drafted d_k ~ q_k at the
+#     last accepted position; head 0 over the block gives p at every block position. Draft k
+#     is kept with probability min(1, p(d_k)/q_k(d_k)), left to right; at the first rejection
+#     the token is drawn from norm(max(0, p - q_k)); if all are kept, from p after the last.
+#     Every emitted token is then distributed exactly as p given its prefix -- plain sampling's
+#     distribution (with the same temperature and nucleus) -- whatever the heads draft.
+#   - randomness: uniform_noise keyed by the row and (forward, role): a row's samples do not
+#     depend on its batch mates or the batch size.
+
+_NOISE_STRIDE, _NOISE_BONUS, _NOISE_DRAFT = 64, 16, 32  # per forward: 0..n-2 accept, 16 bonus, 32+ drafts
+
+
+@torch.no_grad()
+def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=True, temperature=0.0, top_p=1.0,
+                keys=None, batch_size=1, check_every=None, graphs=None):
+    """Decode each prompt once, `batch_size` rows at a time -> (token lists, stats).
+
+    prompts: token-id lists. stop: one list of stop strings, or one per prompt. Each row is cut
+    exactly where `generate` stops (first EOS or stop string, or max_new_tokens). speculative:
+    heads 1..n-1 draft and one forward of all heads verifies (greedy: = plain greedy, token for
+    token; temperature > 0: speculative sampling, plain sampling's distribution); False: plain
+    decoding, one token per forward with head 0 only. keys: a random key per prompt (sampling).
+    check_every: forwards between host checks (stop strings, the end of a batch). graphs:
+    replay each forward as a CUDA graph (default: on CUDA).
+    stats: seconds, forwards (per row: the prefill + forwards until its last kept token),
+    tokens, and per draft position k (head k+1) how many verify forwards accepted it.
+    """
+    base, W = model.base, model.lm_head_weight
+    inner, device = base.base_model, W.device
+    dtype = next(base.parameters()).dtype
+    cache_kw = _cache_kwarg(inner)
+    n = model.n_heads if speculative else 1  # tokens per block: the exact one + n-1 drafts
+    prompts = [list(p) for p in prompts]
+    stops = stop if stop and not isinstance(stop[0], str) else [list(stop)] * len(prompts)
+    keys = keys if keys is not None else [sample_key(0, i) for i in range(len(prompts))]
+    cuda = device.type == "cuda"
+    graphs = cuda if graphs is None else graphs
+    K = check_every or 4
+    B, M, greedy = batch_size, max_new_tokens, temperature == 0
+    S = -(-(max(map(len, prompts), default=1) + M + n) // 64) * 64  # room for the longest row and a block
+    V = W.shape[0]
+    # Device state of every row: its block (the exact token not yet in the cache + drafts), its
+    # cache length, tokens emitted, forwards run, done; the emitted tokens, the forward that
+    # emitted each, drafts accepted per forward; the drafts' distributions (sampling).
+    long = dict(dtype=torch.long, device=device)
+    blk, cur, steps, fwd = (torch.zeros(B, n, **long), torch.zeros(B, **long), torch.zeros(B, **long),
+                            torch.zeros(B, **long))
+    key_d, done = torch.zeros(B, **long), torch.ones(B, dtype=torch.bool, device=device)
+    out, out_fwd, acc = torch.zeros(B, M + n, **long), torch.zeros(B, M + n, **long), torch.zeros(B, M + 2, **long)
+    qd = torch.zeros(B, max(n - 1, 1), V if not greedy else 1, device=device)
+    state = [blk, cur, steps, fwd, key_d, done, out, out_fwd, acc, qd]
+    eos_t = torch.tensor(sorted(eos_ids) or [-1], device=device)
+    positions, ar_n, ar_b = torch.arange(S, device=device), torch.arange(n, device=device), torch.arange(B, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+    kv = []  # per layer (keys, values) [B, H, S, D], allocated at the first prefill
+
+    def forward(ids, pos, mask, cache):
+        """Final hidden states [m, B, T, D]: every head's when drafting, head 0's alone otherwise."""
+        kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+        if n > 1:
+            return model.hidden_states(**kw)[0]
+        return inner(**kw).last_hidden_state[None]
+
+    def noise(f, role):  # uniforms [B, len(role)] of forward f [B] (role: indices within the forward)
+        return uniform_noise(key_d[:, None], f[:, None] * _NOISE_STRIDE + role)
+
+    def drafts_from(h_heads, f):
+        """Heads 1..n-1 at one position per row, h_heads [n-1, B, D] -> drafts [B, n-1] (and q)."""
+        logits = F.linear(h_heads, W).transpose(0, 1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if greedy:
+            return logits.argmax(-1), None
+        q = nucleus_probs(logits, temperature, top_p)
+        return draw(q, noise(f, _NOISE_DRAFT + ar_n[:-1])), q
+
+    def step():
+        """One forward of every row's block, and its verdict -- no host sync (a CUDA graph)."""
+        pos = cur[:, None] + ar_n  # [B, n]
+        mask = torch.where(positions <= pos[:, :, None], zero, neg)[:, None]  # [B, 1, n, S]
+        h = forward(blk, pos, mask, SlotCache([k for k, _ in kv], [v for _, v in kv], cur))
+        logits = F.linear(h[0], W)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [B, n, V]
+        d = blk[:, 1:]  # the drafts
+        if greedy:  # keep draft k while it is the greedy token after the block's first k tokens
+            emit = logits.argmax(-1)
+            ok = d == emit[:, :-1]
+        else:
+            p = nucleus_probs(logits, temperature, top_p)
+            p = p / p.sum(-1, keepdim=True)
+            q = qd / qd.sum(-1, keepdim=True).clamp_min(1e-30)
+            pd, qd_d = p[:, :-1].gather(-1, d[..., None])[..., 0], q.gather(-1, d[..., None])[..., 0]
+            ok = noise(fwd, ar_n[:-1]) * qd_d < pd  # kept with probability min(1, p(d) / q(d))
+        a = ok.long().cumprod(1).sum(1)  # drafts accepted, per row
+        if not greedy:  # the token at the first rejection (or after the last draft)
+            pa = p[ar_b, a]
+            dist = pa
+            if n > 1:
+                res = (pa - q[ar_b, a.clamp_max(n - 2)]).clamp_min(0)
+                use = (a < n - 1)[:, None] & (res.sum(-1, keepdim=True) > 0)
+                dist = torch.where(use, res, pa)
+            x = draw(dist, noise(fwd, ar_n[:1] + _NOISE_BONUS)[:, 0])
+            emit = torch.cat([d, x[:, None]], 1).scatter(1, a[:, None], x[:, None])
+        live = ~done
+        if n > 1:  # next round's drafts: the heads at the last accepted position
+            nxt, qn = drafts_from(h[1:, ar_b, a], fwd)
+            if qn is not None:
+                qd.copy_(torch.where(live[:, None, None], qn, qd))
+            new_blk = torch.cat([emit.gather(1, a[:, None]), nxt], 1)
+        else:
+            new_blk = emit
+        kept = (ar_n <= a[:, None]) & live[:, None]  # emit[:, :a+1] are this forward's tokens
+        at = (steps[:, None] + ar_n).clamp_max(M + n - 1)  # a done row may be past M (it writes nothing)
+        out.scatter_(1, at, torch.where(kept, emit, out.gather(1, at)))
+        out_fwd.scatter_(1, at, torch.where(kept, fwd[:, None], out_fwd.gather(1, at)))
+        f_at = fwd[:, None].clamp_max(M + 1)
+        acc.scatter_(1, f_at, torch.where(live[:, None], a[:, None], acc.gather(1, f_at)))
+        eos = ((emit[..., None] == eos_t).any(-1) & kept).any(1)
+        steps.add_((a + 1) * live)
+        cur.add_((a + 1) * live)
+        fwd.add_(live.long())
+        blk.copy_(torch.where(live[:, None], new_blk, blk))
+        done.logical_or_(live & (eos | (steps >= M)))
+
+    def prefill(rows):
+        """The rows' prompts in one forward (right-padded) -> their caches, first tokens, drafts."""
+        lens = torch.tensor([len(prompts[r]) for r in rows], device=device)
+        T = int(lens.max())
+        ids = torch.tensor([prompts[r] + [0] * (T - len(prompts[r])) for r in rows], device=device)
+        t = torch.arange(T, device=device)
+        allowed = (t[:, None] >= t[None, :]) & (t[None, None, :] < lens[:, None, None])
+        rec = _RecordingCache()
+        h = forward(ids, t.expand(len(rows), T), torch.where(allowed, zero, neg)[:, None], rec)
+        h = h[:, ar_b, lens - 1]  # [m, B, D] at each row's last prompt token
+        layers = sorted(rec.keys)
+        if not kv:
+            kv.extend(tuple(x.new_zeros(B, x.shape[1], S, x.shape[3]) for x in (rec.keys[li], rec.values[li]))
+                      for li in layers)
+        for (k, v), li in zip(kv, layers):
+            k[:, :, :T], v[:, :, :T] = rec.keys[li], rec.values[li]
+        key_d.copy_(torch.tensor([keys[r] for r in rows], device=device))
+        fwd.zero_()
+        logits = F.linear(h[0], W)
+        first = sample_tokens(logits.to(torch.promote_types(logits.dtype, torch.float32)), temperature, top_p,
+                              noise(fwd, ar_n[:1] + _NOISE_BONUS)[:, 0])
+        if n > 1:
+            nxt, q = drafts_from(h[1:], fwd)
+            if q is not None:
+                qd.copy_(q)
+            blk.copy_(torch.cat([first[:, None], nxt], 1))
+        else:
+            blk.copy_(first[:, None])
+        out.zero_()
+        out[:, 0], out_fwd[:, 0], acc[:] = first, 0, 0
+        cur.copy_(lens)
+        steps.fill_(1)
+        fwd.fill_(1)
+        done.copy_((first[:, None] == eos_t).any(-1) | (M <= 1))
+
+    run, pools = None, []
+    stats = {"seconds": 0.0, "capture_s": 0.0, "forwards": [], "tokens": [], "accepted": [0] * (n - 1),
+             "verify_forwards": 0, "batch_size": B, "n_block": n, "graphs": graphs, "check_every": K}
+    results = [None] * len(prompts)
+    with _SlotAttention(base.config):
+        for start in range(0, len(prompts), B):
+            rows = list(range(start, min(start + B, len(prompts))))
+            padded = rows + [rows[0]] * (B - len(rows))  # a short last batch: copies, done from the start
+            t0 = time.perf_counter()
+            prefill(padded)
+            if len(rows) < B:
+                done[len(rows):] = True
+            if run is None:
+                run = step
+                if graphs:  # capture once (the buffers never move); the warm-up steps are undone
+                    tc = time.perf_counter()
+                    saved = [x.clone() for x in state]
+                    run = _cuda_graph(step, pools)
+                    for x, s in zip(state, saved):
+                        x.copy_(s)
+                    stats["capture_s"] += time.perf_counter() - tc
+                    t0 += time.perf_counter() - tc
+            live, checked = {j: [] for j in range(len(rows))}, [0] * len(rows)
+            while True:
+                snap = torch.cat([steps[:, None], done[:, None].long(), out], 1).tolist()
+                for j in list(live):
+                    n_steps, ended = snap[j][0], snap[j][1]
+                    toks = snap[j][2:2 + min(n_steps, M)]
+                    end = first_stop(tok, toks, checked[j], stops[rows[j]], eos_ids)
+                    checked[j] = len(toks)
+                    if end is not None or ended:
+                        results[rows[j]] = toks[:end + 1] if end is not None else toks
+                        del live[j]
+                        done[j] = True
+                if not live:
+                    break
+                for _ in range(K):
+                    run()
+            stats["seconds"] += time.perf_counter() - t0
+            of, ac = out_fwd.tolist(), acc.tolist()
+            for j, r in enumerate(rows):
+                f = of[j][len(results[r]) - 1] + 1  # the prefill + the verify forwards its tokens needed
+                stats["forwards"].append(f)
+                stats["tokens"].append(len(results[r]))
+                stats["verify_forwards"] += f - 1
+                for k in range(n - 1):
+                    stats["accepted"][k] += sum(x > k for x in ac[j][1:f])
+    return results, stats

@@ -43,6 +43,8 @@ class ModelConfig:
     tokenizer: str = ""              # "" = the policy's own; needed for a random-init policy (.json)
     grad_checkpointing: bool = False # recompute the trunk's block activations in backward (memory for ~30% compute)
     checkpoint_heads: bool = False   # with grad_checkpointing: the MTP heads too (bench.py: pays off at small vocab)
+    head_target: Literal["tokens", "head0"] = "tokens"  # heads 1..n-1 learn the data's tokens, or head 0's
+                                     # distribution (KL, soft targets; needs a frozen base: heads_only_steps >= max_steps)
 
 
 @dataclass
@@ -86,6 +88,7 @@ CRITIC_ONLY_KEYS = ("stages", "value", "critic", "data.max_problems", "data.max_
 # What a checkpoint must share with the run that resumes it -- the model and the loss (with the
 # weighting and the vocabulary size: common.run_config); --resume refuses any other.
 RESUME_KEYS = ("model.policy", "model.n_heads", "model.head_discount", "model.reference", "model.tokenizer",
+               "model.head_target",
                "rho1.ratio", "rho1.mode", "rho1.temperature", "rho1.shuffle")
 
 
@@ -99,6 +102,9 @@ def check_config(cfg: Config, world: int):
         common.check_random_init_vocab("model.reference", cfg.model.reference,
                                        common.spec_vocab_size(cfg.model.policy), cfg.model.policy)
     common.check_range("rho1.ratio", cfg.rho1.ratio, 0, 1, lo_open=True)
+    if cfg.model.head_target == "head0" and cfg.train.heads_only_steps < cfg.train.max_steps:
+        raise common.ConfigError("config key 'model.head_target': head0 distils heads 1..n-1 toward head 0, which "
+                                 "must not move: set --train.heads_only_steps to max_steps (or more)")
     common.check_min("rho1.temperature", cfg.rho1.temperature, 0, strict=True)
     d = cfg.data
     common.check_min("data.max_seq_len", d.max_seq_len, 2)
@@ -153,6 +159,11 @@ def main(argv):
         ref = copy.deepcopy(base)  # before training touches it
     if cfg.model.grad_checkpointing:
         mtp.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
+    if cfg.train.heads_only_steps >= cfg.train.max_steps:
+        # Heads only, the whole run (drafting heads on a frozen model): the base needs no
+        # gradient at all, so the backward stops at the heads' input instead of running the
+        # trunk only for drop_base_grads to discard it, and AdamW never holds the base.
+        model.base.requires_grad_(False)
     ref = mtp.MTPModel(ref.requires_grad_(False).eval(), 1)
     n_params = sum(p.numel() for p in model.parameters())
     n_ref = sum(p.numel() for p in ref.parameters())
@@ -207,7 +218,8 @@ def main(argv):
                 n_valid = mtp.align_to_heads(batch["loss_mask"], n_heads).flatten(1).sum(1)
                 n_kept = mtp.selected_count(n_valid, cfg.rho1.ratio).tolist()  # per head
             loss, ce, correct, coef = model(ids, targets, coef_fn=rho1_coef, chunk_size=chunk,
-                                            rows=rows, n_nonzero=n_kept)
+                                            rows=rows, n_nonzero=n_kept,
+                                            head0_targets=cfg.model.head_target == "head0")
         return loss, ce, correct, coef, valid, picked["w"], ref_ce
 
     # Σ m·w per head over the whole optimizer batch, known before any forward: top-ρ keeps

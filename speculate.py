@@ -1,0 +1,243 @@
+"""
+speculate.py — heads that draft: self-distillation data for the MTP heads, and the measurement of
+self-speculative decoding against plain decoding.
+
+    # 1. what the model itself writes: greedy + sampled continuations of training prompts
+    python speculate.py MODEL --stage=data --out=out/draft/distill.jsonl
+    # 2. heads 1..n-1 learn it on the frozen model (the base stays bit for bit unchanged)
+    python train_rho1.py configs/smol_draft_heads.yaml
+    # 3. full HumanEval, greedy, speculative vs plain decoding in the same run, batch 1 and 8
+    python speculate.py out/draft_heads/final --stage=measure --base=MODEL --out=out/draft/measure.json
+
+Why (docs/design.md §7): a draft is accepted when it is what head 0 would have produced, so the
+heads should learn head 0's outputs, not a dataset's. Medusa-2 (Cai et al. 2024, §2.3.2) and
+FastMTP (Cai et al. 2025) train their drafting heads on the model's own generations for this
+reason ("self-distillation"); heads trained on 374 MBPP reference programs draft what MBPP's
+authors wrote, which the model often would not.
+
+Read top to bottom:
+  1. `distill_data`: prompts of the training sources (the standard library, MBPP train), each
+     continued greedily and by sampling with the fast slot sampler (sampling.sample_rows);
+     one JSONL row {prompt, completion, source, kind} per continuation, for `data.source=jsonl`.
+  2. `measure`: every HumanEval problem decoded plainly and speculatively by sampling.decode_rows
+     (the same loop, cache, CUDA graphs and host checks; speculative=False is its one-token
+     case) at each batch size: tokens per forward, acceptance per head, wall-clock speed-up,
+     completions that differ; and whether the base weights equal the original model's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+import common
+import data
+import eval as ev
+import sampling
+
+
+@dataclass
+class SpeculateConfig:
+    model: str = ""                  # (positional) data: the model to accelerate; measure: the checkpoint with heads
+    stage: Literal["data", "measure"] = "data"
+    out: str = ""                    # data: the JSONL to write; measure: the JSON to write
+    device: str = "auto"
+    dtype: str = "auto"              # data: auto = bf16 on GPUs; measure: auto = fp32 (greedy identity, eval.py)
+    seed: int = 1234
+    # ---- data ----
+    sources: str = "stdlib,mbpp"     # prompts: the standard library's functions, MBPP train
+    stdlib_path: str = ""            # an exported stdlib JSONL ({prompt, completion}); "" = scan this interpreter's
+    mbpp_path: str = data.LOCAL_MBPP  # MBPP JSONL (train split prompts; the stdlib scan's contamination check)
+    limit: int = 0                   # at most this many prompts (0 = all)
+    greedy: bool = True              # one greedy continuation per prompt (what greedy decoding will meet)
+    sampled: int = 1                 # sampled continuations per prompt (the model's other likely paths)
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    batch_size: int = 512            # slots of the slot sampler
+    eval_frac: float = 0.03          # share of prompts (by a hash) written to <out>_eval.jsonl instead
+    # ---- measure ----
+    base: str = ""                   # the original model: its weights must equal the checkpoint's base
+    batch_sizes: str = "1,8"
+    check_every: int = 4             # forwards between host checks (both decoders)
+    task_limit: int = 0              # only the first N HumanEval problems (0 = all 164)
+    execute: bool = True             # run the speculative completions' tests (pass@1, greedy)
+    workers: int = 0                 # sandbox workers (0 = one per core)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Self-distillation data
+# --------------------------------------------------------------------------------------------
+
+def training_prompts(cfg: SpeculateConfig) -> list[tuple[str, str, list[str]]]:
+    """(source, prompt, stop strings) of the training sources. Standard-library prompts are
+    HumanEval-shaped (imports, signature, docstring) and are cut like HumanEval's (trailing
+    newline stripped, eval.py's stop strings), so the heads learn the positions they will draft
+    at; MBPP train prompts stop at [DONE]. Nothing of HumanEval or MBPP test enters."""
+    out = []
+    for source in [s.strip() for s in cfg.sources.split(",") if s.strip()]:
+        if source == "stdlib":
+            rows = (data.read_jsonl(cfg.stdlib_path) if cfg.stdlib_path
+                    else data.stdlib_examples("train", mbpp_path=cfg.mbpp_path or None)[0])
+            out += [("stdlib", r["prompt"].rstrip(), ev.HUMANEVAL_STOP) for r in rows]
+        elif source == "mbpp":
+            out += [("mbpp", ex["prompt"], ["[DONE]"]) for ex in data.load_examples("mbpp", cfg.mbpp_path or None, "train")[0]]
+        else:
+            raise common.ConfigError(f"config key 'sources': unknown source {source!r}; stdlib, mbpp")
+    return out[:cfg.limit or None]
+
+
+def distill_data(cfg: SpeculateConfig):
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(cfg.dtype, device)
+    model, tok = ev.load_model(cfg.model, device, dtype)
+    eos_ids = sampling.eos_token_ids(model, tok)
+    prompts = training_prompts(cfg)
+    ids = [tok(p).input_ids for _, p, _ in prompts]
+    print(f"{len(prompts)} prompts ({', '.join(f'{s}: {sum(x[0] == s for x in prompts)}' for s in dict.fromkeys(x[0] for x in prompts))}), "
+          f"model {cfg.model} on {device}/{dtype}")
+    runs = ([("greedy", 1, 0.0)] if cfg.greedy else []) + ([("sampled", cfg.sampled, cfg.temperature)] if cfg.sampled else [])
+    out_eval = os.path.splitext(cfg.out)[0] + "_eval.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    counts = {"train": 0, "eval": 0, "empty": 0, "tokens": 0}
+    with open(cfg.out, "w") as f_train, open(out_eval, "w") as f_eval:
+        for kind, n, temperature in runs:
+            t0 = time.time()
+            keys = [sampling.sample_key(cfg.seed, i) for i in range(len(prompts))]
+            rows, stats = sampling.sample_rows(model, tok, ids, n, cfg.max_new_tokens, temperature, cfg.top_p,
+                                               [s for _, _, s in prompts], eos_ids, keys, cfg.batch_size)
+            for r, toks in enumerate(rows):
+                source, prompt, stop = prompts[r // n]
+                text, kept = sampling.completion_text(tok, torch.tensor([ids[r // n]]), toks, stop, eos_ids)
+                if not text.strip():
+                    counts["empty"] += 1
+                    continue
+                # Held out by prompt (all continuations of a prompt on one side).
+                held = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) < cfg.eval_frac * 2 ** 32
+                (f_eval if held else f_train).write(json.dumps({"prompt": prompt, "completion": text,
+                                                                "source": source, "kind": kind}) + "\n")
+                counts["eval" if held else "train"] += 1
+                counts["tokens"] += len(kept)
+            seconds = time.time() - t0
+            print(f"{kind}: {len(rows)} continuations, {stats['tokens']:,} tokens in {seconds:.1f}s "
+                  f"({stats['tokens'] / seconds:,.0f} tokens/s)", flush=True)
+    print(f"wrote {cfg.out} ({counts['train']} rows) and {out_eval} ({counts['eval']}); {counts['empty']} empty "
+          f"continuations skipped; {counts['tokens']:,} completion tokens")
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The measurement
+# --------------------------------------------------------------------------------------------
+
+def base_identical(model, spec: str) -> dict:
+    """Is the checkpoint's base model (trunk, head 0, norm, unembedding) bit for bit the original?"""
+    original, _ = ev.load_model(spec, "cpu", torch.float32)
+    mine = {k: v.detach().cpu() for k, v in model.base.state_dict().items()}
+    theirs = original.base.state_dict()
+    differ = [k for k in theirs if k not in mine or not torch.equal(mine[k].to(theirs[k].dtype), theirs[k])]
+    return {"base": spec, "tensors": len(theirs), "differ": differ, "identical": not differ and len(mine) == len(theirs)}
+
+
+def measure(cfg: SpeculateConfig):
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype("float32" if cfg.dtype == "auto" else cfg.dtype, device)
+    t_load = time.time()
+    model, tok = ev.load_model(cfg.model, device, dtype)
+    eos_ids = sampling.eos_token_ids(model, tok)
+    problems = ev.load_humaneval(None)[:cfg.task_limit or None]
+    prompts = [tok(p["prompt"]).input_ids for p in problems]
+    stops = [p["stop"] for p in problems]
+    result = {"model": cfg.model, "n_heads": model.n_heads, "device": str(device), "dtype": str(dtype),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__, "task": "humaneval", "n_problems": len(problems),
+              "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "check_every": cfg.check_every,
+              "load_seconds": round(time.time() - t_load, 1), "batch": {}}
+    if cfg.base:
+        result["base_check"] = base_identical(model, cfg.base)
+        print(f"base weights identical to {cfg.base}: {result['base_check']['identical']}", flush=True)
+
+    def run(speculative, bs, idx=None):
+        ps = prompts if idx is None else [prompts[i] for i in idx]
+        ss = stops if idx is None else [stops[i] for i in idx]
+        return sampling.decode_rows(model, tok, ps, cfg.max_new_tokens, ss, eos_ids, speculative=speculative,
+                                    batch_size=bs, check_every=cfg.check_every)
+
+    texts = {}
+    for bs in [int(b) for b in cfg.batch_sizes.split(",") if b.strip()]:
+        t0 = time.time()
+        run(False, bs, range(min(bs, len(prompts))))  # untimed warm-up: lazy initialisation, kernel choice
+        run(True, bs, range(min(bs, len(prompts))))
+        plain, ps = run(False, bs)
+        spec, ss = run(True, bs)
+        differ = [problems[i]["task_id"] for i in range(len(problems)) if plain[i] != spec[i]]
+        n = model.n_heads
+        r = {"plain_seconds": round(ps["seconds"], 2), "speculative_seconds": round(ss["seconds"], 2),
+             "speedup": ps["seconds"] / max(ss["seconds"], 1e-9),
+             "tokens": sum(ss["tokens"]), "plain_tokens_per_s": sum(ps["tokens"]) / max(ps["seconds"], 1e-9),
+             "speculative_tokens_per_s": sum(ss["tokens"]) / max(ss["seconds"], 1e-9),
+             "tokens_per_forward": sum(ss["tokens"]) / max(sum(ss["forwards"]), 1),
+             "plain_tokens_per_forward": sum(ps["tokens"]) / max(sum(ps["forwards"]), 1),
+             # Head k's acceptance: the share of verify forwards whose draft k was kept (it is kept
+             # only if drafts 1..k-1 were); conditional: given draft k-1 was kept.
+             "acceptance_per_head": {f"head{k + 1}": ss["accepted"][k] / max(ss["verify_forwards"], 1) for k in range(n - 1)},
+             "conditional_acceptance_per_head": {
+                 f"head{k + 1}": ss["accepted"][k] / max(ss["accepted"][k - 1] if k else ss["verify_forwards"], 1)
+                 for k in range(n - 1)},
+             "completions_differing_from_plain": len(differ), "differing_task_ids": differ,
+             "capture_seconds": round(ps["capture_s"] + ss["capture_s"], 2), "wall_seconds": round(time.time() - t0, 1)}
+        texts[bs] = (plain, spec)
+        result["batch"][str(bs)] = r
+        print(f"batch {bs}: {r['tokens_per_forward']:.2f} tokens/forward, acceptance "
+              f"{', '.join(f'{v:.2f}' for v in r['acceptance_per_head'].values())}, plain {r['plain_seconds']}s "
+              f"vs speculative {r['speculative_seconds']}s = {r['speedup']:.2f}x, {len(differ)} differ", flush=True)
+    if len(texts) > 1:  # batching itself (a different batch shape) may round differently
+        (b1, (p1, _)), *rest = texts.items()
+        result["plain_differing_across_batch_sizes"] = {
+            f"{b1}_vs_{b}": sum(x != y for x, y in zip(p1, p)) for b, (p, _) in rest}
+    if cfg.execute:
+        t0 = time.time()
+        _, spec = next(iter(texts.values()))
+        done = [sampling.completion_text(tok, torch.tensor([prompts[i]]), spec[i], stops[i], eos_ids)[0]
+                for i in range(len(problems))]
+        import sandbox
+        verdicts = sandbox.check_all(list(zip(problems, done)), cfg.workers or os.cpu_count() or 1)
+        result["pass@1_speculative_greedy"] = sum(bool(v["passed"]) for v in verdicts) / max(len(problems), 1)
+        result["execution_seconds"] = round(time.time() - t0, 1)
+        print(f"pass@1 (greedy, speculative = plain where they agree): {result['pass@1_speculative_greedy']:.4f}")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {cfg.out}")
+    return result
+
+
+def main(argv):
+    cfg = common.parse_config(SpeculateConfig, argv, positional="model")
+    if not cfg.model:
+        raise common.ConfigError("no model: python speculate.py MODEL --stage=data|measure [--key=value ...]")
+    common.check_model_spec("model", cfg.model)
+    if cfg.base:
+        common.check_model_spec("base", cfg.base)
+    if cfg.stage == "data":
+        for key in ("stdlib_path", "mbpp_path"):
+            if getattr(cfg, key):
+                common.check_file(key, getattr(cfg, key))
+    common.check_min("sampled", cfg.sampled, 0)
+    common.check_min("max_new_tokens", cfg.max_new_tokens, 1)
+    common.check_min("batch_size", cfg.batch_size, 1)
+    common.check_range("eval_frac", cfg.eval_frac, 0, 1)
+    if not cfg.out:
+        cfg.out = "out/draft/distill.jsonl" if cfg.stage == "data" else "out/draft/measure.json"
+    common.check_out_dir("out", os.path.dirname(os.path.abspath(cfg.out)))
+    return distill_data(cfg) if cfg.stage == "data" else measure(cfg)
+
+
+if __name__ == "__main__":
+    common.run_main(main, sys.argv[1:])

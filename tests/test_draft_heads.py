@@ -1,0 +1,91 @@
+"""Heads that draft (issue 14): the KL-to-head-0 loss against a naive float64 computation;
+heads-only self-distillation leaves the base state dict identical; speculate.py's measurement
+end to end on a tiny checkpoint."""
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import char_tokenizer, counting_jsonl, tiny_model_json
+from test_eval import tiny_checkpoint  # noqa: F401  (a fixture)
+
+import mtp
+import speculate
+import train_rho1
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_head0_distill_loss_and_gradients_equal_naive_float64(chunk):
+    torch.manual_seed(0)
+    n, B, T, D, V = 3, 2, 7, 8, 11
+    h = torch.randn(n, B, T, D, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (n, B, T))
+    coef = torch.rand(n, B, T, dtype=torch.float64) * mtp.align_to_heads(torch.ones(B, T), n).double()
+    rows = coef.flatten().nonzero().squeeze(1)
+    loss, ce, agree = mtp.head0_distill_loss(h, W, targets, coef, chunk, rows)
+    loss.backward()
+    g_h, g_W = h.grad.clone(), W.grad.clone()
+    h.grad = W.grad = None
+    logits = h @ W.t()
+    naive = (coef[0] * torch.nn.functional.cross_entropy(logits[0].flatten(0, 1), targets[0].flatten(),
+                                                         reduction="none").view(B, T)).sum()
+    for k in range(1, n):  # head k at t vs head 0 at t+k, the teacher a constant
+        p = logits[0, :, k:].detach().log_softmax(-1)
+        q = logits[k, :, :T - k].log_softmax(-1)
+        kl = (p.exp() * (p - q)).sum(-1)
+        naive = naive + (coef[k, :, :T - k] * kl).sum()
+        torch.testing.assert_close(ce[k, :, :T - k] * (coef[k, :, :T - k] > 0), kl.detach() * (coef[k, :, :T - k] > 0))
+    naive.backward()
+    torch.testing.assert_close(loss, naive.detach())
+    torch.testing.assert_close(g_h, h.grad)
+    torch.testing.assert_close(g_W, W.grad)
+
+
+@pytest.mark.parametrize("head_target", ["tokens", "head0"])
+def test_heads_only_self_distillation_leaves_the_base_identical(tmp_path, head_target):
+    """train.heads_only_steps = max_steps (configs/smol_draft_heads.yaml): the base model never
+    gets a gradient -- its state dict after training equals the starting model's bit for bit --
+    while every tensor of every extra head moves."""
+    char_tokenizer(tmp_path / "tok")
+    start, _ = mtp.load_model_and_tokenizer(tiny_model_json(tmp_path / "model.json"))
+    start.save_pretrained(tmp_path / "start")
+    shutil.copytree(tmp_path / "tok", tmp_path / "start", dirs_exist_ok=True)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    last_block = {k.split("layers.1.", 1)[1]: v for k, v in before.items() if "layers.1." in k}
+    train = counting_jsonl(tmp_path / "train.jsonl", 32)  # stands in for speculate.py's continuations
+    train_rho1.main(["configs/smol_draft_heads.yaml", f"--model.policy={tmp_path / 'start'}", "--model.n_heads=3",
+                     f"--model.head_target={head_target}", f"--data.path={train}", f"--data.eval_path={train}",
+                     "--data.max_seq_len=64", "--max_steps=4", "--heads_only_steps=4", "--global_batch=4",
+                     "--micro_batch=2", "--lr=1e-2", "--warmup_steps=1", "--train.device=cpu", "--train.dtype=float32",
+                     f"--out_dir={tmp_path / 'out'}"])
+    model, _ = mtp.load_consolidated(str(tmp_path / "out" / "final"))
+    after = model.base.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in after.items():
+        assert torch.equal(v, before[k]), k
+    for head in model.extra_heads:
+        moved = [k for k, v in head.state_dict().items() if not torch.equal(v, last_block[k])]
+        assert len(moved) == len(last_block)
+
+
+def test_head0_target_needs_a_frozen_base(tmp_path):
+    import common
+    with pytest.raises(common.ConfigError, match="head_target"):
+        train_rho1.main(["configs/smol_draft_heads.yaml", "--model.head_target=head0", "--heads_only_steps=10",
+                         f"--out_dir={tmp_path}", "--dry_run"])
+
+
+def test_measure_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
+    out = tmp_path / "m.json"
+    res = speculate.main([tiny_checkpoint, "--stage=measure", f"--base={tiny_checkpoint}", "--task_limit=3",
+                          "--batch_sizes=1,2", "--max_new_tokens=16", "--execute=false", "--device=cpu", f"--out={out}"])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert saved["base_check"]["identical"] and saved["n_problems"] == 3
+    for b in ("1", "2"):
+        r = saved["batch"][b]
+        assert r["completions_differing_from_plain"] == 0
+        assert 1.0 <= r["tokens_per_forward"] <= 3 and r["plain_tokens_per_forward"] == 1.0
+        assert set(r["acceptance_per_head"]) == {"head1", "head2"}
+    assert saved["plain_differing_across_batch_sizes"] == {"1_vs_2": 0}

@@ -1,0 +1,169 @@
+"""sampling.decode_rows: batched self-speculative decoding. Greedy equals plain greedy row by row
+(any batch size, stops, EOS); speculative sampling draws from plain sampling's distribution
+(a chi-square test against the exact sequence probabilities); plain decoding equals the
+reference sampler."""
+import itertools
+
+import pytest
+import torch
+from test_eval import TOK, mtp_model
+
+import sampling
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def random_prompts(vocab, count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1 + t % 17,), generator=g).tolist() for t in range(count)]
+
+
+@pytest.mark.parametrize("vocab,n_heads,noise", [(97, 4, 0.05), (5, 4, 0.05), (5, 3, 0.3), (3, 4, 0.0), (7, 1, 0.0)])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_batched_speculative_greedy_equals_plain_greedy_per_row(vocab, n_heads, noise, batch_size):
+    """Every row of a batch accepts its own number of drafts; each equals `generate`'s plain
+    greedy decoding of its prompt alone, token for token, and so does the plain decoder."""
+    model = mtp_model(vocab, n_heads, noise)
+    prompts = random_prompts(vocab, 10)
+    spec, st = sampling.decode_rows(model, TOK, prompts, 40, [], set(), speculative=True, batch_size=batch_size)
+    plain, pst = sampling.decode_rows(model, TOK, prompts, 40, [], set(), speculative=False, batch_size=batch_size)
+    for i, (p, s, q) in enumerate(zip(prompts, spec, plain)):
+        ref, _ = sampling.generate(model, TOK, torch.tensor([p]), 1, 40, 0.0, 1.0, [], set())
+        assert s == ref[0] and q == ref[0]
+        # The same drafts as the reference decoder (DynamicCache, cropped): as many forwards. Wrong
+        # keys/values in an extra head's cache would change its drafts, not the output.
+        _, ref_fwd = sampling.generate_speculative(model, TOK, torch.tensor([p]), 40, [], set())
+        assert st["forwards"][i] == ref_fwd
+    assert pst["forwards"] == [40] * 10 and st["tokens"] == [40] * 10
+    assert all(f <= 40 for f in st["forwards"])
+    if n_heads > 1 and noise < 0.1 and vocab <= 5:  # heads close to head 0 on a small vocabulary
+        assert sum(st["tokens"]) / sum(st["forwards"]) > 1.2
+        assert st["accepted"] == sorted(st["accepted"], reverse=True)  # draft k+1 kept only after draft k
+
+
+def test_batched_speculative_greedy_with_stops_and_eos():
+    model = mtp_model(11, 4, 0.05)
+    prompts = random_prompts(11, 12, seed=1)
+    stop, eos = [" 3 4"], {7}
+    spec, _ = sampling.decode_rows(model, TOK, prompts, 50, stop, eos, speculative=True, batch_size=5)
+    for p, s in zip(prompts, spec):
+        ref, _ = sampling.generate(model, TOK, torch.tensor([p]), 1, 50, 0.0, 1.0, stop, eos)
+        assert s == ref[0]  # cut at the same token (drafts accepted past a stop are dropped)
+
+
+def test_batched_speculative_greedy_with_a_real_tokenizer():
+    """With SmolLM2's tokenizer and real stop strings (a tiny random model)."""
+    from test_eval import SMOLLM2
+
+    import mtp
+    tok = mtp.load_tokenizer(SMOLLM2)
+    model = mtp_model(len(tok), 3, 0.02, dtype=torch.float32)
+    prompts = [tok(t).input_ids for t in ["def add(a, b):\n", "import math\n\ndef area(r):\n", "x ="]]
+    eos, stop = sampling.eos_token_ids(model, tok), ["\ndef"]
+    spec, _ = sampling.decode_rows(model, tok, prompts, 30, stop, eos, speculative=True, batch_size=2)
+    for p, s in zip(prompts, spec):
+        ref, _ = sampling.generate(model, tok, torch.tensor([p]), 1, 30, 0.0, 1.0, stop, eos)
+        assert s == ref[0]
+
+
+@torch.no_grad()
+def sequence_probs(model, prompt, m, vocab, temperature, top_p):
+    """The exact probability of every m-token continuation under plain sampling (uncached
+    forwards of the base model, pick_next's temperature and nucleus)."""
+    probs = {}
+    for seq in itertools.product(range(vocab), repeat=m):
+        ids = torch.tensor([prompt + list(seq)])
+        logits = model.base(ids).logits[0, len(prompt) - 1:len(prompt) - 1 + m]
+        p = sampling.nucleus_probs(logits, temperature, top_p)
+        p = p / p.sum(-1, keepdim=True)
+        probs[seq] = float(torch.prod(p[torch.arange(m), torch.tensor(seq)]))
+    return probs
+
+
+def chi_square_p_value(counts: dict, probs: dict, n: int) -> tuple[float, float, int]:
+    """Pearson's chi-square goodness of fit, outcomes with an expected count below 5 pooled into
+    one bin -> (p-value, statistic, degrees of freedom). Survival function of chi2(k):
+    the regularised upper incomplete gamma Q(k/2, x/2)."""
+    big = [s for s in probs if probs[s] * n >= 5]
+    obs = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
+    exp = [probs[s] * n for s in big] + [n * (1 - sum(probs[s] for s in big))]
+    if exp[-1] < 5:  # too little mass to pool: merge it into the last big outcome
+        obs[-2] += obs.pop()
+        exp[-2] += exp.pop()
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    dof = len(obs) - 1
+    return chi2_sf(stat, dof), stat, dof
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_speculative_sampling_has_plain_sampling_distribution(temperature, top_p):
+    """Speculative sampling (Leviathan et al. 2023) must draw every m-token continuation with the
+    probability plain sampling gives it, whatever the heads draft. 6,000 draws of 3 tokens from a
+    5-token vocabulary (125 outcomes) with heads far from head 0 (many rejections and residual
+    draws), checked by a chi-square goodness-of-fit test against the exact probabilities.
+    False-alarm rate: the test fails a correct sampler with probability alpha = 1e-3 for a
+    random seed (the seeds are fixed, so a given version of the code passes or fails always).
+    Power: the commonest mistake -- keeping every draft, i.e. drawing from the heads -- moves
+    the expected statistic far past the critical value (checked below)."""
+    vocab, m, n = 5, 3, 6000
+    model = mtp_model(vocab, 3, 1.0)
+    prompt = [1, 3, 0, 2]
+    probs = sequence_probs(model, prompt, m, vocab, temperature, top_p)
+    keys = [sampling.sample_key(7, i) for i in range(n)]
+    rows, st = sampling.decode_rows(model, TOK, [prompt] * n, m, [], set(), speculative=True,
+                                    temperature=temperature, top_p=top_p, keys=keys, batch_size=2000)
+    counts = {}
+    for r in rows:
+        counts[tuple(r)] = counts.get(tuple(r), 0) + 1
+    p_value, stat, dof = chi_square_p_value(counts, probs, n)
+    assert p_value > 1e-3, (p_value, stat, dof)
+    # Both paths ran: some drafts kept, some rejected (then drawn from the residual).
+    assert 0 < st["accepted"][0] < st["verify_forwards"]
+    # Power: the distribution "first token from head 0, the rest the heads' drafts unverified".
+    # Under that mistake the statistic is ~ noncentral chi2(dof, lam): mean dof + lam, variance
+    # 2 (dof + 2 lam). Its mean must clear the test's critical value by 4 standard deviations.
+    with torch.no_grad():
+        h, _ = model.hidden_states(torch.tensor([prompt]), use_cache=False)
+        q = sampling.nucleus_probs(torch.nn.functional.linear(h[:, 0, -1], model.lm_head_weight), temperature, top_p)
+    q = q / q.sum(-1, keepdim=True)
+    wrong = {s: float(q[0, s[0]] * q[1, s[1]] * q[2, s[2]]) for s in probs}
+    lam = n * sum((wrong[s] - probs[s]) ** 2 / max(probs[s], 1e-12) for s in probs)
+    lo, hi = float(dof), float(10 * dof)  # the critical value: sf(crit) = 1e-3, by bisection
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chi2_sf(mid, dof) > 1e-3 else (lo, mid)
+    assert dof + lam > hi + 4 * (2 * (dof + 2 * lam)) ** 0.5, (lam, hi)
+
+
+def test_plain_sampling_matches_exact_distribution_too():
+    """The plain decoder (speculative=False) under the same test: the reference point."""
+    vocab, m, n = 5, 3, 4000
+    model = mtp_model(vocab, 3, 0.5)
+    prompt = [4, 4, 1]
+    probs = sequence_probs(model, prompt, m, vocab, 1.0, 1.0)
+    keys = [sampling.sample_key(3, i) for i in range(n)]
+    rows, _ = sampling.decode_rows(model, TOK, [prompt] * n, m, [], set(), speculative=False,
+                                   temperature=1.0, keys=keys, batch_size=n)
+    counts = {}
+    for r in rows:
+        counts[tuple(r)] = counts.get(tuple(r), 0) + 1
+    assert chi_square_p_value(counts, probs, n)[0] > 1e-3
+
+
+def test_speculative_sampling_rows_do_not_depend_on_batch_size():
+    model = mtp_model(7, 4, 0.3)
+    prompts = random_prompts(7, 6, seed=2)
+    keys = [sampling.sample_key(5, i) for i in range(6)]
+    a, _ = sampling.decode_rows(model, TOK, prompts, 20, [], set(), temperature=0.8, top_p=0.95, keys=keys, batch_size=1)
+    b, _ = sampling.decode_rows(model, TOK, prompts, 20, [], set(), temperature=0.8, top_p=0.95, keys=keys, batch_size=4)
+    assert a == b
