@@ -298,7 +298,9 @@ class MTPModel(nn.Module):
                 ce_all[k, idx], correct_all[k, idx] = ce_k, correct_k
                 # this head's backward, down to its detached input: its activations die here
                 inputs = [zd] * zd.requires_grad + head_params[k] + norm_params
-                got = torch.autograd.grad(hk, inputs, grad_outputs=grad_h, allow_unused=True)
+                # (none when this head, the norm and the trunk are all frozen: head 0 of a
+                # heads-only run with the base frozen outright: nothing of it needs a gradient)
+                got = torch.autograd.grad(hk, inputs, grad_outputs=grad_h, allow_unused=True) if inputs else ()
                 del h, hk, grad_h
                 if zd.requires_grad:
                     grad_z = got[0] if grad_z is None else grad_z.add_(got[0])
