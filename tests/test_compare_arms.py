@@ -1,0 +1,90 @@
+"""scripts/compare_arms.sh, the whole comparison matrix, with a stand-in for python that writes
+each step's output: every arm gets its own flags, jobs alternate over the GPUs, a re-run skips
+what finished and redoes (from scratch) what did not, and compare.py (run for real) tabulates
+every arm."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Stand-in for `python SCRIPT ARGS`: log the call, write the file the step is judged done by.
+STUB = r'''#!/usr/bin/env bash
+script=$1; shift
+case $script in compare.py|-c) exec "$REAL_PY" "$script" "$@";; esac
+echo "$script $* GPU=$CUDA_VISIBLE_DEVICES" >> "$CALLS"
+task=humaneval; spec=0
+for a in "$@"; do case $a in --task=*) task=${a#*=};; --speculative) spec=1;; esac; done
+for a in "$@"; do case $a in
+  --train.out_dir=*) d=${a#*=}; mkdir -p $d/final; echo '{"heldout_ce": [2.0, 4.0]}' > $d/final/mtp_config.json;;
+  --value.out_dir=*) d=${a#*=}; mkdir -p $d; echo '{}' > $d/value_config.json;;
+  --out=*) d=${a#*=}; mkdir -p $d; echo '{}' > $d/samples.jsonl
+    "$REAL_PY" -c "
+import json, sys, zlib
+d, task, spec = sys.argv[1], sys.argv[2], sys.argv[3] == '1'
+seed = zlib.crc32(d.encode())
+res = {'task': task, 'n_samples': 10, 'model': 'x',
+       'per_problem': {f'{task}/{i}': {'n': 10, 'correct': (seed >> i) % 3} for i in range(12)}}
+if spec:
+    res['speculative'] = {'tokens_per_forward': 1.5}
+json.dump(res, open(d + '/results.json', 'w'))" "$d" "$task" "$spec";;
+esac; done
+'''
+
+
+def run_script(tmp_path, **env):
+    stub = tmp_path / "py"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    run = tmp_path / "cmp"
+    (run / "data").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):  # the pinned stdlib export: step 0 is skipped
+        (run / "data" / f"stdlib_{split}.jsonl").write_text('{"prompt": "def f():\\n", "completion": "  return 1\\n"}\n')
+    e = dict(os.environ, RUN=str(run), PY=str(stub), REAL_PY=sys.executable, CALLS=str(tmp_path / "calls"),
+             GPUS="2", SEEDS="1 2", MBPP="mbpp.jsonl", **env)
+    p = subprocess.run(["bash", "scripts/compare_arms.sh", "/base"], cwd=REPO, env=e, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    (tmp_path / "calls").unlink(missing_ok=True)
+    return run, calls, p.stdout
+
+
+def test_matrix_flags_gpus_restart_and_table(tmp_path):
+    run, calls, out = run_script(tmp_path)
+    by_out = {c.split("--train.out_dir=")[1].split()[0].rsplit("/", 1)[1]: c for c in calls if "--train.out_dir=" in c}
+    assert sorted(by_out) == sorted(["warm", "reference"] + [f"{a}-s{s}" for a in ("ntp", "mtp", "rho1", "random", "critic")
+                                                            for s in (1, 2)])
+    assert "--model.n_heads=1" in by_out["ntp-s1"] and "--model.policy=/base" in by_out["ntp-s1"]
+    for arm in ("mtp", "rho1", "random", "critic"):  # every MTP arm starts from the shared head warm-up
+        assert f"--model.policy={run}/warm/final" in by_out[f"{arm}-s2"] and "--model.n_heads=4" in by_out[f"{arm}-s2"]
+    assert "--rho1.ratio=0.7" in by_out["rho1-s1"] and "--rho1.shuffle=true" not in by_out["rho1-s1"]
+    assert "--rho1.ratio=0.7" in by_out["random-s1"] and "--rho1.shuffle=true" in by_out["random-s1"]
+    assert by_out["critic-s1"].startswith("train_critic.py") and f"--critic.value_model={run}/value" in by_out["critic-s1"]
+    assert all(f"--train.seed={s}" in by_out[f"{a}-s{s}"] for a in ("ntp", "critic") for s in (1, 2))
+    # the same steps and schedule for every fine-tuned arm
+    steps = {c.split("--train.max_steps=")[-1].split()[0] for n, c in by_out.items() if n not in ("warm", "reference")}
+    assert steps == {"200"}
+    evals = [c for c in calls if c.startswith("eval.py") and "--out=" in c and "/eval/" in c]
+    assert len([c for c in evals if "--speculative" not in c]) == (1 + 5 * 2) * 2  # base + 5 arms x 2 seeds, 2 tasks
+    assert len([c for c in evals if "--speculative" in c]) == 4  # the MTP arms, seed 1
+    gpus = [c.rsplit("GPU=", 1)[1] for c in calls]
+    assert set(gpus) == {"0", "1"} and abs(gpus.count("0") - gpus.count("1")) <= 1
+    table = (run / "comparison.md").read_text()
+    for arm in ("base", "ntp", "mtp", "rho1", "random", "critic"):
+        assert f"| {arm} | humaneval |" in table and f"| {arm} | mbpp |" in table
+    assert json.loads((run / "comparison_vs_base.json").read_text())["ref"] == "base"
+
+    # a re-run does nothing new ...
+    _, again, _ = run_script(tmp_path)
+    assert again == []
+    # ... except what an interrupted run left unfinished, which starts again from scratch
+    os.remove(run / "rho1-s2" / "final" / "mtp_config.json")
+    (run / "rho1-s2" / "checkpoints").mkdir()
+    os.remove(run / "eval" / "critic-s1" / "mbpp" / "results.json")
+    _, again, out = run_script(tmp_path)
+    assert "restarting" in out and not (run / "rho1-s2" / "checkpoints").exists()
+    assert len(again) == 2
+    assert any(c.startswith("train_rho1.py") and f"--train.out_dir={run}/rho1-s2 " in c for c in again)
+    assert any(c.startswith("eval.py") and f"--out={run}/eval/critic-s1/mbpp " in c for c in again)
