@@ -177,7 +177,7 @@ class EvalConfig:
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 512
-    batch_size: int = 0              # rows decoded together: batch_size // n_samples problems at a time
+    batch_size: int = 0              # rows decoded together: batch_size // n_samples problems at a time (--speculative: rows, default 1)
                                      # (0 = n_samples, i.e. one problem; on a GPU use hundreds)
     k: str | int = "1,10"            # k of pass@k, comma-separated (those <= n_samples)
     seed: int = 1234
@@ -270,12 +270,19 @@ def main(argv=None):
     # ---- generate ----
     rows, spec = [], {"plain_s": 0.0, "spec_s": 0.0, "tokens": 0, "forwards": 0, "plain_forwards": 0, "mismatches": 0}
     mine = list(range(rank, len(problems), world))
-    if args.speculative and mine:
-        # Untimed warm-up of both decoders (kernel selection, allocator, lazy init), so that the
-        # first problem's timing does not penalise whichever runs first.
-        ids = tok(problems[mine[0]]["prompt"], return_tensors="pt").input_ids.to(device)
-        sampling.generate(model, tok, ids, 1, 8, 0.0, 1.0, [], eos_ids)
-        sampling.generate_speculative(model, tok, ids, 8, [], eos_ids)
+    if args.speculative:
+        # sampling.decode_rows: plain greedy (one token per forward, head 0) and self-speculative
+        # greedy (heads 1..n-1 draft, one forward verifies) in the same loop, cache and batching
+        # (--batch_size rows at once; default 1, i.e. latency), so the speed-up is like for like.
+        spec_ids = [tok(problems[i]["prompt"]).input_ids for i in mine]
+        spec_bs = args.batch_size or 1
+
+        def decode(speculative, n=None):
+            return sampling.decode_rows(model, tok, spec_ids[:n], args.max_new_tokens,
+                                        [problems[i]["stop"] for i in mine][:n], eos_ids,
+                                        speculative=speculative, batch_size=spec_bs)
+        if mine:  # untimed warm-up of both (lazy initialisation, kernel choice, CUDA graphs)
+            decode(False, spec_bs), decode(True, spec_bs)
     t_gen = time.time()
 
     def add_rows(i, ids, samples):
@@ -284,26 +291,17 @@ def main(argv=None):
             rows.append({"task": args.task, "task_id": problems[i]["task_id"], "sample": s,
                          "prompt": problems[i]["prompt"], "completion": text, "n_tokens": len(kept), "_problem": i})
 
-    if args.speculative:
-        for done, i in enumerate(mine, start=1):
-            prob = problems[i]
-            ids = tok(prob["prompt"], return_tensors="pt").input_ids.to(device)
-            t0 = time.perf_counter()
-            plain, plain_fwd = sampling.generate(model, tok, ids, 1, args.max_new_tokens, 0.0, 1.0, prob["stop"], eos_ids)
-            t1 = time.perf_counter()
-            drafted, fwd = sampling.generate_speculative(model, tok, ids, args.max_new_tokens, prob["stop"], eos_ids)
-            t2 = time.perf_counter()
-            spec["mismatches"] += (sampling.completion_text(tok, ids, plain[0], prob["stop"], eos_ids)[0]
-                                   != sampling.completion_text(tok, ids, drafted, prob["stop"], eos_ids)[0])
-            spec["plain_s"] += t1 - t0
-            spec["spec_s"] += t2 - t1
-            spec["forwards"] += fwd
-            spec["plain_forwards"] += plain_fwd
-            spec["tokens"] += len(drafted)
-            add_rows(i, ids, [drafted])
-            if master:
-                print(f"[gen {done}/{len(mine)}] {prob['task_id']}: {time.time() - t_gen:.0f}s", flush=True)
-    else:
+    if args.speculative and mine:
+        plain, plain_stats = decode(False)
+        drafted, spec_stats = decode(True)
+        for j, i in enumerate(mine):
+            ids = torch.tensor([spec_ids[j]])
+            spec["mismatches"] += (sampling.completion_text(tok, ids, plain[j], problems[i]["stop"], eos_ids)[0]
+                                   != sampling.completion_text(tok, ids, drafted[j], problems[i]["stop"], eos_ids)[0])
+            add_rows(i, ids, [drafted[j]])
+        spec.update(plain_s=plain_stats["seconds"], spec_s=spec_stats["seconds"], tokens=sum(spec_stats["tokens"]),
+                    forwards=sum(spec_stats["forwards"]), plain_forwards=sum(plain_stats["forwards"]))
+    elif not args.speculative:
         # --batch_size rows decode together, continuously refilled from all of this rank's
         # problems (sample_problems). Sample s of problem i depends only on (seed, i, s): not on
         # how problems are split across ranks or batches (up to the rounding of different batch
@@ -360,9 +358,9 @@ def main(argv=None):
                            "memory_mb": args.memory_mb},
                "per_problem": {t: {"n": n, "correct": c} for t, (n, c) in per_problem.items()}}
     if args.speculative:
-        # Tokens per forward: every token the speculative decoder produced (up to max_new_tokens,
-        # including drafts accepted past a stop string) over its forwards, the prompt's included;
-        # plain greedy decoding makes one per forward. Speed-up: plain over speculative wall time.
+        # Tokens per forward: the tokens kept (cut exactly where plain greedy stops) over the
+        # forwards up to each row's last kept token, the prefill included; plain greedy makes one
+        # per forward. Speed-up: plain over speculative wall time, same decoder loop and batch.
         results["speculative"] = {
             "tokens_per_forward": spec["tokens"] / max(spec["forwards"], 1),
             "plain_forwards": spec["plain_forwards"], "speculative_forwards": spec["forwards"],
