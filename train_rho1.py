@@ -149,8 +149,16 @@ def main(argv):
     run_cfg = common.run_config("rho1", cfg, RESUME_KEYS, vocab_size=model.config.vocab_size)  # kept with every checkpoint
     # The reference: another model with the same tokenizer, or (by default) a frozen copy of
     # the policy's starting point -- then excess loss measures what training has not yet learned.
+    # At ratio 1 in hard mode every valid token is kept (plain MTP, next-token, a head warm-up):
+    # the reference decides nothing, so it is neither built nor run -- no second forward per
+    # micro-step for a number only the excess-loss metrics would show.
     ref_spec = cfg.model.reference or cfg.model.policy
-    if cfg.model.reference:
+    uses_ref = cfg.rho1.ratio < 1 or cfg.rho1.mode != "hard"
+    if not uses_ref:
+        ref = None
+        if cfg.model.reference:
+            say(f"rho1.ratio=1 (hard) keeps every token: model.reference {cfg.model.reference} is not used")
+    elif cfg.model.reference:
         common.check_random_init_vocab("model.reference", ref_spec, model.config.vocab_size, cfg.model.policy)
         ref, ref_tok = mtp.load_model_and_tokenizer(ref_spec, dtype=torch.float32)
         if ref_tok is not None:
@@ -164,9 +172,9 @@ def main(argv):
         # gradient at all, so the backward stops at the heads' input instead of running the
         # trunk only for drop_base_grads to discard it, and AdamW never holds the base.
         model.base.requires_grad_(False)
-    ref = mtp.MTPModel(ref.requires_grad_(False).eval(), 1)
+    ref = mtp.MTPModel(ref.requires_grad_(False).eval(), 1) if uses_ref else None
     n_params = sum(p.numel() for p in model.parameters())
-    n_ref = sum(p.numel() for p in ref.parameters())
+    n_ref = sum(p.numel() for p in ref.parameters()) if uses_ref else 0
     model, ref = common.prepare_for_training(model, ref, dist, dtype, compile=cfg.train.compile)
     amp = common.autocast(device, dtype, dist)
     lambdas = mtp.head_lambdas(n_heads, cfg.model.head_discount).to(device)
@@ -194,18 +202,23 @@ def main(argv):
         # the unembeddings run only where a completion token is the target (per head, for the
         # sequential heads: mtp.MTPModel._sequential_loss)
         rows = [r.to(device) for r in mtp.head_rows(batch["loss_mask"], n_heads)]
-        ref_rows = mtp.loss_rows(batch["loss_mask"], 1).to(device)
         picked = {}
         with amp:
-            ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, chunk, ref_rows), n_heads)
+            ref_ce = None
+            if uses_ref:
+                ref_rows = mtp.loss_rows(batch["loss_mask"], 1).to(device)
+                ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, chunk, ref_rows), n_heads)
 
             def rho1_coef(ce, head=None):  # ce: the policy's own per-(head, position) CE, detached
                 # Sequential heads call this once per head (head=k, ce [1, B, T]): the selection is
                 # per head and its denominators are counts known before the step, so head k needs
                 # only its own CE (docs/design.md §5).
                 ks = slice(None) if head is None else slice(head, head + 1)
-                w = mtp.rho1_weights(ce - ref_ce[ks], valid[ks], cfg.rho1.ratio, cfg.rho1.mode,
-                                     cfg.rho1.temperature, dist.group)
+                if uses_ref:
+                    w = mtp.rho1_weights(ce - ref_ce[ks], valid[ks], cfg.rho1.ratio, cfg.rho1.mode,
+                                         cfg.rho1.temperature, dist.group)
+                else:  # ratio 1, hard: what rho1_weights returns then (tests/test_mtp.py::test_rho1_ratio_one_is_uniform_mtp)
+                    w = valid[ks].float()
                 if shuffler is not None:  # control: same weights per head, random tokens
                     w = mtp.shuffle_weights(w, valid[ks], shuffler)
                 picked.setdefault("w", torch.zeros(valid.shape, device=device))[ks] = w
@@ -270,7 +283,7 @@ def main(argv):
             _, ce, _, _, valid, w, ref_ce = micro_step(shown, denominators([shown]))
         model.train()
         return viz.rho1_page(tok, shown, ce, ref_ce, w, valid, cfg.rho1.mode, f"train_rho1.py, step {step}")
-    run.weight_pages = weight_pages if eval_set else None
+    run.weight_pages = weight_pages if eval_set and uses_ref else None  # ratio 1: nothing to show
 
     # ---- train -----------------------------------------------------------------------------
     from tqdm import tqdm
@@ -291,9 +304,11 @@ def main(argv):
             # FSDP averages gradients over ranks; our loss is already normalised by the global
             # Σ m·w, so each rank's gradient is a partial *sum*: undo the average.
             (loss * world).backward()
-            excess = (ce - ref_ce) * valid
-            stats.add(coef, ce, correct, valid, w, excess=excess, kept=(w > 0) & valid.bool(),
-                      excess_kept=excess * (w > 0))
+            excess = {}
+            if uses_ref:
+                excess["excess"] = (ce - ref_ce) * valid
+                excess["excess_kept"] = excess["excess"] * (w > 0)
+            stats.add(coef, ce, correct, valid, w, kept=(w > 0) & valid.bool(), **excess)
         if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
             common.drop_base_grads(model)
         total_loss = stats.reduce(dist.group)
@@ -327,9 +342,11 @@ def log_step(stats: common.HeadStats, step, grad_norm, schedule, speed: common.T
     tok_s = speed.rate()
     m = stats.metrics() | {"lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
     kept = stats.sums["kept"].double().cpu().clamp_min(1)
-    for k, (frac, ex) in enumerate(zip(stats.per_valid("kept"), stats.per_valid("excess"))):
-        m |= {f"head{k}/selected_frac": frac, f"head{k}/excess_all": ex,
-              f"head{k}/excess_selected": float(stats.sums["excess_kept"][k].cpu() / kept[k])}
+    for k, frac in enumerate(stats.per_valid("kept")):
+        m[f"head{k}/selected_frac"] = frac
+        if "excess" in stats.sums:  # (no reference at ratio 1)
+            m |= {f"head{k}/excess_all": stats.per_valid("excess")[k],
+                  f"head{k}/excess_selected": float(stats.sums["excess_kept"][k].cpu() / kept[k])}
     common.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
 
 

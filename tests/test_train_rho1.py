@@ -173,3 +173,16 @@ def _mbpp_rows(tmp_path):
     path = tmp_path / "mbpp.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def test_ratio_one_runs_no_reference(tiny_run, monkeypatch):
+    """At rho1.ratio=1 (hard) every valid token is kept, so the reference is neither built nor
+    run: training must not call it (the weights it would give are all ones on valid tokens:
+    tests/test_mtp.py::test_rho1_ratio_one_is_uniform_mtp)."""
+    tmp_path, cfg = tiny_run
+
+    def no_reference(*a, **k):
+        raise AssertionError("the reference ran at ratio 1")
+    monkeypatch.setattr(mtp, "reference_token_ce", no_reference)
+    train_rho1.main([cfg, "--rho1.ratio=1", "--train.max_steps=3", "--mlflow.enabled=false"])
+    assert mtp.load_consolidated(str(tmp_path / "out" / "final"))[0].n_heads == 2
