@@ -70,3 +70,14 @@ def counting_jsonl(path, n=64, seed=0):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs on the real SmolLM2-135M (minutes)")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation, and on a shared, busy
+    machine it makes every small matmul wait for a free core (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -28,14 +28,7 @@ class IdTokenizer:
 TOK = IdTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second intra-op thread only adds synchronisation, and on a shared, busy
-    # machine it makes every small matmul wait for a free core.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- pass@k -------------------------------------------------------------------------------

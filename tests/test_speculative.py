@@ -10,13 +10,7 @@ from test_eval import TOK, mtp_model
 
 import sampling
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_prompts(vocab, count, seed=0):
