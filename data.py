@@ -16,6 +16,14 @@ target so the model learns to stop). Sources:
 The last section holds the critic's labelled data: (prompt, completion, passed) triples from
 CodeContests, eval.py's samples or JSONL, and the offline MBPP set labelled by execution.
 
+Read top to bottom:
+  1. Sources and prompt formats: MBPP, HumanEval, JSONL rows -> (prompt, completion) examples.
+  2. Tokenization with prompt masking, and deterministic batches (`step_batches`, `eval_batches`).
+  3. Labelled data for the critic: CodeContests, eval.py samples, JSONL, reward-model scores.
+  4. Offline demo labels: MBPP reference solutions and mutants of them, executed in the sandbox.
+  5. Offline training code: documented standard-library functions (`stdlib_examples`), with the
+     deduplication and the HumanEval / MBPP contamination check.
+
 Batches are deterministic functions of (seed, step): step s of the run uses examples
 [s*G, (s+1)*G) of a seeded permutation of the epoch (G = global batch in sequences), so a
 resumed run needs nothing but the step to continue on the same data, on any number of ranks.
@@ -26,6 +34,10 @@ import json
 import os
 
 import torch
+
+# --------------------------------------------------------------------------------------------
+# 1. Sources and prompt formats
+# --------------------------------------------------------------------------------------------
 
 # MBPP's splits by task id (Austin et al. 2021, §2.1; the hub's "full" config uses the same).
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
@@ -176,6 +188,10 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
     return examples, skipped
 
 
+# --------------------------------------------------------------------------------------------
+# 2. Tokenization and batches
+# --------------------------------------------------------------------------------------------
+
 def tokenize_example(tok, prompt: str, completion: str, max_seq_len: int) -> tuple[list[int], list[int], bool]:
     """-> (input ids, loss mask, truncated?).
 
@@ -289,7 +305,7 @@ def eval_batches(data, micro_batch: int, rank: int = 0, world: int = 1, pad_id: 
 
 
 # --------------------------------------------------------------------------------------------
-# Labelled data for the critic: (prompt, completion, passed) triples
+# 3. Labelled data for the critic: (prompt, completion, passed) triples
 # --------------------------------------------------------------------------------------------
 # A labelled row is {"prompt", "completion", "passed", "problem"}: `passed` is a float in [0, 1]
 # (1/0 from executing tests, or a reward model's score), `problem` names the task the solution
@@ -476,7 +492,9 @@ def reward_model_scores(model, tok, texts: list[str], batch_size: int = 8, max_l
     return scores
 
 
-# ---- offline demo labels: MBPP reference solutions and mutants of them, executed -------------
+# --------------------------------------------------------------------------------------------
+# 4. Offline demo labels: MBPP reference solutions and mutants of them, executed
+# --------------------------------------------------------------------------------------------
 # Nothing with pass/fail labels ships offline, so the demo makes its own: each MBPP task's
 # reference solution and a few single-site mutations of it (a flipped comparison or arithmetic
 # operator, an off-by-one constant, a swapped and/or, a dropped line: the kinds of slips that
@@ -576,7 +594,7 @@ def mbpp_mutants(mbpp_path: str | None, split: str = "train", per_task: int = 4,
 
 
 # --------------------------------------------------------------------------------------------
-# Offline training code: documented functions of the Python standard library
+# 5. Offline training code: documented functions of the Python standard library
 # --------------------------------------------------------------------------------------------
 # MBPP's 374 training tasks are too few for hundreds of fine-tuning steps, and nothing larger
 # ships offline -- except the interpreter's own standard library: thousands of documented,

@@ -6,7 +6,8 @@ Read top to bottom:
   1. MTPModel: wraps any Hugging Face causal LM whose blocks form one stack into Meta's
      parameter-matched MTP model (Gloeckle et al. 2024, "Better & Faster Large Language Models
      via Multi-token Prediction"): trunk = blocks 0..L-2, head 0 = block L-1, heads 1..n-1 =
-     copies of block L-1, one shared final norm and unembedding.
+     copies of block L-1, one shared final norm and unembedding; the trunk-only forward and
+     Meta's sequential heads (each head's forward and backward in turn, `_sequential_loss`).
   2. The weighted MTP loss (docs/design.md §4), computed chunk by chunk so that the logits of
      at most one chunk of one head are alive at any time.
   3. Rho-1 weights: excess-loss selection (Lin et al. 2024, "Not All Tokens Are What You Need"),

@@ -12,6 +12,15 @@ or {"io_tests": [(stdin, expected stdout), ...], "time_limit"} (CodeContests). e
 and data.py (labelling MBPP mutants for the critic's demo data) both execute programs here.
 See README "Evaluation" for what the sandbox does and does not protect against.
 
+Read top to bottom:
+  1. Settings: limits, the sandbox uids, which interpreter runs programs.
+  2. /proc helpers: finding, counting and removing what a uid left behind.
+  3. System calls Python does not wrap (unshare, setns, mount, prctl) and the fd-passing pipe.
+  4. The fork server: serve, prepare, init (pid 1 of the program's namespaces), become the
+     program, supervise it, sweep its leftovers.
+  5. The evaluator's side: one server per worker slot, `run_program`, the verdict
+     (`check_completion`, `error_kind`), `check_all` in parallel, and `benchmark`.
+
 How a program runs (the design; details at each function):
 
   evaluator thread --json over a pipe--> fork server S (one per worker slot, started once:
@@ -53,6 +62,8 @@ import sys
 import tempfile
 import threading
 import time
+
+# ---- 1. settings: limits, uids, the interpreter that runs programs ---------------------------------
 
 # Every program runs in its own process, in a new session, in a fresh scratch directory that is
 # deleted afterwards, with an environment built from scratch (nothing of ours -- HF_TOKEN, AWS_*,
@@ -156,7 +167,7 @@ def sandbox_python(drop_privileges: bool, override: str | None = None) -> str:
                        f"{candidates}; pass --sandbox_python=/path/to/python3")
 
 
-# ---- /proc helpers (Linux; elsewhere they find nothing) -----------------------------------------
+# ---- 2. /proc helpers (Linux; elsewhere they find nothing) -----------------------------------------
 
 def _processes(uid=None, marker=None) -> list[int]:
     """Live (non-zombie) processes whose real uid is `uid`, or ours that carry `marker` in their
@@ -237,7 +248,7 @@ def _rmtree(root: str):
     shutil.rmtree(root, ignore_errors=True)
 
 
-# ---- system calls Python does not wrap (3.12 has os.unshare / os.setns) -----------------------
+# ---- 3. system calls Python does not wrap (3.12 has os.unshare / os.setns) -----------------------
 
 _libc = None
 
@@ -318,7 +329,7 @@ def _recv(sock):
     return json.loads(b"".join(chunks)), list(fds)
 
 
-# ---- the fork server (runs as `python -s sandbox.py --serve CONFIG`, root when we are) ----------
+# ---- 4. the fork server (runs as `python -s sandbox.py --serve CONFIG`, root when we are) ----------
 
 def _serve(cfg: dict) -> dict:
     """The fork server's loop: one request (a program) at a time from the evaluator thread that
@@ -767,7 +778,7 @@ def _reap():
             return
 
 
-# ---- the evaluator's side -------------------------------------------------------------------------
+# ---- 5. the evaluator's side -------------------------------------------------------------------------
 
 class _Server:
     """One fork server: a long-lived `python -s sandbox.py --serve` (as root when we are)."""
