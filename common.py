@@ -239,6 +239,8 @@ def _check_type(key, v, t):
             return float(v)  # YAML reads "5e-5" (no dot) as a string
         except ValueError:
             pass
+    if t is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)  # YAML reads --batch_sizes=8 as a number; a string key takes its text
     if t in (int, float, str, bool) and not (isinstance(v, t) and not (t is int and isinstance(v, bool))):
         raise ConfigError(f"config key {key!r}: expected {t.__name__}, got {v!r}")
     return v

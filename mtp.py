@@ -186,7 +186,9 @@ class MTPModel(nn.Module):
         once per head as coef_fn(ce_k, head=k) with ce_k [1, B, T] -- a coef_fn without a `head`
         argument gets the all-heads path.
         """
-        if (self.sequential_heads and torch.is_grad_enabled()
+        # Sequential heads compute hard-token CE only; head 0's soft targets (drafting heads on a
+        # frozen base, whose trunk has no backward to save) take the all-heads path.
+        if (self.sequential_heads and torch.is_grad_enabled() and not head0_targets
                 and (coef is not None or _takes_head(coef_fn))):
             return self._sequential_loss(input_ids, targets, coef, coef_fn, chunk_size, rows, n_nonzero)
         rows = _flat_rows(rows, targets.shape)

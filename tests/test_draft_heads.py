@@ -42,6 +42,35 @@ def test_head0_distill_loss_and_gradients_equal_naive_float64(chunk):
     torch.testing.assert_close(g_W, W.grad)
 
 
+@pytest.mark.parametrize("sequential", [True, False])
+def test_head0_targets_reach_the_models_loss(tmp_path, sequential):
+    """MTPModel's loss with head0_targets is head 0's CE plus each head's KL to head 0 (computed
+    here from the full logits), on both head paths. A regression test: with sequential heads on
+    (the default since issue 15) head0_targets was dropped, and --model.head_target=head0
+    silently trained on the data's tokens (the GPU run's acceptance matched the tokens run's)."""
+    torch.manual_seed(0)
+    base, _ = mtp.load_model_and_tokenizer(tiny_model_json(tmp_path / "model.json"))
+    model = mtp.MTPModel(base.double(), 3)
+    model.sequential_heads = sequential
+    model.train()
+    n, B, T = 3, 2, 12
+    ids = torch.randint(0, 128, (B, T))
+    targets = mtp.align_to_heads(ids, n)
+    valid = mtp.align_to_heads(torch.ones_like(ids), n).double()
+    coef = valid / valid.flatten(1).sum(1)[:, None, None]
+    loss, *_ = model(ids, targets, coef=coef, head0_targets=True)
+    with torch.no_grad():
+        logits = model.hidden_states(ids, use_cache=False)[0] @ model.lm_head_weight.t()
+    naive = (coef[0] * torch.nn.functional.cross_entropy(logits[0].flatten(0, 1), targets[0].flatten(),
+                                                         reduction="none").view(B, T)).sum()
+    for k in range(1, n):
+        p, q = logits[0, :, k:].log_softmax(-1), logits[k, :, :T - k].log_softmax(-1)
+        naive = naive + (coef[k, :, :T - k] * (p.exp() * (p - q)).sum(-1)).sum()
+    torch.testing.assert_close(loss.detach(), naive)
+    hard, *_ = model(ids, targets, coef=coef)
+    assert not torch.allclose(hard.detach(), naive)
+
+
 @pytest.mark.parametrize("head_target", ["tokens", "head0"])
 def test_heads_only_self_distillation_leaves_the_base_identical(tmp_path, head_target):
     """train.heads_only_steps = max_steps (configs/smol_draft_heads.yaml): the base model never

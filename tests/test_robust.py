@@ -257,6 +257,16 @@ def test_parse_errors_are_one_line_config_errors(setup, tmp_path):
         assert "\n" not in str(e.value)
 
 
+def test_a_number_for_a_string_key_is_its_text():
+    # `speculate.py --batch_sizes=8` (one batch size) reads as the int 8; it was refused as
+    # "expected str". A string key takes a number's text; a bool is still refused.
+    import speculate
+    cfg = common.parse_config(speculate.SpeculateConfig, ["m", "--batch_sizes=8", "--out=7"], positional="model")
+    assert (cfg.batch_sizes, cfg.out) == ("8", "7")
+    with pytest.raises(common.ConfigError, match="'batch_sizes'"):
+        common.parse_config(speculate.SpeculateConfig, ["m", "--batch_sizes=true"], positional="model")
+
+
 @pytest.mark.parametrize("script, args, match", [
     ("train_rho1.py", ["--model.n_heads=0"], "config error: config key 'model.n_heads' must be >= 1"),
     ("train_rho1.py", ["--model.n_heads=[4"], "config error: --model.n_heads: cannot read"),
