@@ -4,7 +4,8 @@
 #
 #   bash scripts/compare_arms.sh BASE_MODEL            # e.g. a local HF dir of SmolLM2-135M-Instruct
 #   SEEDS="1 2 3" STEPS=200 N=10 bash scripts/compare_arms.sh BASE_MODEL
-#   MAX_NEW=384 GEN_BATCH=256 VALUE_LEN=768 bash scripts/compare_arms.sh SMOLLM2_DIR   # the README's run
+#   MAX_NEW=384 GEN_BATCH=256 bash scripts/compare_arms.sh SMOLLM2_DIR                # the README's run
+#   RUN=out/n200 ARMS=ntp SEEDS=1 N=200 K=1,10,100 TASKS=humaneval bash scripts/compare_arms.sh SMOLLM2_DIR
 #
 # Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to
 # JSONL), the same batches (same seed -> same data order), steps, tokens and LR schedule:
