@@ -144,15 +144,15 @@ def step_naive_mtp(model, opt, ids, n_heads, **_):
     opt.zero_grad(set_to_none=True)
 
 
-def step_wmtp(model, opt, ids, n_heads, coef, targets, rows, **_):
+def step_wmtp(model, opt, ids, n_heads, coef, targets, rows, chunk=None, **_):
     """(c): uniform weights; the coefficients are fixed for a fixed batch shape."""
-    loss, *_ = model(ids, targets, coef=coef, rows=rows)
+    loss, *_ = model(ids, targets, coef=coef, rows=rows, chunk_size=chunk)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def step_rho1(model, opt, ids, n_heads, targets, valid, denom, lambdas, ref, rows, ref_rows, n_kept, **_):
+def step_rho1(model, opt, ids, n_heads, targets, valid, denom, lambdas, ref, rows, ref_rows, n_kept, chunk=None, **_):
     """(d): reference forward, then the policy's per-head CE, top-70% selection, weighted loss."""
     ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, rows=ref_rows), n_heads)
 
@@ -161,13 +161,13 @@ def step_rho1(model, opt, ids, n_heads, targets, valid, denom, lambdas, ref, row
         w = mtp.rho1_weights(ce - ref_ce[ks], valid[ks], 0.7)
         return mtp.loss_coefficients(w, valid[ks], denom[ks], lambdas[ks])
 
-    loss, *_ = model(ids, targets, coef_fn=coef_fn, rows=rows, n_nonzero=n_kept)
+    loss, *_ = model(ids, targets, coef_fn=coef_fn, rows=rows, n_nonzero=n_kept, chunk_size=chunk)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def step_critic(model, opt, ids, n_heads, targets, valid, lambdas, value_model, mask, rows, **_):
+def step_critic(model, opt, ids, n_heads, targets, valid, lambdas, value_model, mask, rows, chunk=None, **_):
     """(e): value-model forward, δ, GAE, whitening, exp(A/β) weights, weighted loss."""
     with torch.no_grad():
         values = torch.sigmoid(value_model(ids))
@@ -178,7 +178,7 @@ def step_critic(model, opt, ids, n_heads, targets, valid, lambdas, value_model, 
         w = mtp.align_to_heads(w, n_heads)
         denom = (w * valid).flatten(1).sum(1)
         coef = mtp.loss_coefficients(w, valid, denom, lambdas)
-    loss, *_ = model(ids, targets, coef=coef, rows=rows)
+    loss, *_ = model(ids, targets, coef=coef, rows=rows, chunk_size=chunk)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -238,7 +238,7 @@ def measure(name, args, cfg, device, dtype, ckpt):
               denom=mtp.selected_count(valid.flatten(1).sum(1), 0.7).float(),
               rows=[r.to(device) for r in mtp.head_rows(mask_cpu, n_heads)], ref_rows=mtp.loss_rows(mask_cpu, 1).to(device),
               n_kept=mtp.selected_count(mtp.align_to_heads(mask_cpu, n_heads).flatten(1).sum(1), 0.7).tolist(),
-              liger_targets=torch.where(valid.bool(), targets, -100))
+              liger_targets=torch.where(valid.bool(), targets, -100), chunk=args.chunk or None)
     frozen = []
     step = {"hf": step_hf, "hf_liger": step_hf_liger, "naive_mtp": step_naive_mtp, "liger_mtp4": step_liger_mtp,
             "wmtp1": step_wmtp, "wmtp4": step_wmtp, "rho1_q": step_rho1, "rho1_same": step_rho1,
@@ -443,6 +443,8 @@ def main():
                    help="ours: all heads at once (the path before sequential heads)")
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # set for the child processes
     p.add_argument("--no_compile", dest="compile", action="store_false")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="ours: rows per chunk of the fused loss (0: mtp.default_chunk_size, 1024 at vocab 128k)")
     p.add_argument("--ckpt_heads", action="store_true", help="checkpoint the MTP heads too (less memory, more compute)")
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
