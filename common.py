@@ -13,6 +13,8 @@ Read top to bottom:
   4. Held-out loss, resumable sharded checkpoints (torch.distributed.checkpoint) that carry the
      run's config and refuse to resume into another model, stopping on SIGTERM/SIGINT, the
      consolidated export. (MLflow itself: tracking.py.)
+  5. Step bookkeeping: per-head metrics and throughput, so that each script's step loop shows
+     only the algorithm.
 """
 from __future__ import annotations
 

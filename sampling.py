@@ -4,7 +4,8 @@ sampling.py — generating completions: what eval.py samples with.
     import sampling
     rows, stats = sampling.sample_problems(model, tok, problems, indices, n_samples, max_new_tokens,
                                            temperature, top_p, seed, batch_size, eos_ids)
-    tokens, forwards = sampling.generate_speculative(model, tok, prompt_ids, max_new_tokens, stop, eos_ids)
+    rows, stats = sampling.decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=True,
+                                       batch_size=8)
 
 Read top to bottom:
   1. `generate`: the reference sampler (a KV cache, left padding, a torch.Generator per prompt;
@@ -13,7 +14,11 @@ Read top to bottom:
   2. `sample_rows` / `sample_problems`: the fast sampler eval.py uses -- slots in a static KV
      cache, each prompt prefilled once, continuous batching, one CUDA graph per decode step,
      stop strings checked in bulk, randomness keyed by (seed, problem, sample, step).
-The tests hold the two samplers to each other (tests/test_eval.py).
+  3. `decode_rows`: self-speculative decoding, fast -- batched (each row accepts its own number of
+     drafts), exact speculative sampling (Leviathan et al. 2023), static cache, CUDA graphs; with
+     speculative=False the same loop decodes plainly (what speculate.py and eval.py --speculative
+     time against).
+The tests hold the fast paths to the reference ones (tests/test_eval.py, tests/test_speculative.py).
 """
 from __future__ import annotations
 
