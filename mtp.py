@@ -283,9 +283,8 @@ class MTPModel(nn.Module):
                         hk.detach(), W.detach(), y, ck, chunk_size, grad_W, need_W=grad_W is not None)
                 else:  # Rho-1: this head's CE first (no gradient), its coefficients, then the loss
                     _, ce_k, correct_k, _, _ = _fused_linear_ce(hk.detach(), W.detach(), y, None, chunk_size)
-                    ce_full = torch.zeros(B * T, device=z.device, dtype=acc)
-                    ce_full = ce_full if r is None else ce_full.index_copy(0, r, ce_k)
-                    c_full = coef_fn((ce_k if r is None else ce_full).view(1, B, T), head=k)[0].detach()
+                    ce_full = ce_k if r is None else torch.zeros(B * T, device=z.device, dtype=acc).index_copy(0, r, ce_k)
+                    c_full = coef_fn(ce_full.view(1, B, T), head=k)[0].detach()
                     ck = c_full.reshape(-1) if r is None else c_full.reshape(-1)[r]
                     if counts is not None:  # only the pairs with a nonzero coefficient
                         picked = torch.topk((ck != 0).float(), counts[k], sorted=False).indices
@@ -460,6 +459,20 @@ def _ce_chunk(logits, y, coef, acc: torch.dtype, need_grad: bool, out_dtype: tor
     return ce, correct, g.to(out_dtype)
 
 
+def _kl_chunk(logits, teacher_logits, coef, acc: torch.dtype, need_grad: bool, out_dtype: torch.dtype):
+    """One chunk of soft-target rows (`head0_distill_loss`): KL(p ‖ q) of the student's q against
+    the teacher's p, whether their argmaxes agree, and (if needed) d(Σ coef·KL)/d logits =
+    coef · (q − p); no gradient reaches the teacher."""
+    log_q = logits.to(acc).log_softmax(-1)
+    log_p = teacher_logits.to(acc).log_softmax(-1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(-1)
+    agree = log_q.argmax(-1) == log_p.argmax(-1)
+    if not need_grad:
+        return kl, agree, None
+    return kl, agree, ((log_q.exp() - p) * coef[:, None].to(acc)).to(out_dtype)
+
+
 _ce_chunk_compiled = None
 
 
@@ -495,7 +508,7 @@ def _add_matmul(acc, a, b):
     acc += a @ b
 
 
-def _fused_linear_ce(h, W, targets, coef, chunk_size=None, grad_W=None, need_W=True):
+def _fused_linear_ce(h, W, targets, coef, chunk_size=None, grad_W=None, need_W=True, teacher=None):
     """Σ_i coef_i · CE(h_i W^T, y_i) and its gradients, without ever materialising all logits.
 
     Walks over row chunks: logits of one chunk -> CE -> (softmax - onehot) · coef, from which
@@ -505,8 +518,10 @@ def _fused_linear_ce(h, W, targets, coef, chunk_size=None, grad_W=None, need_W=T
     coef None: CE and correctness only (no gradient, no loss). grad_W: a buffer (W's shape) the
     unembedding's gradient is added into -- over heads, for sequential heads; if None and W needs
     one, a fresh buffer of W's dtype (bf16 parameters: bf16, as Liger's default accum_dtype; the
-    matmul accumulates each chunk in fp32); need_W=False: no gradient for W at all. Plain
-    tensors in, plain tensors out (no autograd).
+    matmul accumulates each chunk in fp32); need_W=False: no gradient for W at all. teacher:
+    rows of hidden states whose distribution softmax(teacher_i W^T) replaces the hard target y_i
+    (`_kl_chunk`: the loss is then Σ coef · KL, "ce" the KL, "correct" the argmaxes' agreement).
+    Plain tensors in, plain tensors out (no autograd).
     Returns (loss, ce, correct, grad_h, grad_W) (None where not computed).
     """
     need = coef is not None
@@ -523,27 +538,32 @@ def _fused_linear_ce(h, W, targets, coef, chunk_size=None, grad_W=None, need_W=T
     c = coef if need else ce  # (unused without a gradient)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
-        ce[s:e], correct[s:e], g = chunk_fn(h[s:e] @ W.t(), targets[s:e], c[s:e], acc, need, h.dtype)
+        ce[s:e], correct[s:e], g = (
+            chunk_fn(h[s:e] @ W.t(), targets[s:e], c[s:e], acc, need, h.dtype) if teacher is None else
+            _kl_chunk(h[s:e] @ W.t(), teacher[s:e] @ W.t(), c[s:e], acc, need, h.dtype))
         if g is not None:
             torch.mm(g, W, out=grad_h[s:e])
             if need_W:
                 _add_matmul(grad_W, g.t(), h[s:e])
+        del g  # before the next chunk's logits exist: one chunk-sized buffer fewer at the peak
     loss = (coef.to(acc) * ce).sum() if need else None
     return loss, ce, correct, grad_h, grad_W if need and need_W else None
 
 
 class _WeightedLinearCE(torch.autograd.Function):
     """`_fused_linear_ce` as an autograd node (the all-heads path): the gradients are computed
-    in the forward; the backward only scales them by the incoming scalar, in place."""
+    in the forward; the backward only scales them by the incoming scalar, in place. With
+    `teacher` rows (no gradient reaches them), soft targets: Σ coef · KL."""
 
     @staticmethod
-    def forward(ctx, h, W, targets, coef, chunk_size):
+    def forward(ctx, h, W, targets, coef, chunk_size, teacher=None):
         need_h, need_W = h.requires_grad, W.requires_grad
         if need_h or need_W:
-            loss, ce, correct, grad_h, grad_W = _fused_linear_ce(h, W, targets, coef, chunk_size, need_W=need_W)
+            loss, ce, correct, grad_h, grad_W = _fused_linear_ce(h, W, targets, coef, chunk_size, need_W=need_W,
+                                                                 teacher=teacher)
             ctx.grads = (grad_h if need_h else None, grad_W)
         else:
-            _, ce, correct, _, _ = _fused_linear_ce(h, W, targets, None, chunk_size)
+            _, ce, correct, _, _ = _fused_linear_ce(h, W, targets, None, chunk_size, teacher=teacher)
             acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
             loss, ctx.grads = (coef.to(acc) * ce).sum(), (None, None)
         ctx.mark_non_differentiable(ce, correct)
@@ -553,7 +573,7 @@ class _WeightedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_correct):
         grads, ctx.grads = ctx.grads, None
         scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731
-        return scale(grads[0]), scale(grads[1]), None, None, None
+        return scale(grads[0]), scale(grads[1]), None, None, None, None
 
 
 def weighted_ce(hiddens, W, targets, coef, chunk_size=None, rows=None):
@@ -577,45 +597,6 @@ def weighted_ce(hiddens, W, targets, coef, chunk_size=None, rows=None):
     return loss, ce.view(targets.shape), correct.view(targets.shape)
 
 
-class _SoftTargetLinearCE(torch.autograd.Function):
-    """Σ_i coef_i · KL(softmax(t_i W^T) ‖ softmax(h_i W^T)), chunked and fused like
-    _WeightedLinearCE: the teacher rows t are a fixed target (no gradient reaches them), and the
-    gradient w.r.t. the student's logits is coef · (softmax(student) - softmax(teacher))."""
-
-    @staticmethod
-    def forward(ctx, h, teacher, W, coef, chunk_size):
-        need_h, need_W = h.requires_grad, W.requires_grad
-        acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
-        N = h.shape[0]
-        kl = torch.empty(N, device=h.device, dtype=acc)
-        agree = torch.empty(N, device=h.device, dtype=torch.bool)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_W = torch.zeros(W.shape, device=W.device, dtype=acc) if need_W else None
-        for s in range(0, N, chunk_size):
-            e = min(s + chunk_size, N)
-            log_q = (h[s:e] @ W.t()).to(acc).log_softmax(-1)
-            log_p = (teacher[s:e] @ W.t()).to(acc).log_softmax(-1)
-            p = log_p.exp()
-            kl[s:e] = (p * (log_p - log_q)).sum(-1)
-            agree[s:e] = log_q.argmax(-1) == log_p.argmax(-1)
-            g = ((log_q.exp() - p) * coef[s:e, None].to(acc)).to(h.dtype)
-            if need_h:
-                torch.mm(g, W, out=grad_h[s:e])
-            if need_W:
-                _add_matmul(grad_W, g.t(), h[s:e])
-        loss = (coef.to(acc) * kl).sum()
-        ctx.grads = (grad_h, grad_W.to(W.dtype) if need_W else None)
-        ctx.mark_non_differentiable(kl, agree)
-        return loss, kl, agree
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_kl, _grad_agree):
-        grad_h, grad_W = ctx.grads
-        del ctx.grads
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), None, scale(grad_W), None, None
-
-
 def head0_distill_loss(hiddens, W, targets, coef, chunk_size=None, rows=None):
     """Self-distillation of the drafting heads (Medusa-2's self-distillation, Cai et al. 2024,
     §2.3.2; FastMTP): head 0 keeps its weighted CE against the data's tokens; head k >= 1 at
@@ -634,8 +615,8 @@ def head0_distill_loss(hiddens, W, targets, coef, chunk_size=None, rows=None):
     if rk.numel():
         flat = hiddens.reshape(-1, D)
         teacher = flat[rk % N + rk // N].detach()  # row (k, b, t) -> head 0 at (b, t + k)
-        loss_k, kl, agree = _SoftTargetLinearCE.apply(flat[rk], teacher, W, coef.reshape(-1)[rk],
-                                                      chunk_size or default_chunk_size(W.shape[0]))
+        loss_k, kl, agree = _WeightedLinearCE.apply(flat[rk], W, targets.reshape(-1)[rk], coef.reshape(-1)[rk],
+                                                    chunk_size or default_chunk_size(W.shape[0]), teacher)
         loss = loss + loss_k
         ce = ce.reshape(-1).index_copy(0, rk, kl.to(ce.dtype)).view(ce.shape)
         correct = correct.reshape(-1).index_copy(0, rk, agree).view(correct.shape)
