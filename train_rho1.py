@@ -221,7 +221,9 @@ def main(argv):
                     w = valid[ks].float()
                 if shuffler is not None:  # control: same weights per head, random tokens
                     w = mtp.shuffle_weights(w, valid[ks], shuffler)
-                picked.setdefault("w", torch.zeros(valid.shape, device=device))[ks] = w
+                if "w" not in picked:  # (setdefault would allocate on every call)
+                    picked["w"] = torch.zeros(valid.shape, device=device)
+                picked["w"][ks] = w
                 return mtp.loss_coefficients(w, valid[ks], denom[ks], lambdas[ks])
 
             # In one process the hard selection keeps a number of pairs known on the host, so
@@ -342,10 +344,11 @@ def log_step(stats: common.HeadStats, step, grad_norm, schedule, speed: common.T
     tok_s = speed.rate()
     m = stats.metrics() | {"lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
     kept = stats.sums["kept"].double().cpu().clamp_min(1)
+    excess = stats.per_valid("excess") if "excess" in stats.sums else None  # (no reference at ratio 1)
     for k, frac in enumerate(stats.per_valid("kept")):
         m[f"head{k}/selected_frac"] = frac
-        if "excess" in stats.sums:  # (no reference at ratio 1)
-            m |= {f"head{k}/excess_all": stats.per_valid("excess")[k],
+        if excess is not None:
+            m |= {f"head{k}/excess_all": excess[k],
                   f"head{k}/excess_selected": float(stats.sums["excess_kept"][k].cpu() / kept[k])}
     common.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
 
