@@ -101,18 +101,22 @@ def matmul_params_of_block(c):
     return attn + 3 * c.hidden_size * c.intermediate_size
 
 
+def in_own_process(flag: str, merge_stderr: bool = False) -> tuple[list[dict], str, int]:
+    """This command line again with `flag` added, in a fresh process (no variant inherits another's
+    compiled code, allocator state or Liger's class patches) -> (its RESULT lines as dicts, its
+    output, its exit status)."""
+    proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], flag], text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merge_stderr else None)
+    results = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return results, proc.stdout, proc.returncode
+
+
 # ---- the steps --------------------------------------------------------------------------------
 
 def step_hf(model, opt, ids, **_):
-    """(a): exactly what a user writes with transformers."""
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def step_hf_liger(model, opt, ids, **_):
-    """The next-token peer: (a) after apply_liger_kernel_to_llama (its forward with labels runs
-    Liger's fused linear cross-entropy; the logits are never materialised)."""
+    """(a): exactly what a user writes with transformers. Also the next-token peer hf_liger's
+    step: after apply_liger_kernel_to_llama the same forward with labels runs Liger's fused
+    linear cross-entropy (the logits are never materialised)."""
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -240,7 +244,7 @@ def measure(name, args, cfg, device, dtype, ckpt):
               n_kept=mtp.selected_count(mtp.align_to_heads(mask_cpu, n_heads).flatten(1).sum(1), 0.7).tolist(),
               liger_targets=torch.where(valid.bool(), targets, -100), chunk=args.chunk or None)
     frozen = []
-    step = {"hf": step_hf, "hf_liger": step_hf_liger, "naive_mtp": step_naive_mtp, "liger_mtp4": step_liger_mtp,
+    step = {"hf": step_hf, "hf_liger": step_hf, "naive_mtp": step_naive_mtp, "liger_mtp4": step_liger_mtp,
             "wmtp1": step_wmtp, "wmtp4": step_wmtp, "rho1_q": step_rho1, "rho1_same": step_rho1,
             "critic": step_critic}[name]
     if name.startswith("rho1"):
@@ -285,8 +289,6 @@ def loss_memory(variant):
     """Peak memory of the loss alone (forward + backward), CPU: 4 heads x 4 x 512 tokens, vocab
     49152 (SmolLM2's). Each variant runs in its own process: peak RSS cannot be reset."""
     import resource
-    import subprocess
-    import sys
     if variant == "both":
         for v in ("naive", "fused"):
             subprocess.run([sys.executable, __file__, f"--loss_memory={v}"], check=True)
@@ -400,16 +402,11 @@ def generate_one(args):
 def generate_bench(args):
     """Every implementation in its own process (so neither inherits the other's compiled code,
     allocator state or warm caches), one after the other; then one JSON line and a table."""
-    import subprocess
-    import sys
     results = []
     for impl in args.impls.split(","):
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], f"--impl={impl}"], text=True,
-                              stdout=subprocess.PIPE)
-        print(proc.stdout, end="", flush=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        results.append(json.loads(line[-1][7:]) if proc.returncode == 0 and line else
-                       {"impl": impl, "tok_s": float("nan"), "error": f"exit {proc.returncode}"})
+        got, stdout, rc = in_own_process(f"--impl={impl}")
+        print(stdout, end="", flush=True)
+        results.append(got[-1] if rc == 0 and got else {"impl": impl, "tok_s": float("nan"), "error": f"exit {rc}"})
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     hf_best = max((r["tok_s"] for r in results if r["impl"] != "ours" and r["tok_s"] == r["tok_s"]),
                   default=float("nan"))
@@ -547,12 +544,10 @@ def train_bench(args):
         if name not in VARIANTS:
             sys.exit(f"bench.py: unknown variant {name!r}; choose from {list(VARIANTS)}")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], f"--variant={name}"], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        got = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        note = [ln for ln in proc.stdout.splitlines() if ln.startswith("LIGER_MISSING")]
-        if note or proc.returncode:
-            missing[name] = note[0].split(" ", 1)[1] if note else f"exit {proc.returncode}: {proc.stdout[-1500:]}"
+        got, stdout, rc = in_own_process(f"--variant={name}", merge_stderr=True)
+        note = [ln for ln in stdout.splitlines() if ln.startswith("LIGER_MISSING")]
+        if note or rc:
+            missing[name] = note[0].split(" ", 1)[1] if note else f"exit {rc}: {stdout[-1500:]}"
             print(f"  ... {name}: {missing[name]}", flush=True)
         for r in got:
             r["mfu"] = r["tflops"] / peak
