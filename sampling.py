@@ -335,9 +335,12 @@ def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         raise NotImplementedError("the slot decoder supports plain causal attention only")
     B, H, Q, D = query.shape
     G = H // key.shape[1]
-    if Q == 1 and G > 1:
-        out = F.scaled_dot_product_attention(query.reshape(B, H // G, G, D), key, value,
-                                             attn_mask=attention_mask, scale=scaling).reshape(B, H, 1, D)
+    if G > 1 and (Q == 1 or (attention_mask is not None and Q <= 64)):
+        # A decode step (one token) or a speculative block: query head h = j*G + g reads key/value
+        # head j, so [B, H, Q, D] -> [B, H/G, G*Q, D] (row g*Q + q), the mask repeated G times.
+        mask = attention_mask if Q == 1 else attention_mask.repeat(1, 1, G, 1)
+        out = F.scaled_dot_product_attention(query.reshape(B, H // G, G * Q, D), key, value,
+                                             attn_mask=mask, scale=scaling).reshape(B, H, Q, D)
     else:
         if G > 1:  # query head h reads key/value head h // G (transformers' repeat_kv)
             key, value = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
@@ -686,9 +689,41 @@ def sample_problems(model, tok, problems, indices, n_samples, max_new_tokens, te
 _NOISE_STRIDE, _NOISE_BONUS, _NOISE_DRAFT = 64, 16, 32  # per forward: 0..n-2 accept, 16 bonus, 32+ drafts
 
 
+def draft_tree(widths) -> dict:
+    """The tables of a product tree of drafts (Medusa, Cai et al. 2024, §2.1.2 "tree attention"):
+    node 0 is the block's exact token; under every node of depth d-1 hang head d's top-widths[d-1]
+    tokens (drafted at the row's last accepted position, as the chain's). widths (1, 1, 1) is
+    the chain. Nodes are numbered depth by depth; per node: its parent, depth, rank among its
+    siblings (= which of its head's top tokens it is), `anc` [L, L] (j is i or an ancestor of i:
+    what node i attends to within the block) and `path` [L, D+1] (i's ancestor at each depth;
+    i itself past its own depth)."""
+    widths = tuple(int(w) for w in widths)
+    if any(w < 1 for w in widths):
+        raise ValueError(f"tree widths must be >= 1, got {widths}")
+    parent, depth, rank, level = [0], [0], [0], [0]
+    for d, w in enumerate(widths, start=1):
+        nxt = []
+        for p in level:
+            for r in range(w):
+                nxt.append(len(parent))
+                parent.append(p), depth.append(d), rank.append(r)
+        level = nxt
+    L, D = len(parent), len(widths)
+    path = []
+    for i in range(L):
+        up = [i]
+        while up[-1]:
+            up.append(parent[up[-1]])
+        up = up[::-1]
+        path.append(up + [i] * (D + 1 - len(up)))
+    anc = [[j in path[i][:depth[i] + 1] for j in range(L)] for i in range(L)]
+    return {"widths": widths, "parent": parent, "depth": depth, "rank": rank, "path": path, "anc": anc,
+            "chain": all(w == 1 for w in widths)}
+
+
 @torch.no_grad()
 def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=True, temperature=0.0, top_p=1.0,
-                keys=None, batch_size=1, check_every=None, graphs=None):
+                keys=None, batch_size=1, check_every=None, graphs=None, tree=None, compile=False):
     """Decode each prompt once, `batch_size` rows at a time -> (token lists, stats).
 
     prompts: token-id lists. stop: one list of stop strings, or one per prompt. Each row is cut
@@ -697,7 +732,10 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     token; temperature > 0: speculative sampling, plain sampling's distribution); False: plain
     decoding, one token per forward with head 0 only. keys: a random key per prompt (sampling).
     check_every: forwards between host checks (stop strings, the end of a batch). graphs:
-    replay each forward as a CUDA graph (default: on CUDA).
+    replay each forward as a CUDA graph (default: on CUDA). tree: greedy only, the widths of a
+    product tree of drafts (`draft_tree`; default the chain, one draft per head): one forward
+    verifies every path and keeps the longest that greedy decoding agrees with. compile:
+    torch.compile the forward first (both decoders; it costs compile time).
     stats: seconds, forwards (per row: the prefill + forwards until its last kept token),
     tokens, and per draft position k (head k+1) how many verify forwards accepted it.
     """
@@ -705,31 +743,40 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     inner, device = base.base_model, W.device
     dtype = next(base.parameters()).dtype
     cache_kw = _cache_kwarg(inner)
-    n = model.n_heads if speculative else 1  # tokens per block: the exact one + n-1 drafts
+    n = model.n_heads if speculative else 1  # heads run per forward
+    greedy = temperature == 0
+    tr = draft_tree(tree if tree is not None and speculative else (1,) * (n - 1))
+    if len(tr["widths"]) > n - 1:
+        raise ValueError(f"a tree of depth {len(tr['widths'])} needs {len(tr['widths']) + 1} heads, the model has {n}")
+    if not greedy and (len(tr["widths"]) != n - 1 or not tr["chain"]):
+        raise ValueError("tree drafts are for greedy decoding; speculative sampling verifies a chain of every head")
+    L, D = len(tr["parent"]), len(tr["widths"])  # block length (exact token + drafts); tokens per forward <= D+1
     prompts = [list(p) for p in prompts]
     stops = stop if stop and not isinstance(stop[0], str) else [list(stop)] * len(prompts)
     keys = keys if keys is not None else [sample_key(0, i) for i in range(len(prompts))]
     cuda = device.type == "cuda"
     graphs = cuda if graphs is None else graphs
     K = check_every or 4
-    B, M, greedy = batch_size, max_new_tokens, temperature == 0
-    S = -(-(max(map(len, prompts), default=1) + M + n) // 64) * 64  # room for the longest row and a block
+    B, M = batch_size, max_new_tokens
+    S = -(-(max(map(len, prompts), default=1) + M + D + L) // 64) * 64  # the longest row and a block past it
     V = W.shape[0]
     # Device state of every row: its block (the exact token not yet in the cache + drafts), its
     # cache length, tokens emitted, forwards run, done; the emitted tokens, the forward that
     # emitted each, drafts accepted per forward; the drafts' distributions (sampling).
     long = dict(dtype=torch.long, device=device)
-    blk, cur, steps, fwd = (torch.zeros(B, n, **long), torch.zeros(B, **long), torch.zeros(B, **long),
+    blk, cur, steps, fwd = (torch.zeros(B, L, **long), torch.zeros(B, **long), torch.zeros(B, **long),
                             torch.zeros(B, **long))
     key_d, done = torch.zeros(B, **long), torch.ones(B, dtype=torch.bool, device=device)
-    out, out_fwd, acc = torch.zeros(B, M + n, **long), torch.zeros(B, M + n, **long), torch.zeros(B, M + 2, **long)
+    out, out_fwd, acc = torch.zeros(B, M + D + 1, **long), torch.zeros(B, M + D + 1, **long), torch.zeros(B, M + 2, **long)
     qd = torch.zeros(B, max(n - 1, 1), V if not greedy else 1, device=device)
     state = [blk, cur, steps, fwd, key_d, done, out, out_fwd, acc, qd]
     eos_t = torch.tensor(sorted(eos_ids) or [-1], device=device)
-    positions, ar_n, ar_b = torch.arange(S, device=device), torch.arange(n, device=device), torch.arange(B, device=device)
+    positions, ar_d, ar_b = torch.arange(S, device=device), torch.arange(D + 1, device=device), torch.arange(B, device=device)
+    parent, depth, rank, path, anc = (torch.tensor(tr[k], device=device) for k in ("parent", "depth", "rank", "path", "anc"))
     zero = torch.zeros((), dtype=dtype, device=device)
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
     kv = []  # per layer (keys, values) [B, H, S, D], allocated at the first prefill
+    kv_all = []  # ... as views of [layers, 2, B, H, S, D] buffers (one per shape): a tree's move is one op
 
     def forward(ids, pos, mask, cache):
         """Final hidden states [m, B, T, D]: every head's when drafting, head 0's alone otherwise."""
@@ -742,51 +789,67 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
         return uniform_noise(key_d[:, None], f[:, None] * _NOISE_STRIDE + role)
 
     def drafts_from(h_heads, f):
-        """Heads 1..n-1 at one position per row, h_heads [n-1, B, D] -> drafts [B, n-1] (and q)."""
+        """Heads 1..n-1 at one position per row, h_heads [n-1, B, D] -> the block's drafts [B, L-1]
+        (greedy: every tree node's token, its head's rank-th best; sampling: a chain, and q)."""
         logits = F.linear(h_heads, W).transpose(0, 1)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if greedy:
-            return logits.argmax(-1), None
+            top = logits.topk(max(tr["widths"], default=1), -1).indices  # [B, n-1, w]
+            return top[:, depth[1:] - 1, rank[1:]], None
         q = nucleus_probs(logits, temperature, top_p)
-        return draw(q, noise(f, _NOISE_DRAFT + ar_n[:-1])), q
+        return draw(q, noise(f, _NOISE_DRAFT + ar_d[:-1])), q
 
     def step():
         """One forward of every row's block, and its verdict -- no host sync (a CUDA graph)."""
-        pos = cur[:, None] + ar_n  # [B, n]
-        mask = torch.where(positions <= pos[:, :, None], zero, neg)[:, None]  # [B, 1, n, S]
-        h = forward(blk, pos, mask, SlotCache([k for k, _ in kv], [v for _, v in kv], cur))
+        # Node i of the block sits in cache slot cur+i at position cur+depth(i), and sees the
+        # row's cache and its own ancestors (for the chain: the causal mask).
+        off = positions - cur[:, None]  # [B, S]
+        see = (off < 0)[:, None] | (anc[:, off.clamp(0, L - 1)].transpose(0, 1) & (off < L)[:, None])
+        h = forward(blk, cur[:, None] + depth, torch.where(see, zero, neg)[:, None],
+                    SlotCache([k for k, _ in kv], [v for _, v in kv], cur))
         logits = F.linear(h[0], W)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [B, n, V]
-        d = blk[:, 1:]  # the drafts
-        if greedy:  # keep draft k while it is the greedy token after the block's first k tokens
-            emit = logits.argmax(-1)
-            ok = d == emit[:, :-1]
-        else:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [B, L, V]
+        if greedy:  # keep node i while its token is the greedy token after its parent, all the way up
+            g = logits.argmax(-1)
+            ok = (blk == g[:, parent]) | (depth == 0)
+            kept_node = ok
+            for _ in range(D):
+                kept_node = ok & kept_node[:, parent]
+            best = (kept_node * (depth + 1)).argmax(1)  # siblings' tokens differ: one path is kept
+            a = depth[best]  # drafts accepted, per row
+            emit = g.gather(1, path[best])  # the greedy token after each node of the path
+            if not tr["chain"]:  # move the kept path's keys/values to slots cur..cur+a, every layer at once
+                src = (cur[:, None] + path[best])[None, None, :, None, :, None]
+                dst = (cur[:, None] + ar_d)[None, None, :, None, :, None]
+                shape = kv_all[0].shape[:4] + (D + 1, kv_all[0].shape[-1])
+                for x in kv_all:
+                    x.scatter_(4, dst.expand(shape), x.gather(4, src.expand(shape)))
+        else:  # the chain: keep draft k with probability min(1, p(d) / q(d))
+            d = blk[:, 1:]
             p = nucleus_probs(logits, temperature, top_p)
             p = p / p.sum(-1, keepdim=True)
             q = qd / qd.sum(-1, keepdim=True).clamp_min(1e-30)
             pd, qd_d = p[:, :-1].gather(-1, d[..., None])[..., 0], q.gather(-1, d[..., None])[..., 0]
-            ok = noise(fwd, ar_n[:-1]) * qd_d < pd  # kept with probability min(1, p(d) / q(d))
-        a = ok.long().cumprod(1).sum(1)  # drafts accepted, per row
-        if not greedy:  # the token at the first rejection (or after the last draft)
-            pa = p[ar_b, a]
+            ok = noise(fwd, ar_d[:-1]) * qd_d < pd
+            a = best = ok.long().cumprod(1).sum(1)  # drafts accepted, per row
+            pa = p[ar_b, a]  # the token at the first rejection (or after the last draft)
             dist = pa
             if n > 1:
                 res = (pa - q[ar_b, a.clamp_max(n - 2)]).clamp_min(0)
                 use = (a < n - 1)[:, None] & (res.sum(-1, keepdim=True) > 0)
                 dist = torch.where(use, res, pa)
-            x = draw(dist, noise(fwd, ar_n[:1] + _NOISE_BONUS)[:, 0])
+            x = draw(dist, noise(fwd, ar_d[:1] + _NOISE_BONUS)[:, 0])
             emit = torch.cat([d, x[:, None]], 1).scatter(1, a[:, None], x[:, None])
         live = ~done
-        if n > 1:  # next round's drafts: the heads at the last accepted position
-            nxt, qn = drafts_from(h[1:, ar_b, a], fwd)
+        if n > 1:  # next round's drafts: the heads at the last accepted node
+            nxt, qn = drafts_from(h[1:, ar_b, best], fwd)
             if qn is not None:
                 qd.copy_(torch.where(live[:, None, None], qn, qd))
             new_blk = torch.cat([emit.gather(1, a[:, None]), nxt], 1)
         else:
             new_blk = emit
-        kept = (ar_n <= a[:, None]) & live[:, None]  # emit[:, :a+1] are this forward's tokens
-        at = (steps[:, None] + ar_n).clamp_max(M + n - 1)  # a done row may be past M (it writes nothing)
+        kept = (ar_d <= a[:, None]) & live[:, None]  # emit[:, :a+1] are this forward's tokens
+        at = (steps[:, None] + ar_d).clamp_max(M + D)  # a done row may be past M (it writes nothing)
         out.scatter_(1, at, torch.where(kept, emit, out.gather(1, at)))
         out_fwd.scatter_(1, at, torch.where(kept, fwd[:, None], out_fwd.gather(1, at)))
         f_at = fwd[:, None].clamp_max(M + 1)
@@ -810,15 +873,20 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
         h = h[:, ar_b, lens - 1]  # [m, B, D] at each row's last prompt token
         layers = sorted(rec.keys)
         if not kv:
-            kv.extend(tuple(x.new_zeros(B, x.shape[1], S, x.shape[3]) for x in (rec.keys[li], rec.values[li]))
-                      for li in layers)
+            shape = {li: (rec.keys[li].shape[1], rec.keys[li].shape[3]) for li in layers}  # (kv heads, head dim)
+            views = {}
+            for hd in dict.fromkeys(shape.values()):  # one buffer per shape: all layers, usually
+                group = [li for li in layers if shape[li] == hd]
+                kv_all.append(rec.keys[group[0]].new_zeros(len(group), 2, B, hd[0], S, hd[1]))
+                views.update({li: (kv_all[-1][j, 0], kv_all[-1][j, 1]) for j, li in enumerate(group)})
+            kv.extend(views[li] for li in layers)
         for (k, v), li in zip(kv, layers):
             k[:, :, :T], v[:, :, :T] = rec.keys[li], rec.values[li]
         key_d.copy_(torch.tensor([keys[r] for r in rows], device=device))
         fwd.zero_()
         logits = F.linear(h[0], W)
         first = sample_tokens(logits.to(torch.promote_types(logits.dtype, torch.float32)), temperature, top_p,
-                              noise(fwd, ar_n[:1] + _NOISE_BONUS)[:, 0])
+                              noise(fwd, ar_d[:1] + _NOISE_BONUS)[:, 0])
         if n > 1:
             nxt, q = drafts_from(h[1:], fwd)
             if q is not None:
@@ -834,8 +902,8 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
         done.copy_((first[:, None] == eos_t).any(-1) | (M <= 1))
 
     run, pools = None, []
-    stats = {"seconds": 0.0, "capture_s": 0.0, "forwards": [], "tokens": [], "accepted": [0] * (n - 1),
-             "verify_forwards": 0, "batch_size": B, "n_block": n, "graphs": graphs, "check_every": K}
+    stats = {"seconds": 0.0, "capture_s": 0.0, "forwards": [], "tokens": [], "accepted": [0] * D,
+             "verify_forwards": 0, "batch_size": B, "n_block": L, "tree": tr["widths"], "graphs": graphs, "check_every": K}
     results = [None] * len(prompts)
     with _SlotAttention(base.config):
         for start in range(0, len(prompts), B):
@@ -846,7 +914,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
             if len(rows) < B:
                 done[len(rows):] = True
             if run is None:
-                run = step
+                run = torch.compile(step) if compile else step
                 if graphs:  # capture once (the buffers never move); the warm-up steps are undone
                     tc = time.perf_counter()
                     saved = [x.clone() for x in state]
@@ -878,6 +946,6 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
                 stats["forwards"].append(f)
                 stats["tokens"].append(len(results[r]))
                 stats["verify_forwards"] += f - 1
-                for k in range(n - 1):
+                for k in range(D):
                     stats["accepted"][k] += sum(x > k for x in ac[j][1:f])
     return results, stats

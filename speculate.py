@@ -66,6 +66,9 @@ class SpeculateConfig:
     base: str = ""                   # the original model: its weights must equal the checkpoint's base
     batch_sizes: str = "1,8"
     check_every: int = 4             # forwards between host checks (both decoders)
+    trees: str = "chain"             # drafts to verify, each measured: chain (one per head) and/or widths like 3x2x1
+                                     # (a tree: head d's top-w_d under every node of depth d-1; greedy only)
+    compile: bool = False            # torch.compile the forward of both decoders (costs compile time)
     task_limit: int = 0              # only the first N HumanEval problems (0 = all 164)
     execute: bool = True             # run the speculative completions' tests (pass@1, greedy)
     workers: int = 0                 # sandbox workers (0 = one per core)
@@ -163,40 +166,34 @@ def measure(cfg: SpeculateConfig):
         result["base_check"] = base_identical(model, cfg.base)
         print(f"base weights identical to {cfg.base}: {result['base_check']['identical']}", flush=True)
 
-    def run(speculative, bs, idx=None):
+    trees = parse_trees(cfg.trees, model.n_heads)
+
+    def run(speculative, bs, idx=None, tree=None):
         ps = prompts if idx is None else [prompts[i] for i in idx]
         ss = stops if idx is None else [stops[i] for i in idx]
         return sampling.decode_rows(model, tok, ps, cfg.max_new_tokens, ss, eos_ids, speculative=speculative,
-                                    batch_size=bs, check_every=cfg.check_every)
+                                    batch_size=bs, check_every=cfg.check_every, tree=tree, compile=cfg.compile)
 
     texts = {}
     for bs in [int(b) for b in cfg.batch_sizes.split(",") if b.strip()]:
         t0 = time.time()
-        run(False, bs, range(min(bs, len(prompts))))  # untimed warm-up: lazy initialisation, kernel choice
-        run(True, bs, range(min(bs, len(prompts))))
+        warm = range(min(bs, len(prompts)))  # untimed warm-up: lazy initialisation, kernel choice, compiling
+        run(False, bs, warm)
         plain, ps = run(False, bs)
-        spec, ss = run(True, bs)
-        differ = [problems[i]["task_id"] for i in range(len(problems)) if plain[i] != spec[i]]
-        n = model.n_heads
-        r = {"plain_seconds": round(ps["seconds"], 2), "speculative_seconds": round(ss["seconds"], 2),
-             "speedup": ps["seconds"] / max(ss["seconds"], 1e-9),
-             "tokens": sum(ss["tokens"]), "plain_tokens_per_s": sum(ps["tokens"]) / max(ps["seconds"], 1e-9),
-             "speculative_tokens_per_s": sum(ss["tokens"]) / max(ss["seconds"], 1e-9),
-             "tokens_per_forward": sum(ss["tokens"]) / max(sum(ss["forwards"]), 1),
-             "plain_tokens_per_forward": sum(ps["tokens"]) / max(sum(ps["forwards"]), 1),
-             # Head k's acceptance: the share of verify forwards whose draft k was kept (it is kept
-             # only if drafts 1..k-1 were); conditional: given draft k-1 was kept.
-             "acceptance_per_head": {f"head{k + 1}": ss["accepted"][k] / max(ss["verify_forwards"], 1) for k in range(n - 1)},
-             "conditional_acceptance_per_head": {
-                 f"head{k + 1}": ss["accepted"][k] / max(ss["accepted"][k - 1] if k else ss["verify_forwards"], 1)
-                 for k in range(n - 1)},
-             "completions_differing_from_plain": len(differ), "differing_task_ids": differ,
-             "capture_seconds": round(ps["capture_s"] + ss["capture_s"], 2), "wall_seconds": round(time.time() - t0, 1)}
-        texts[bs] = (plain, spec)
+        r = {"plain_seconds": round(ps["seconds"], 2), "plain_tokens_per_s": sum(ps["tokens"]) / max(ps["seconds"], 1e-9),
+             "plain_tokens_per_forward": sum(ps["tokens"]) / max(sum(ps["forwards"]), 1), "speculative": {}}
+        for name, tree in trees.items():
+            run(True, bs, warm, tree)
+            spec, ss = run(True, bs, tree=tree)
+            r["speculative"][name] = speculative_stats(ps, ss, plain, spec, problems)
+            texts.setdefault(bs, (plain, spec))
+            s = r["speculative"][name]
+            print(f"batch {bs}, drafts {name} ({ss['n_block'] - 1} per forward): {s['tokens_per_forward']:.2f} "
+                  f"tokens/forward, acceptance {', '.join(f'{v:.2f}' for v in s['acceptance_per_head'].values())}, "
+                  f"plain {r['plain_seconds']}s vs speculative {s['speculative_seconds']}s = {s['speedup']:.2f}x, "
+                  f"{s['completions_differing_from_plain']} differ", flush=True)
+        r["wall_seconds"] = round(time.time() - t0, 1)
         result["batch"][str(bs)] = r
-        print(f"batch {bs}: {r['tokens_per_forward']:.2f} tokens/forward, acceptance "
-              f"{', '.join(f'{v:.2f}' for v in r['acceptance_per_head'].values())}, plain {r['plain_seconds']}s "
-              f"vs speculative {r['speculative_seconds']}s = {r['speedup']:.2f}x, {len(differ)} differ", flush=True)
     if len(texts) > 1:  # batching itself (a different batch shape) may round differently
         (b1, (p1, _)), *rest = texts.items()
         result["plain_differing_across_batch_sizes"] = {
@@ -218,6 +215,47 @@ def measure(cfg: SpeculateConfig):
     return result
 
 
+def parse_trees(spec: str, n_heads: int | None = None) -> dict:
+    """--trees=chain,3x2x1 -> {"chain": None, "3x2x1": (3, 2, 1)}: the drafts each speculative run
+    verifies (`sampling.draft_tree`: head d's top widths[d-1] under every node of depth d-1)."""
+    trees = {}
+    for name in (x.strip() for x in spec.split(",") if x.strip()):
+        if name == "chain":
+            trees[name] = None
+            continue
+        try:
+            widths = tuple(int(w) for w in name.split("x"))
+        except ValueError:
+            raise common.ConfigError(f"trees: {name!r} is neither 'chain' nor widths like 3x2x1") from None
+        if not widths or min(widths) < 1:
+            raise common.ConfigError(f"trees: {name!r} needs widths >= 1")
+        if n_heads is not None and len(widths) > n_heads - 1:
+            raise common.ConfigError(f"trees: {name!r} needs 1..{n_heads - 1} widths >= 1 (the model has {n_heads} heads)")
+        trees[name] = widths
+    if not trees:
+        raise common.ConfigError("trees: empty; use chain or widths like 3x2x1")
+    return trees
+
+
+def speculative_stats(ps, ss, plain, spec, problems) -> dict:
+    """One speculative run against the plain run of the same batch size."""
+    n_drafts = len(ss["accepted"])
+    differ = [problems[i]["task_id"] for i in range(len(problems)) if plain[i] != spec[i]]
+    return {"tree": list(ss["tree"]), "block": ss["n_block"], "speculative_seconds": round(ss["seconds"], 2),
+            "speedup": ps["seconds"] / max(ss["seconds"], 1e-9), "tokens": sum(ss["tokens"]),
+            "speculative_tokens_per_s": sum(ss["tokens"]) / max(ss["seconds"], 1e-9),
+            "tokens_per_forward": sum(ss["tokens"]) / max(sum(ss["forwards"]), 1),
+            # Draft k's acceptance: the share of verify forwards that kept it (it is kept only if
+            # drafts 1..k-1 were); conditional: given draft k-1 was kept.
+            "acceptance_per_head": {f"head{k + 1}": ss["accepted"][k] / max(ss["verify_forwards"], 1)
+                                    for k in range(n_drafts)},
+            "conditional_acceptance_per_head": {
+                f"head{k + 1}": ss["accepted"][k] / max(ss["accepted"][k - 1] if k else ss["verify_forwards"], 1)
+                for k in range(n_drafts)},
+            "completions_differing_from_plain": len(differ), "differing_task_ids": differ,
+            "capture_seconds": round(ps["capture_s"] + ss["capture_s"], 2)}
+
+
 def main(argv):
     cfg = common.parse_config(SpeculateConfig, argv, positional="model")
     if not cfg.model:
@@ -229,6 +267,7 @@ def main(argv):
         for key in ("stdlib_path", "mbpp_path"):
             if getattr(cfg, key):
                 common.check_file(key, getattr(cfg, key))
+    parse_trees(cfg.trees)  # the syntax now; the depth once the model's heads are known
     common.check_min("sampled", cfg.sampled, 0)
     common.check_min("max_new_tokens", cfg.max_new_tokens, 1)
     common.check_min("batch_size", cfg.batch_size, 1)

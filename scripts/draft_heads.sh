@@ -19,6 +19,7 @@ SAMPLED=${SAMPLED:-1}                     # sampled continuations per prompt (pl
 STEPS=${STEPS:-400}
 HEAD_TARGET=${HEAD_TARGET:-tokens}
 BATCHES=${BATCHES:-1,8}
+TREES=${TREES:-chain}                     # drafts verified per forward, each measured: chain and/or widths like 4x2x1
 PY=${PY:-python}
 CKPT=out/draft_heads_$HEAD_TARGET
 mkdir -p "$RUN"
@@ -43,7 +44,7 @@ phase train $PY train_rho1.py configs/smol_draft_heads.yaml --model.policy="$BAS
     --train.max_steps="$STEPS" --train.heads_only_steps="$STEPS" --train.out_dir="$CKPT" --train.log_every=50 --overwrite
 t2=$(now)
 TAIL=20 phase measure $PY speculate.py "$CKPT/final" --stage=measure --base="$BASE" --batch_sizes="$BATCHES" \
-    --max_new_tokens=256 --out="$RUN/measure.json"
+    --trees="$TREES" --max_new_tokens=256 --out="$RUN/measure.json"
 t3=$(now)
 $PY - "$RUN/measure.json" "$t0" "$t1" "$t2" "$t3" "$HEAD_TARGET" "$STEPS" "$SAMPLED" <<'PY'
 import json, sys

@@ -108,13 +108,25 @@ def test_head0_target_needs_a_frozen_base(tmp_path):
 def test_measure_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     out = tmp_path / "m.json"
     res = speculate.main([tiny_checkpoint, "--stage=measure", f"--base={tiny_checkpoint}", "--task_limit=3",
-                          "--batch_sizes=1,2", "--max_new_tokens=16", "--execute=false", "--device=cpu", f"--out={out}"])
+                          "--batch_sizes=1,2", "--max_new_tokens=16", "--execute=false", "--device=cpu",
+                          "--trees=chain,3x2", f"--out={out}"])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(res))
     assert saved["base_check"]["identical"] and saved["n_problems"] == 3
     for b in ("1", "2"):
         r = saved["batch"][b]
-        assert r["completions_differing_from_plain"] == 0
-        assert 1.0 <= r["tokens_per_forward"] <= 3 and r["plain_tokens_per_forward"] == 1.0
-        assert set(r["acceptance_per_head"]) == {"head1", "head2"}
+        assert r["plain_tokens_per_forward"] == 1.0 and set(r["speculative"]) == {"chain", "3x2"}
+        for name, block in (("chain", 3), ("3x2", 1 + 3 + 6)):
+            s = r["speculative"][name]
+            assert s["completions_differing_from_plain"] == 0 and s["block"] == block
+            assert 1.0 <= s["tokens_per_forward"] <= 3
+            assert set(s["acceptance_per_head"]) == {"head1", "head2"}
     assert saved["plain_differing_across_batch_sizes"] == {"1_vs_2": 0}
+
+
+@pytest.mark.parametrize("spec,msg", [("3xa", "neither"), ("0x1", "widths >= 1"), ("2x2x2x2", "1..2 widths"), (" ,", "empty")])
+def test_bad_trees_are_refused_before_decoding(spec, msg):
+    import common
+    with pytest.raises(common.ConfigError, match=msg):
+        speculate.parse_trees(spec, 3)
+    assert speculate.parse_trees("chain, 2x1", 3) == {"chain": None, "2x1": (2, 1)}

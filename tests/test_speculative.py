@@ -161,3 +161,82 @@ def test_speculative_sampling_rows_do_not_depend_on_batch_size():
     a, _ = sampling.decode_rows(model, TOK, prompts, 20, [], set(), temperature=0.8, top_p=0.95, keys=keys, batch_size=1)
     b, _ = sampling.decode_rows(model, TOK, prompts, 20, [], set(), temperature=0.8, top_p=0.95, keys=keys, batch_size=4)
     assert a == b
+
+
+def test_draft_tree_tables_by_hand():
+    """widths (2, 2): head 1's top 2 under the exact token, head 2's top 2 under each of them."""
+    t = sampling.draft_tree((2, 2))
+    assert t["parent"] == [0, 0, 0, 1, 1, 2, 2]
+    assert t["depth"] == [0, 1, 1, 2, 2, 2, 2]
+    assert t["rank"] == [0, 0, 1, 0, 1, 0, 1]
+    assert t["path"][5] == [0, 2, 5] and t["path"][1] == [0, 1, 1] and t["path"][0] == [0, 0, 0]
+    assert [j for j in range(7) if t["anc"][5][j]] == [0, 2, 5]
+    assert not t["chain"] and sampling.draft_tree((1, 1, 1))["chain"]
+
+
+def reference_tree_forwards(model, prompt, max_new, widths):
+    """Forwards a tree-verifying decoder needs, recomputed from scratch with no cache: after the
+    exact token x, the drafts at depth d are head d's top-widths[d-1] tokens at the last accepted
+    position, so the forward keeps the greedy continuation c_1..c_a of (prefix, x) as long as
+    every c_d is among them, and emits c_1..c_{a+1}."""
+    def heads_and_greedy(seq):
+        with torch.no_grad():
+            h, _ = model.hidden_states(torch.tensor([seq]), use_cache=False)
+        return h[:, 0, -1] @ model.lm_head_weight.T  # [n, V] at the last position
+
+    def greedy_after(seq, m):
+        out = []
+        for _ in range(m):
+            out.append(int(heads_and_greedy(seq + out)[0].argmax()))
+        return out
+
+    prefix, forwards = list(prompt), 1
+    logits = heads_and_greedy(prefix)
+    x, tokens = int(logits[0].argmax()), []
+    tokens.append(x)
+    while len(tokens) < max_new:
+        forwards += 1
+        c = greedy_after(prefix + [x], len(widths) + 1)
+        a = 0
+        while a < len(widths) and c[a] in logits[a + 1].topk(widths[a]).indices.tolist():
+            a += 1
+        tokens += c[:a + 1]
+        prefix += [x] + c[:a]
+        x = c[a]
+        logits = heads_and_greedy(prefix)
+    return forwards, tokens[:max_new]
+
+
+@pytest.mark.parametrize("widths,batch_size", [((2, 2, 1), 1), ((3, 2), 3), ((4, 1, 2), 8), ((1, 1, 1), 2)])
+def test_tree_drafts_equal_plain_greedy_and_a_cacheless_reference(widths, batch_size):
+    """Verifying a tree of drafts keeps greedy decoding exact (the kept path's keys/values move to
+    the row's next slots: a wrong move would change later tokens) and accepts exactly what the
+    cache-free reference accepts (wrong keys/values in an extra head would change the drafts)."""
+    vocab, max_new = 11, 30
+    model = mtp_model(vocab, 4, 0.3)
+    prompts = random_prompts(vocab, 6, seed=2)
+    spec, st = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), batch_size=batch_size, tree=widths)
+    plain, _ = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), speculative=False, batch_size=batch_size)
+    assert spec == plain
+    for i, p in enumerate(prompts):
+        forwards, tokens = reference_tree_forwards(model, p, max_new, widths)
+        assert tokens == plain[i] and st["forwards"][i] == forwards, i
+    assert st["n_block"] == len(sampling.draft_tree(widths)["parent"]) and len(st["accepted"]) == len(widths)
+
+
+def test_tree_with_stops_eos_and_wide_first_level():
+    model = mtp_model(11, 4, 0.3)
+    prompts = random_prompts(11, 9, seed=3)
+    stop, eos = [" 3 4"], {7}
+    spec, _ = sampling.decode_rows(model, TOK, prompts, 40, stop, eos, batch_size=4, tree=(6, 2, 2))
+    for p, s in zip(prompts, spec):
+        ref, _ = sampling.generate(model, TOK, torch.tensor([p]), 1, 40, 0.0, 1.0, stop, eos)
+        assert s == ref[0]
+
+
+def test_tree_needs_greedy_and_enough_heads():
+    model = mtp_model(11, 3, 0.1)
+    with pytest.raises(ValueError, match="greedy"):
+        sampling.decode_rows(model, TOK, [[1, 2]], 5, [], set(), temperature=0.8, tree=(2, 1))
+    with pytest.raises(ValueError, match="needs 4 heads"):
+        sampling.decode_rows(model, TOK, [[1, 2]], 5, [], set(), tree=(2, 1, 1))
