@@ -182,6 +182,8 @@ class EvalConfig:
     k: str | int = "1,10"            # k of pass@k, comma-separated (those <= n_samples)
     seed: int = 1234
     speculative: bool = False        # greedy decoding drafted by the MTP heads, timed against plain greedy
+    spec_tree: str = "chain"         # --speculative's drafts: chain (one per head) or a tree's widths, e.g. 6x3x2
+                                     # (head d's top w_d under every node of depth d-1; README "Heads that draft")
     workers: int = 0                 # programs run in parallel (0 = one per CPU core)
     timeout: float = 10.0            # seconds per program (CodeContests: the problem's own limit, per test)
     memory_mb: int = 2048            # address-space limit per program
@@ -210,6 +212,10 @@ def parse_args(argv=None) -> EvalConfig:
         if args.n_samples != 1:
             print(f"greedy decoding: all samples would be identical, using n_samples=1 (not {args.n_samples})")
         args.n_samples, args.temperature = 1, 0.0
+    try:
+        sampling.parse_tree(args.spec_tree)
+    except ValueError as err:
+        raise common.ConfigError(f"config key 'spec_tree': {err}") from None
     if args.speculative and args.dtype == "auto":
         # Speculative greedy equals plain greedy only as far as the two compute the same logits.
         # They run different shapes (an n-token block vs one token), so bf16 rounds them
@@ -262,6 +268,10 @@ def main(argv=None):
     eos_ids = sampling.eos_token_ids(model, tok)
     if args.speculative and model.n_heads == 1:
         print("--speculative with a 1-head model: there is nothing to draft, expect a speed-up of ~1")
+    spec_tree = sampling.parse_tree(args.spec_tree)
+    if args.speculative and len(spec_tree or ()) > model.n_heads - 1:
+        raise common.ConfigError(f"config key 'spec_tree': {len(spec_tree)} levels need "
+                                 f"{len(spec_tree) + 1} heads, {args.model} has {model.n_heads}")
     python = sandbox.sandbox_python(sandbox.DROP_PRIVILEGES, args.sandbox_python or None)  # probe once, before the threads
     if master:
         print(f"{args.task}: {len(problems)} problems x {args.n_samples} samples, model {args.model} "
@@ -280,7 +290,7 @@ def main(argv=None):
         def decode(speculative, n=None):
             return sampling.decode_rows(model, tok, spec_ids[:n], args.max_new_tokens,
                                         [problems[i]["stop"] for i in mine][:n], eos_ids,
-                                        speculative=speculative, batch_size=spec_bs)
+                                        speculative=speculative, batch_size=spec_bs, tree=spec_tree)
         if mine:  # untimed warm-up of both (lazy initialisation, kernel choice, CUDA graphs)
             decode(False, spec_bs), decode(True, spec_bs)
     t_gen = time.time()

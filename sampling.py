@@ -335,12 +335,11 @@ def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         raise NotImplementedError("the slot decoder supports plain causal attention only")
     B, H, Q, D = query.shape
     G = H // key.shape[1]
-    if G > 1 and (Q == 1 or (attention_mask is not None and Q <= 64)):
-        # A decode step (one token) or a speculative block: query head h = j*G + g reads key/value
-        # head j, so [B, H, Q, D] -> [B, H/G, G*Q, D] (row g*Q + q), the mask repeated G times.
-        mask = attention_mask if Q == 1 else attention_mask.repeat(1, 1, G, 1)
-        out = F.scaled_dot_product_attention(query.reshape(B, H // G, G * Q, D), key, value,
-                                             attn_mask=mask, scale=scaling).reshape(B, H, Q, D)
+    if Q == 1 and G > 1:
+        # (Folding a speculative block's Q tokens the same way, mask repeated G times, measured
+        # slower on an H200 at batch 1: 5.99 vs 5.72 ms per chain forward, 7.19 vs 7.06 for a tree.)
+        out = F.scaled_dot_product_attention(query.reshape(B, H // G, G, D), key, value,
+                                             attn_mask=attention_mask, scale=scaling).reshape(B, H, 1, D)
     else:
         if G > 1:  # query head h reads key/value head h // G (transformers' repeat_kv)
             key, value = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
@@ -719,6 +718,19 @@ def draft_tree(widths) -> dict:
     anc = [[j in path[i][:depth[i] + 1] for j in range(L)] for i in range(L)]
     return {"widths": widths, "parent": parent, "depth": depth, "rank": rank, "path": path, "anc": anc,
             "chain": all(w == 1 for w in widths)}
+
+
+def parse_tree(name: str) -> tuple[int, ...] | None:
+    """'chain' -> None (one draft per head); '6x3x2' -> (6, 3, 2), the widths of `draft_tree`."""
+    if name.strip() == "chain":
+        return None
+    try:
+        widths = tuple(int(w) for w in name.strip().split("x"))
+    except ValueError:
+        raise ValueError(f"{name!r} is neither 'chain' nor widths like 3x2x1") from None
+    if min(widths) < 1:
+        raise ValueError(f"{name!r} needs widths >= 1")
+    return widths
 
 
 @torch.no_grad()

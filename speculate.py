@@ -56,7 +56,7 @@ class SpeculateConfig:
     mbpp_path: str = data.LOCAL_MBPP  # MBPP JSONL (train split prompts; the stdlib scan's contamination check)
     limit: int = 0                   # at most this many prompts (0 = all)
     greedy: bool = True              # one greedy continuation per prompt (what greedy decoding will meet)
-    sampled: int = 1                 # sampled continuations per prompt (the model's other likely paths)
+    sampled: int = 3                 # sampled continuations per prompt (the model's other likely paths)
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 256
@@ -220,18 +220,12 @@ def parse_trees(spec: str, n_heads: int | None = None) -> dict:
     verifies (`sampling.draft_tree`: head d's top widths[d-1] under every node of depth d-1)."""
     trees = {}
     for name in (x.strip() for x in spec.split(",") if x.strip()):
-        if name == "chain":
-            trees[name] = None
-            continue
         try:
-            widths = tuple(int(w) for w in name.split("x"))
-        except ValueError:
-            raise common.ConfigError(f"trees: {name!r} is neither 'chain' nor widths like 3x2x1") from None
-        if not widths or min(widths) < 1:
-            raise common.ConfigError(f"trees: {name!r} needs widths >= 1")
-        if n_heads is not None and len(widths) > n_heads - 1:
-            raise common.ConfigError(f"trees: {name!r} needs 1..{n_heads - 1} widths >= 1 (the model has {n_heads} heads)")
-        trees[name] = widths
+            trees[name] = sampling.parse_tree(name)
+        except ValueError as e:
+            raise common.ConfigError(f"trees: {e}") from None
+        if n_heads is not None and len(trees[name] or ()) > n_heads - 1:
+            raise common.ConfigError(f"trees: {name!r} needs 1..{n_heads - 1} widths (the model has {n_heads} heads)")
     if not trees:
         raise common.ConfigError("trees: empty; use chain or widths like 3x2x1")
     return trees

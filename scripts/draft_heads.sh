@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Heads that draft (issue 14), on one GPU in ~4-5 minutes: self-distillation data -> heads-only
+# Heads that draft (issue 14), on one GPU in ~11 minutes: self-distillation data -> heads-only
 # training (the base frozen) -> full-HumanEval self-speculative vs plain greedy decoding, fp32,
 # batch 1 and 8, one JSON with every number (README "Heads that draft").
 #
@@ -15,11 +15,11 @@ RUN=${RUN:-out/draft}
 DATA=${DATA:-.gpu/data}                   # stdlib_train.jsonl (data.source=stdlib exported), mbpp.jsonl
 STDLIB=${STDLIB:-$DATA/stdlib_train.jsonl}
 MBPP=${MBPP:-$DATA/mbpp.jsonl}
-SAMPLED=${SAMPLED:-1}                     # sampled continuations per prompt (plus one greedy)
-STEPS=${STEPS:-400}
+SAMPLED=${SAMPLED:-3}                     # sampled continuations per prompt (plus one greedy)
+STEPS=${STEPS:-800}
 HEAD_TARGET=${HEAD_TARGET:-tokens}
 BATCHES=${BATCHES:-1,8}
-TREES=${TREES:-chain}                     # drafts verified per forward, each measured: chain and/or widths like 4x2x1
+TREES=${TREES:-chain,3x2x1,6x3x2}       # drafts verified per forward, each measured: chain and/or widths like 4x2x1
 PY=${PY:-python}
 CKPT=out/draft_heads_$HEAD_TARGET
 mkdir -p "$RUN"

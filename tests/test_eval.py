@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
+import common
 import eval as ev
 import mtp
 import sampling
@@ -502,6 +503,19 @@ def test_cli_speculative_end_to_end(tiny_checkpoint, tmp_path):
         assert r["passed"] is False and r["error"] is not None
     saved = json.load(open(out / "results.json"))
     assert saved["speculative"]["mismatches"] == 0
+
+
+def test_cli_speculative_tree(tiny_checkpoint, tmp_path):
+    """--spec_tree: the tree's drafts keep greedy exact; a bad tree is refused before loading, a
+    tree deeper than the model's heads once the heads are known."""
+    res = ev.main([tiny_checkpoint, "--task=humaneval", "--limit=2", "--speculative", "--spec_tree=3x2",
+                   "--max_new_tokens=16", "--workers=2", "--mlflow.enabled=false", f"--out={tmp_path / 't'}"])
+    assert res["speculative"]["mismatches"] == 0
+    with pytest.raises(common.ConfigError, match="spec_tree.*neither"):
+        ev.parse_args(["m", "--spec_tree=wide"])
+    with pytest.raises(common.ConfigError, match="spec_tree.*3 levels need 4 heads"):
+        ev.main([tiny_checkpoint, "--task=humaneval", "--limit=1", "--speculative", "--spec_tree=2x2x2",
+                 "--mlflow.enabled=false", f"--out={tmp_path / 'u'}"])
 
 
 def test_cli_sampling_is_seeded(tiny_checkpoint, tmp_path):
