@@ -6,8 +6,10 @@ self-speculative decoding against plain decoding.
     python speculate.py MODEL --stage=data --out=out/draft/distill.jsonl
     # 2. heads 1..n-1 learn it on the frozen model (the base stays bit for bit unchanged)
     python train_rho1.py configs/smol_draft_heads.yaml
-    # 3. full HumanEval, greedy, speculative vs plain decoding in the same run, batch 1 and 8
-    python speculate.py out/draft_heads/final --stage=measure --base=MODEL --out=out/draft/measure.json
+    # 3. full HumanEval, greedy, speculative (a chain and trees of drafts) vs plain decoding in the
+    #    same run, batch 1 and 8
+    python speculate.py out/draft_heads/final --stage=measure --base=MODEL --trees=chain,3x2x1,6x3x2 \
+        --out=out/draft/measure.json
 
 Why (docs/design.md §7): a draft is accepted when it is what head 0 would have produced, so the
 heads should learn head 0's outputs, not a dataset's. Medusa-2 (Cai et al. 2024, §2.3.2) and
@@ -21,8 +23,10 @@ Read top to bottom:
      one JSONL row {prompt, completion, source, kind} per continuation, for `data.source=jsonl`.
   2. `measure`: every HumanEval problem decoded plainly and speculatively by sampling.decode_rows
      (the same loop, cache, CUDA graphs and host checks; speculative=False is its one-token
-     case) at each batch size: tokens per forward, acceptance per head, wall-clock speed-up,
-     completions that differ; and whether the base weights equal the original model's.
+     case) at each batch size, once per drafting shape (`--trees`: the chain, or trees of each
+     head's top tokens, `sampling.draft_tree`): tokens per forward, acceptance per head,
+     wall-clock speed-up, completions that differ; and whether the base weights equal the
+     original model's.
 """
 from __future__ import annotations
 
