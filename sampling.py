@@ -5,7 +5,7 @@ sampling.py — generating completions: what eval.py samples with.
     rows, stats = sampling.sample_problems(model, tok, problems, indices, n_samples, max_new_tokens,
                                            temperature, top_p, seed, batch_size, eos_ids)
     rows, stats = sampling.decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=True,
-                                       batch_size=8)
+                                       batch_size=8, tree=(6, 3, 2))
 
 Read top to bottom:
   1. `generate`: the reference sampler (a KV cache, left padding, a torch.Generator per prompt;
@@ -15,7 +15,8 @@ Read top to bottom:
      cache, each prompt prefilled once, continuous batching, one CUDA graph per decode step,
      stop strings checked in bulk, randomness keyed by (seed, problem, sample, step).
   3. `decode_rows`: self-speculative decoding, fast -- batched (each row accepts its own number of
-     drafts), exact speculative sampling (Leviathan et al. 2023), static cache, CUDA graphs; with
+     drafts), exact speculative sampling (Leviathan et al. 2023), greedy trees of drafts
+     (`draft_tree`, `parse_tree`; Medusa's tree attention), static cache, CUDA graphs; with
      speculative=False the same loop decodes plainly (what speculate.py and eval.py --speculative
      time against).
 The tests hold the fast paths to the reference ones (tests/test_eval.py, tests/test_speculative.py).
@@ -682,6 +683,11 @@ def sample_problems(model, tok, problems, indices, n_samples, max_new_tokens, te
 #     the token is drawn from norm(max(0, p - q_k)); if all are kept, from p after the last.
 #     Every emitted token is then distributed exactly as p given its prefix -- plain sampling's
 #     distribution (with the same temperature and nucleus) -- whatever the heads draft.
+#   - trees (greedy only, `draft_tree`): the block holds a tree of drafts instead of a chain. Node i
+#     is written to slot cur+i at position cur+depth(i) and sees the cache and its ancestors; the
+#     deepest node agreeing with greedy all the way up is kept, and its path's keys/values are
+#     gathered to slots cur..cur+a (one op over the [layers, 2, B, H, S, D] buffer) -- the crop
+#     again, plus one move.
 #   - randomness: uniform_noise keyed by the row and (forward, role): a row's samples do not
 #     depend on its batch mates or the batch size.
 
@@ -705,7 +711,9 @@ def draft_tree(widths) -> dict:
         for p in level:
             for r in range(w):
                 nxt.append(len(parent))
-                parent.append(p), depth.append(d), rank.append(r)
+                parent.append(p)
+                depth.append(d)
+                rank.append(r)
         level = nxt
     L, D = len(parent), len(widths)
     path = []
