@@ -694,6 +694,9 @@ def sample_problems(model, tok, problems, indices, n_samples, max_new_tokens, te
 _NOISE_STRIDE, _NOISE_BONUS, _NOISE_DRAFT = 64, 16, 32  # per forward: 0..n-2 accept, 16 bonus, 32+ drafts
 
 
+MAX_TREE_DRAFTS = 512
+
+
 def draft_tree(widths) -> dict:
     """The tables of a product tree of drafts (Medusa, Cai et al. 2024, §2.1.2 "tree attention"):
     node 0 is the block's exact token; under every node of depth d-1 hang head d's top-widths[d-1]
@@ -705,6 +708,10 @@ def draft_tree(widths) -> dict:
     widths = tuple(int(w) for w in widths)
     if any(w < 1 for w in widths):
         raise ValueError(f"tree widths must be >= 1, got {widths}")
+    n_drafts = sum(math.prod(widths[:d]) for d in range(1, len(widths) + 1))
+    if n_drafts > MAX_TREE_DRAFTS:
+        raise ValueError(f"tree {'x'.join(map(str, widths))} has {n_drafts} drafts per forward; at most "
+                         f"{MAX_TREE_DRAFTS} (past ~60 a forward stops being latency-bound even at batch 1)")
     parent, depth, rank, level = [0], [0], [0], [0]
     for d, w in enumerate(widths, start=1):
         nxt = []
@@ -738,6 +745,7 @@ def parse_tree(name: str) -> tuple[int, ...] | None:
         raise ValueError(f"{name!r} is neither 'chain' nor widths like 3x2x1") from None
     if min(widths) < 1:
         raise ValueError(f"{name!r} needs widths >= 1")
+    draft_tree(widths)  # its size, now
     return widths
 
 

@@ -124,7 +124,8 @@ def test_measure_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     assert saved["plain_differing_across_batch_sizes"] == {"1_vs_2": 0}
 
 
-@pytest.mark.parametrize("spec,msg", [("3xa", "neither"), ("0x1", "widths >= 1"), ("2x2x2x2", "1..2 widths"), (" ,", "empty")])
+@pytest.mark.parametrize("spec,msg", [("3xa", "neither"), ("0x1", "widths >= 1"), ("2x2x2x2", "1..2 widths"),
+                                      ("64x64", "4160 drafts per forward; at most 512"), (" ,", "empty")])
 def test_bad_trees_are_refused_before_decoding(spec, msg):
     import common
     with pytest.raises(common.ConfigError, match=msg):
