@@ -268,10 +268,10 @@ def main(argv=None):
     eos_ids = sampling.eos_token_ids(model, tok)
     if args.speculative and model.n_heads == 1:
         print("--speculative with a 1-head model: there is nothing to draft, expect a speed-up of ~1")
-    spec_tree = sampling.parse_tree(args.spec_tree)
-    if args.speculative and len(spec_tree or ()) > model.n_heads - 1:
-        raise common.ConfigError(f"config key 'spec_tree': {len(spec_tree)} levels need "
-                                 f"{len(spec_tree) + 1} heads, {args.model} has {model.n_heads}")
+    try:
+        spec_tree = sampling.parse_tree(args.spec_tree, model.n_heads if args.speculative else None)
+    except ValueError as err:
+        raise common.ConfigError(f"config key 'spec_tree': {err}") from None
     python = sandbox.sandbox_python(sandbox.DROP_PRIVILEGES, args.sandbox_python or None)  # probe once, before the threads
     if master:
         print(f"{args.task}: {len(problems)} problems x {args.n_samples} samples, model {args.model} "

@@ -735,8 +735,15 @@ def draft_tree(widths) -> dict:
             "chain": all(w == 1 for w in widths)}
 
 
-def parse_tree(name: str) -> tuple[int, ...] | None:
-    """'chain' -> None (one draft per head); '6x3x2' -> (6, 3, 2), the widths of `draft_tree`."""
+def check_tree_depth(widths, n_heads: int):
+    """A tree of depth D drafts with heads 1..D: the model needs D+1 heads."""
+    if len(widths or ()) > n_heads - 1:
+        raise ValueError(f"a tree of depth {len(widths)} needs {len(widths) + 1} heads, the model has {n_heads}")
+
+
+def parse_tree(name: str, n_heads: int | None = None) -> tuple[int, ...] | None:
+    """'chain' -> None (one draft per head); '6x3x2' -> (6, 3, 2), the widths of `draft_tree`;
+    with n_heads, also whether the model has the heads the tree's depth needs."""
     if name.strip() == "chain":
         return None
     try:
@@ -746,6 +753,8 @@ def parse_tree(name: str) -> tuple[int, ...] | None:
     if min(widths) < 1:
         raise ValueError(f"{name!r} needs widths >= 1")
     draft_tree(widths)  # its size, now
+    if n_heads is not None:
+        check_tree_depth(widths, n_heads)
     return widths
 
 
@@ -774,8 +783,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     n = model.n_heads if speculative else 1  # heads run per forward
     greedy = temperature == 0
     tr = draft_tree(tree if tree is not None and speculative else (1,) * (n - 1))
-    if len(tr["widths"]) > n - 1:
-        raise ValueError(f"a tree of depth {len(tr['widths'])} needs {len(tr['widths']) + 1} heads, the model has {n}")
+    check_tree_depth(tr["widths"], n)
     if not greedy and (len(tr["widths"]) != n - 1 or not tr["chain"]):
         raise ValueError("tree drafts are for greedy decoding; speculative sampling verifies a chain of every head")
     L, D = len(tr["parent"]), len(tr["widths"])  # block length (exact token + drafts); tokens per forward <= D+1

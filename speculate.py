@@ -10,6 +10,8 @@ self-speculative decoding against plain decoding.
     #    same run, batch 1 and 8
     python speculate.py out/draft_heads/final --stage=measure --base=MODEL --trees=chain,3x2x1,6x3x2 \
         --out=out/draft/measure.json
+    # where a forward's time goes: ms per forward, plain vs each verify, batch 1 (README's profile)
+    python speculate.py out/draft_heads/final --stage=cost --trees=chain,3x2x1,6x3x2 --kernels
 
 Why (docs/design.md §7): a draft is accepted when it is what head 0 would have produced, so the
 heads should learn head 0's outputs, not a dataset's. Medusa-2 (Cai et al. 2024, §2.3.2) and
@@ -27,6 +29,8 @@ Read top to bottom:
      head's top tokens, `sampling.draft_tree`): tokens per forward, acceptance per head,
      wall-clock speed-up, completions that differ; and whether the base weights equal the
      original model's.
+  3. `forward_cost`: the time of one forward at batch 1 -- plain, and each tree's verify -- on a
+     few HumanEval prompts without stop strings (CUDA graphs; optionally the top kernels).
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ import sampling
 @dataclass
 class SpeculateConfig:
     model: str = ""                  # (positional) data: the model to accelerate; measure: the checkpoint with heads
-    stage: Literal["data", "measure"] = "data"
+    stage: Literal["data", "measure", "cost"] = "data"
     out: str = ""                    # data: the JSONL to write; measure: the JSON to write
     device: str = "auto"
     dtype: str = "auto"              # data: auto = bf16 on GPUs; measure: auto = fp32 (greedy identity, eval.py)
@@ -73,6 +77,9 @@ class SpeculateConfig:
     trees: str = "chain"             # drafts to verify, each measured: chain (one per head) and/or widths like 3x2x1
                                      # (a tree: head d's top-w_d under every node of depth d-1; greedy only)
     compile: bool = False            # torch.compile the forward of both decoders (costs compile time)
+    # ---- cost (per-forward cost of plain decoding and of each tree's verify, batch 1) ----
+    blas: str = ""                   # "" = PyTorch's default; cublas / cublaslt (torch.backends.cuda.preferred_blas_library)
+    kernels: bool = False            # also print each decoder's top CUDA kernels (torch.profiler, eager)
     task_limit: int = 0              # only the first N HumanEval problems (0 = all 164)
     execute: bool = True             # run the speculative completions' tests (pass@1, greedy)
     workers: int = 0                 # sandbox workers (0 = one per core)
@@ -140,7 +147,7 @@ def distill_data(cfg: SpeculateConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. The measurement
+# 2. The measurements: the speed-up (`measure`) and where a forward's time goes (`forward_cost`)
 # --------------------------------------------------------------------------------------------
 
 def base_identical(model, spec: str) -> dict:
@@ -219,17 +226,53 @@ def measure(cfg: SpeculateConfig):
     return result
 
 
+def forward_cost(cfg: SpeculateConfig) -> dict:
+    """ms per forward of plain decoding and of each --trees verify at batch 1, on the first
+    --task_limit HumanEval prompts (default 6) with no stop strings, --max_new_tokens each: the
+    decoders of `measure` (CUDA graphs, host checks every --check_every), prefills excluded. The
+    cost does not depend on what the heads draft, only on the block's shape."""
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype("float32" if cfg.dtype == "auto" else cfg.dtype, device)
+    if cfg.blas:
+        torch.backends.cuda.preferred_blas_library(cfg.blas)
+    model, tok = ev.load_model(cfg.model, device, dtype)
+    eos_ids = sampling.eos_token_ids(model, tok)
+    prompts = [tok(p["prompt"]).input_ids for p in ev.load_humaneval(None)[:cfg.task_limit or 6]]
+    result = {"model": cfg.model, "dtype": str(dtype), "blas": cfg.blas or "default", "n_prompts": len(prompts),
+              "max_new_tokens": cfg.max_new_tokens, "ms_per_forward": {}}
+    shapes = [("plain", False, None)] + [(name, True, tree) for name, tree in parse_trees(cfg.trees, model.n_heads).items()]
+    def run(speculative, tree, n_prompts, max_new, **kw):
+        return sampling.decode_rows(model, tok, prompts[:n_prompts], max_new, [], eos_ids, speculative=speculative,
+                                    tree=tree, check_every=cfg.check_every, **kw)
+
+    for name, speculative, tree in shapes:
+        run(speculative, tree, 1, 16)  # untimed warm-up
+        _, st = run(speculative, tree, len(prompts), cfg.max_new_tokens)
+        ms = 1000 * st["seconds"] / max(sum(st["forwards"]) - len(prompts), 1)
+        result["ms_per_forward"][name] = round(ms, 3)
+        print(f"{name}: {ms:.3f} ms per forward ({st['n_block']} tokens per block)", flush=True)
+        if cfg.kernels and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(speculative, tree, 1, 40, graphs=False)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70))
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {cfg.out}")
+    return result
+
+
 def parse_trees(spec: str, n_heads: int | None = None) -> dict:
     """--trees=chain,3x2x1 -> {"chain": None, "3x2x1": (3, 2, 1)}: the drafts each speculative run
     verifies (`sampling.draft_tree`: head d's top widths[d-1] under every node of depth d-1)."""
     trees = {}
     for name in (x.strip() for x in spec.split(",") if x.strip()):
         try:
-            trees[name] = sampling.parse_tree(name)
+            trees[name] = sampling.parse_tree(name, n_heads)
         except ValueError as e:
             raise common.ConfigError(f"trees: {e}") from None
-        if n_heads is not None and len(trees[name] or ()) > n_heads - 1:
-            raise common.ConfigError(f"trees: {name!r} needs 1..{n_heads - 1} widths (the model has {n_heads} heads)")
     if not trees:
         raise common.ConfigError("trees: empty; use chain or widths like 3x2x1")
     return trees
@@ -257,7 +300,7 @@ def speculative_stats(ps, ss, plain, spec, problems) -> dict:
 def main(argv):
     cfg = common.parse_config(SpeculateConfig, argv, positional="model")
     if not cfg.model:
-        raise common.ConfigError("no model: python speculate.py MODEL --stage=data|measure [--key=value ...]")
+        raise common.ConfigError("no model: python speculate.py MODEL --stage=data|measure|cost [--key=value ...]")
     common.check_model_spec("model", cfg.model)
     if cfg.base:
         common.check_model_spec("base", cfg.base)
@@ -270,10 +313,13 @@ def main(argv):
     common.check_min("max_new_tokens", cfg.max_new_tokens, 1)
     common.check_min("batch_size", cfg.batch_size, 1)
     common.check_range("eval_frac", cfg.eval_frac, 0, 1)
+    if cfg.blas not in ("", "cublas", "cublaslt"):
+        raise common.ConfigError(f"config key 'blas': one of '', cublas, cublaslt; got {cfg.blas!r}")
     if not cfg.out:
-        cfg.out = "out/draft/distill.jsonl" if cfg.stage == "data" else "out/draft/measure.json"
+        cfg.out = {"data": "out/draft/distill.jsonl", "measure": "out/draft/measure.json",
+                   "cost": "out/draft/cost.json"}[cfg.stage]
     common.check_out_dir("out", os.path.dirname(os.path.abspath(cfg.out)))
-    return distill_data(cfg) if cfg.stage == "data" else measure(cfg)
+    return {"data": distill_data, "measure": measure, "cost": forward_cost}[cfg.stage](cfg)
 
 
 if __name__ == "__main__":

@@ -124,10 +124,23 @@ def test_measure_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     assert saved["plain_differing_across_batch_sizes"] == {"1_vs_2": 0}
 
 
-@pytest.mark.parametrize("spec,msg", [("3xa", "neither"), ("0x1", "widths >= 1"), ("2x2x2x2", "1..2 widths"),
+@pytest.mark.parametrize("spec,msg", [("3xa", "neither"), ("0x1", "widths >= 1"), ("2x2x2x2", "depth 4 needs 5 heads, the model has 3"),
                                       ("64x64", "4160 drafts per forward; at most 512"), (" ,", "empty")])
 def test_bad_trees_are_refused_before_decoding(spec, msg):
     import common
     with pytest.raises(common.ConfigError, match=msg):
         speculate.parse_trees(spec, 3)
     assert speculate.parse_trees("chain, 2x1", 3) == {"chain": None, "2x1": (2, 1)}
+
+
+def test_forward_cost_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
+    """--stage=cost: one ms-per-forward figure for plain decoding and each tree, written as JSON;
+    a bad BLAS name is refused before loading."""
+    import common
+    out = tmp_path / "c.json"
+    res = speculate.main([tiny_checkpoint, "--stage=cost", "--task_limit=2", "--max_new_tokens=12", "--device=cpu",
+                          "--trees=chain,2x2", f"--out={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert set(res["ms_per_forward"]) == {"plain", "chain", "2x2"} and min(res["ms_per_forward"].values()) > 0
+    with pytest.raises(common.ConfigError, match="blas"):
+        speculate.main([tiny_checkpoint, "--stage=cost", "--blas=mkl", f"--out={out}"])

@@ -513,7 +513,7 @@ def test_cli_speculative_tree(tiny_checkpoint, tmp_path):
     assert res["speculative"]["mismatches"] == 0
     with pytest.raises(common.ConfigError, match="spec_tree.*neither"):
         ev.parse_args(["m", "--spec_tree=wide"])
-    with pytest.raises(common.ConfigError, match="spec_tree.*3 levels need 4 heads"):
+    with pytest.raises(common.ConfigError, match="spec_tree.*depth 3 needs 4 heads, the model has 3"):
         ev.main([tiny_checkpoint, "--task=humaneval", "--limit=1", "--speculative", "--spec_tree=2x2x2",
                  "--mlflow.enabled=false", f"--out={tmp_path / 'u'}"])
 
