@@ -9,6 +9,7 @@ bench.py — training-step speed and memory of WMTP against what users would run
         --n_samples 10 --batch_size 512                # sampling: eval.py's sampler vs HF model.generate
     python bench.py --sandbox --n=500 --workers=16    # programs/s through sandbox.py vs bare `python -c pass`
     python bench.py --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
+    python bench.py --linear                          # GPU: fp32 matmuls of a few rows, per cuBLAS path
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
 full training steps -- forward, backward, optimizer -- after warm-up, on one GPU, each variant in
@@ -30,6 +31,10 @@ and prints tokens/s, MFU and peak memory, each also as a ratio to (a) and to the
 the same kind (wmtp1: hf_liger; the 4-head variants: liger_mtp4), measured in the same run.
 Liger-Kernel is optional and only bench.py uses it (`pip install liger-kernel`): without it the
 two Liger variants are reported as missing and the rest runs.
+
+--linear times one fp32 `F.linear` of 1-64 rows at SmolLM2-135M's matrix shapes (`--rows`), inside
+a CUDA graph, by each path `linear_pick` chooses from (cuBLAS, cuBLASLt, one GEMV per row),
+against PyTorch's default in the same run: the shapes of a speculative verify block (issue 14).
 
 --generate measures sampling instead (see `generate_bench`): generated tokens/s of eval.py's
 slot decoder against Hugging Face's `model.generate` on the same prompts, batch, sampling
@@ -426,6 +431,38 @@ def generate_bench(args):
             json.dump(summary, f, indent=1)
 
 
+def linear_bench(args):
+    """us per call of each linear_pick candidate and of PyTorch's default, per (rows, in -> out)."""
+    import linear_pick
+    if not torch.cuda.is_available():
+        raise SystemExit("--linear times cuBLAS kernels: it needs a CUDA GPU")
+    hidden, kv, inter, vocab = 576, 192, 1536, 49152  # SmolLM2-135M: q/o, k/v, gate/up, down, unembedding
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    results = []
+    print(f"{'in -> out':>14} {'rows':>4}  default     " + "  ".join(f"{n:>9}" for n in linear_pick.CANDIDATES)
+          + "   picked (x default)")
+    for k, n in [(hidden, hidden), (hidden, kv), (hidden, inter), (inter, hidden), (hidden, vocab)]:
+        w = torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", generator=gen)
+            us = {"default": 1000 * linear_pick._time(F.linear, x, w)}
+            for name, fn in linear_pick.CANDIDATES.items():
+                if name != "gemv" or rows <= 8:
+                    us[name] = 1000 * linear_pick._time(fn, x, w)
+            best = min((v, name) for name, v in us.items() if name != "default")
+            results.append({"in": k, "out": n, "rows": rows, "us": {a: round(b, 2) for a, b in us.items()},
+                            "fastest": best[1], "speedup_vs_default": round(us["default"] / best[0], 2)})
+            print(f"{k:>6} -> {n:<5} {rows:>4}  {us['default']:7.1f} us  "
+                  + "  ".join(f"{us[name]:7.1f}us" if name in us else f"{'-':>9}" for name in linear_pick.CANDIDATES)
+                  + f"   {best[1]} ({us['default'] / best[0]:.2f}x)", flush=True)
+    summary = {"bench": "linear", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+    print("SUMMARY " + json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", default="32000,128256")
@@ -472,7 +509,12 @@ def main():
     p.add_argument("--workers", type=int, default=0, help="--sandbox: parallel programs (0 = one per CPU)")
     p.add_argument("--humaneval", type=int, default=0,
                    help="--sandbox: also time HumanEval's 164 canonical solutions this many times each")
+    g = p.add_argument_group("--linear: fp32 matmuls of a few rows (the speculative verify block)")
+    g.add_argument("--linear", action="store_true")
+    g.add_argument("--rows", default="1,4,8,11,16,32,61")
     args = p.parse_args()
+    if args.linear:
+        return linear_bench(args)
     if args.sandbox:
         import sandbox
         jobs = None

@@ -18,11 +18,12 @@ Read top to bottom:
      drafts), exact speculative sampling (Leviathan et al. 2023), greedy trees of drafts
      (`draft_tree`, `parse_tree`; Medusa's tree attention), static cache, CUDA graphs; with
      speculative=False the same loop decodes plainly (what speculate.py and eval.py --speculative
-     time against).
+     time against). Its matmuls of a few rows go through `linear_pick` (on CUDA).
 The tests hold the fast paths to the reference ones (tests/test_eval.py, tests/test_speculative.py).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -760,7 +761,7 @@ def parse_tree(name: str, n_heads: int | None = None) -> tuple[int, ...] | None:
 
 @torch.no_grad()
 def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=True, temperature=0.0, top_p=1.0,
-                keys=None, batch_size=1, check_every=None, graphs=None, tree=None, compile=False):
+                keys=None, batch_size=1, check_every=None, graphs=None, tree=None, compile=False, pick_blas=None):
     """Decode each prompt once, `batch_size` rows at a time -> (token lists, stats).
 
     prompts: token-id lists. stop: one list of stop strings, or one per prompt. Each row is cut
@@ -772,7 +773,9 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     replay each forward as a CUDA graph (default: on CUDA). tree: greedy only, the widths of a
     product tree of drafts (`draft_tree`; default the chain, one draft per head): one forward
     verifies every path and keeps the longest that greedy decoding agrees with. compile:
-    torch.compile the forward first (both decoders; it costs compile time).
+    torch.compile the forward first (both decoders; it costs compile time). pick_blas: every
+    matmul of 2-256 rows (a verify block, a batch of rows) by the cuBLAS path fastest for its
+    shape (`linear_pick`; both decoders; default: on CUDA).
     stats: seconds, forwards (per row: the prefill + forwards until its last kept token),
     tokens, and per draft position k (head k+1) how many verify forwards accepted it.
     """
@@ -813,6 +816,11 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
     kv = []  # per layer (keys, values) [B, H, S, D], allocated at the first prefill
     kv_all = []  # ... as views of [layers, 2, B, H, S, D] buffers (one per shape): a tree's move is one op
+    if device.type == "cuda" if pick_blas is None else pick_blas:  # both decoders: a batch is rows too
+        import linear_pick
+        lin, patch = linear_pick.linear, linear_pick.patched(model)
+    else:
+        lin, patch = F.linear, contextlib.nullcontext()
 
     def forward(ids, pos, mask, cache):
         """Final hidden states [m, B, T, D]: every head's when drafting, head 0's alone otherwise."""
@@ -827,7 +835,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     def drafts_from(h_heads, f):
         """Heads 1..n-1 at one position per row, h_heads [n-1, B, D] -> the block's drafts [B, L-1]
         (greedy: every tree node's token, its head's rank-th best; sampling: a chain, and q)."""
-        logits = F.linear(h_heads, W).transpose(0, 1)
+        logits = lin(h_heads, W).transpose(0, 1)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if greedy:
             top = logits.topk(max(tr["widths"], default=1), -1).indices  # [B, n-1, w]
@@ -843,7 +851,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
         see = (off < 0)[:, None] | (anc[:, off.clamp(0, L - 1)].transpose(0, 1) & (off < L)[:, None])
         h = forward(blk, cur[:, None] + depth, torch.where(see, zero, neg)[:, None],
                     SlotCache([k for k, _ in kv], [v for _, v in kv], cur))
-        logits = F.linear(h[0], W)
+        logits = lin(h[0], W)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [B, L, V]
         if greedy:  # keep node i while its token is the greedy token after its parent, all the way up
             g = logits.argmax(-1)
@@ -941,7 +949,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     stats = {"seconds": 0.0, "capture_s": 0.0, "forwards": [], "tokens": [], "accepted": [0] * D,
              "verify_forwards": 0, "batch_size": B, "n_block": L, "tree": tr["widths"], "graphs": graphs, "check_every": K}
     results = [None] * len(prompts)
-    with _SlotAttention(base.config):
+    with _SlotAttention(base.config), patch:
         for start in range(0, len(prompts), B):
             rows = list(range(start, min(start + B, len(prompts))))
             padded = rows + [rows[0]] * (B - len(rows))  # a short last batch: copies, done from the start

@@ -8,10 +8,11 @@ self-speculative decoding against plain decoding.
     python train_rho1.py configs/smol_draft_heads.yaml
     # 3. full HumanEval, greedy, speculative (a chain and trees of drafts) vs plain decoding in the
     #    same run, batch 1 and 8
-    python speculate.py out/draft_heads/final --stage=measure --base=MODEL --trees=chain,3x2x1,6x3x2 \
+    python speculate.py out/draft_heads/final --stage=measure --base=MODEL --trees=chain,2x2x1,3x2x1,6x3x2 \
         --out=out/draft/measure.json
-    # where a forward's time goes: ms per forward, plain vs each verify, batch 1 (README's profile)
-    python speculate.py out/draft_heads/final --stage=cost --trees=chain,3x2x1,6x3x2 --kernels
+    # where a forward's time goes: ms per forward, plain vs each verify, batch 1 (README's profile);
+    # --pick_blas=false: PyTorch's own cuBLAS choice instead of linear_pick's
+    python speculate.py out/draft_heads/final --stage=cost --trees=chain,2x2x1,3x2x1,6x3x2 --kernels
 
 Why (docs/design.md §7): a draft is accepted when it is what head 0 would have produced, so the
 heads should learn head 0's outputs, not a dataset's. Medusa-2 (Cai et al. 2024, §2.3.2) and
@@ -77,6 +78,7 @@ class SpeculateConfig:
     trees: str = "chain"             # drafts to verify, each measured: chain (one per head) and/or widths like 3x2x1
                                      # (a tree: head d's top-w_d under every node of depth d-1; greedy only)
     compile: bool = False            # torch.compile the forward of both decoders (costs compile time)
+    pick_blas: bool = True           # matmuls of 2-256 rows by the cuBLAS path fastest per shape (linear_pick.py; CUDA)
     # ---- cost (per-forward cost of plain decoding and of each tree's verify, batch 1) ----
     blas: str = ""                   # "" = PyTorch's default; cublas / cublaslt (torch.backends.cuda.preferred_blas_library)
     kernels: bool = False            # also print each decoder's top CUDA kernels (torch.profiler, eager)
@@ -172,6 +174,7 @@ def measure(cfg: SpeculateConfig):
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "task": "humaneval", "n_problems": len(problems),
               "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "check_every": cfg.check_every,
+              "pick_blas": cfg.pick_blas,
               "load_seconds": round(time.time() - t_load, 1), "batch": {}}
     if cfg.base:
         result["base_check"] = base_identical(model, cfg.base)
@@ -183,7 +186,8 @@ def measure(cfg: SpeculateConfig):
         ps = prompts if idx is None else [prompts[i] for i in idx]
         ss = stops if idx is None else [stops[i] for i in idx]
         return sampling.decode_rows(model, tok, ps, cfg.max_new_tokens, ss, eos_ids, speculative=speculative,
-                                    batch_size=bs, check_every=cfg.check_every, tree=tree, compile=cfg.compile)
+                                    batch_size=bs, check_every=cfg.check_every, tree=tree, compile=cfg.compile,
+                                    pick_blas=cfg.pick_blas)
 
     texts = {}
     for bs in [int(b) for b in cfg.batch_sizes.split(",") if b.strip()]:
@@ -238,12 +242,13 @@ def forward_cost(cfg: SpeculateConfig) -> dict:
     model, tok = ev.load_model(cfg.model, device, dtype)
     eos_ids = sampling.eos_token_ids(model, tok)
     prompts = [tok(p["prompt"]).input_ids for p in ev.load_humaneval(None)[:cfg.task_limit or 6]]
-    result = {"model": cfg.model, "dtype": str(dtype), "blas": cfg.blas or "default", "n_prompts": len(prompts),
+    result = {"model": cfg.model, "dtype": str(dtype), "blas": cfg.blas or "default", "pick_blas": cfg.pick_blas,
+              "n_prompts": len(prompts),
               "max_new_tokens": cfg.max_new_tokens, "ms_per_forward": {}}
     shapes = [("plain", False, None)] + [(name, True, tree) for name, tree in parse_trees(cfg.trees, model.n_heads).items()]
     def run(speculative, tree, n_prompts, max_new, **kw):
         return sampling.decode_rows(model, tok, prompts[:n_prompts], max_new, [], eos_ids, speculative=speculative,
-                                    tree=tree, check_every=cfg.check_every, **kw)
+                                    tree=tree, check_every=cfg.check_every, pick_blas=cfg.pick_blas, **kw)
 
     for name, speculative, tree in shapes:
         run(speculative, tree, 1, 16)  # untimed warm-up

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Heads that draft (issue 14), on one GPU in ~11 minutes: self-distillation data -> heads-only
+# Heads that draft (issue 14), on one GPU in ~12 minutes: self-distillation data -> heads-only
 # training (the base frozen) -> full-HumanEval self-speculative vs plain greedy decoding, fp32,
 # batch 1 and 8, one JSON with every number (README "Heads that draft").
 #
@@ -19,7 +19,8 @@ SAMPLED=${SAMPLED:-3}                     # sampled continuations per prompt (pl
 STEPS=${STEPS:-800}
 HEAD_TARGET=${HEAD_TARGET:-tokens}
 BATCHES=${BATCHES:-1,8}
-TREES=${TREES:-chain,3x2x1,6x3x2}       # drafts verified per forward, each measured: chain and/or widths like 4x2x1
+TREES=${TREES:-chain,2x2x1,3x2x1,6x3x2}      # drafts verified per forward, each measured: chain and/or widths like 4x2x1
+PICK_BLAS=${PICK_BLAS:-True}              # matmuls of 2-256 rows by the fastest cuBLAS path per shape (linear_pick.py)
 PY=${PY:-python}
 CKPT=out/draft_heads_$HEAD_TARGET
 mkdir -p "$RUN"
@@ -44,7 +45,7 @@ phase train $PY train_rho1.py configs/smol_draft_heads.yaml --model.policy="$BAS
     --train.max_steps="$STEPS" --train.heads_only_steps="$STEPS" --train.out_dir="$CKPT" --train.log_every=50 --overwrite
 t2=$(now)
 TAIL=20 phase measure $PY speculate.py "$CKPT/final" --stage=measure --base="$BASE" --batch_sizes="$BATCHES" \
-    --trees="$TREES" --max_new_tokens=256 --out="$RUN/measure.json"
+    --trees="$TREES" --pick_blas="$PICK_BLAS" --max_new_tokens=256 --out="$RUN/measure.json"
 t3=$(now)
 $PY - "$RUN/measure.json" "$t0" "$t1" "$t2" "$t3" "$HEAD_TARGET" "$STEPS" "$SAMPLED" <<'PY'
 import json, sys
