@@ -14,7 +14,7 @@ first call -- outside a CUDA graph capture, e.g. the decoder's warm-up -- and ke
 Every candidate computes the same fp32 sums (no TF32), in its own order of summation.
 
     import linear_pick
-    with linear_pick.patched(model):   # every nn.Linear of model, and linear_pick.linear
+    with linear_pick.patched(model, rows={8}):   # every nn.Linear of model, for 8-row inputs
         ...
 
 On CPU, for one row, or for a shape first met during a capture: plain `F.linear`.
@@ -86,9 +86,11 @@ def eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.is_cuda and 1 < rows <= MAX_ROWS and x.dtype == weight.dtype
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), by the candidate `pick` found fastest for the shape."""
-    if not eligible(x, weight):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, rows=None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the candidate `pick` found fastest for the shape. rows: pick
+    only for these row counts (a decoder's step), F.linear for the rest (its prefills: a new
+    prompt length would be a new shape to time, inside the decoder's timed run)."""
+    if not eligible(x, weight) or (rows is not None and x.numel() // x.shape[-1] not in rows):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     x2 = x.reshape(rows, x.shape[-1])
@@ -100,11 +102,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module):
-    """Every nn.Linear of `model` computes through `linear` inside the block (and as before after)."""
+def patched(model: torch.nn.Module, rows=None):
+    """Every nn.Linear of `model` computes through `linear` (with `rows`) inside the block, and as
+    before after it."""
     mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for m in mods:
-        m.forward = (lambda mod: lambda x: linear(x, mod.weight, mod.bias))(m)
+        m.forward = (lambda mod: lambda x: linear(x, mod.weight, mod.bias, rows))(m)
     try:
         yield
     finally:

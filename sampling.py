@@ -24,6 +24,7 @@ The tests hold the fast paths to the reference ones (tests/test_eval.py, tests/t
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -396,6 +397,14 @@ def _cuda_graph(fn, pools: list):
     with torch.cuda.graph(graph, pool=pools[0]):
         fn()
     return graph.replay
+
+
+def _within(context, fn):
+    """fn, each call of it inside a fresh `context()`."""
+    def call():
+        with context():
+            return fn()
+    return call
 
 
 def _row_key(problem_key: int, sample: int) -> int:
@@ -818,9 +827,11 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     kv_all = []  # ... as views of [layers, 2, B, H, S, D] buffers (one per shape): a tree's move is one op
     if device.type == "cuda" if pick_blas is None else pick_blas:  # both decoders: a batch is rows too
         import linear_pick
-        lin, patch = linear_pick.linear, linear_pick.patched(model)
+        step_rows = {B * L, B * (n - 1)}  # the forward's block, the heads' drafting; not prefills
+        lin, patch = functools.partial(linear_pick.linear, rows=step_rows), functools.partial(
+            linear_pick.patched, model, step_rows)  # around the step only: prefills stay as they are
     else:
-        lin, patch = F.linear, contextlib.nullcontext()
+        lin, patch = F.linear, contextlib.nullcontext
 
     def forward(ids, pos, mask, cache):
         """Final hidden states [m, B, T, D]: every head's when drafting, head 0's alone otherwise."""
@@ -949,7 +960,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     stats = {"seconds": 0.0, "capture_s": 0.0, "forwards": [], "tokens": [], "accepted": [0] * D,
              "verify_forwards": 0, "batch_size": B, "n_block": L, "tree": tr["widths"], "graphs": graphs, "check_every": K}
     results = [None] * len(prompts)
-    with _SlotAttention(base.config), patch:
+    with _SlotAttention(base.config):
         for start in range(0, len(prompts), B):
             rows = list(range(start, min(start + B, len(prompts))))
             padded = rows + [rows[0]] * (B - len(rows))  # a short last batch: copies, done from the start
@@ -958,11 +969,11 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
             if len(rows) < B:
                 done[len(rows):] = True
             if run is None:
-                run = torch.compile(step) if compile else step
+                run = _within(patch, torch.compile(step) if compile else step)
                 if graphs:  # capture once (the buffers never move); the warm-up steps are undone
                     tc = time.perf_counter()
                     saved = [x.clone() for x in state]
-                    run = _cuda_graph(step, pools)
+                    run = _cuda_graph(run, pools)
                     for x, s in zip(state, saved):
                         x.copy_(s)
                     stats["capture_s"] += time.perf_counter() - tc

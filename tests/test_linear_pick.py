@@ -88,7 +88,8 @@ def test_patched_routes_every_linear_and_restores(on_cpu, monkeypatch):
 @pytest.mark.parametrize("tree,batch_size", [((2, 2, 1), 1), (None, 2)])
 def test_decoding_through_the_picked_path_is_still_exact_greedy(on_cpu, monkeypatch, tree, batch_size):
     """Every matmul of the verify block (and the unembedding) through one GEMV per row: the
-    speculative decoder still equals plain greedy decoding by `generate` (F.linear throughout)."""
+    speculative decoder still equals plain greedy decoding by `generate` (F.linear throughout),
+    and prefills are left to F.linear."""
     monkeypatch.setattr(linear_pick, "_time", lambda fn, x, w: 0.0 if fn is linear_pick.CANDIDATES["gemv"] else 1.0)
     vocab = 11
     model = mtp_model(vocab, 4, 0.3, dtype=torch.float32)
@@ -96,6 +97,11 @@ def test_decoding_through_the_picked_path_is_still_exact_greedy(on_cpu, monkeypa
     prompts = [torch.randint(0, vocab, (1 + t % 9,), generator=g).tolist() for t in range(5)]
     spec, _ = sampling.decode_rows(model, TOK, prompts, 24, [], set(), batch_size=batch_size, tree=tree, pick_blas=True)
     assert on_cpu["gemv"] > 100  # it was used
+    L = len(sampling.draft_tree(tree or (1, 1, 1))["parent"])
+    # Only the step's shapes were timed (the block, the heads' drafting): never a prefill's, whose
+    # new prompt lengths would be timed inside the decoder's timed run.
+    assert {key[0] for key in linear_pick._picked} <= {batch_size * L, batch_size * 3}
+    assert any(len(p) * batch_size not in (batch_size * L, batch_size * 3) for p in prompts)
     for p, s in zip(prompts, spec):
         ref, _ = sampling.generate(model, TOK, torch.tensor([p]), 1, 24, 0.0, 1.0, [], set())
         assert s == ref[0]

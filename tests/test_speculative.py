@@ -240,3 +240,25 @@ def test_tree_needs_greedy_and_enough_heads():
         sampling.decode_rows(model, TOK, [[1, 2]], 5, [], set(), temperature=0.8, tree=(2, 1))
     with pytest.raises(ValueError, match="needs 4 heads"):
         sampling.decode_rows(model, TOK, [[1, 2]], 5, [], set(), tree=(2, 1, 1))
+
+
+def test_with_graphs_the_captured_step_is_the_compiled_one(monkeypatch):
+    """decode_rows(compile=True) with CUDA graphs captures the compiled step, not the eager one
+    (it once captured the eager step, so --compile measured nothing). Stand-ins: torch.compile
+    wraps with a counter, and the "capture" returns the function it was given."""
+    calls = []
+
+    def fake_compile(fn):
+        def compiled(*args):
+            calls.append(1)
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(sampling, "_cuda_graph", lambda fn, pools: fn)
+    model = mtp_model(11, 4, 0.3)
+    prompts = random_prompts(11, 3, seed=5)
+    spec, st = sampling.decode_rows(model, TOK, prompts, 12, [], set(), graphs=True, compile=True, tree=(2, 1))
+    plain, _ = sampling.decode_rows(model, TOK, prompts, 12, [], set(), speculative=False, graphs=False)
+    assert spec == plain
+    assert len(calls) >= max(st["forwards"]) - 1  # every verify forward ran the compiled step
