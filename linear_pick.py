@@ -8,13 +8,13 @@ matrices, per call inside a CUDA graph; `python bench.py --linear`):
     576 -> 576,   4 rows:  cuBLAS  9.7 us   cuBLASLt 3.9 us
     1536 -> 576, 61 rows:  cuBLAS 12.2 us   cuBLASLt 19.3 us
 
-(one row: cuBLAS's GEMV, 2.7-3.1 us, is what plain decoding uses and is left alone). Neither
+(one row: cuBLAS's GEMV, 2.7-3.4 us, is what plain decoding uses and is left alone). Neither
 library is right everywhere, so each (rows, in, out, dtype) shape times the candidates on its
 first call -- outside a CUDA graph capture, e.g. the decoder's warm-up -- and keeps the fastest.
 Every candidate computes the same fp32 sums (no TF32), in its own order of summation.
 
     import linear_pick
-    with linear_pick.patched(model, rows={8}):   # every nn.Linear of model, for 8-row inputs
+    with linear_pick.patched(model, row_counts={8}):   # every nn.Linear of model, for 8-row inputs
         ...
 
 On CPU, for one row, or for a shape first met during a capture: plain `F.linear`.
@@ -24,7 +24,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 256  # past this every backend fills the GPU and cuBLAS's own choice stands
+MAX_ROWS = 256  # a choice: the decoders' blocks measured reach 128 rows (batch 8, 16-token block)
 _picked: dict = {}  # (rows, in, out, dtype, device) -> the fastest candidate's name
 
 
@@ -86,13 +86,13 @@ def eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.is_cuda and 1 < rows <= MAX_ROWS and x.dtype == weight.dtype
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, rows=None) -> torch.Tensor:
-    """F.linear(x, weight, bias), by the candidate `pick` found fastest for the shape. rows: pick
-    only for these row counts (a decoder's step), F.linear for the rest (its prefills: a new
-    prompt length would be a new shape to time, inside the decoder's timed run)."""
-    if not eligible(x, weight) or (rows is not None and x.numel() // x.shape[-1] not in rows):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, row_counts=None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the candidate `pick` found fastest for the shape. row_counts:
+    pick only for these numbers of rows (a decoder's step), F.linear for the rest (its prefills:
+    a new prompt length would be a new shape to time, inside the decoder's timed run)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not eligible(x, weight) or (row_counts is not None and rows not in row_counts):
         return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
     x2 = x.reshape(rows, x.shape[-1])
     name = pick(x2, weight)
     y = F.linear(x2, weight) if name == "default" else CANDIDATES[name](x2, weight)
@@ -102,12 +102,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, rows=None):
-    """Every nn.Linear of `model` computes through `linear` (with `rows`) inside the block, and as
-    before after it."""
+def patched(model: torch.nn.Module, row_counts=None):
+    """Every nn.Linear of `model` computes through `linear` (with `row_counts`) inside the block,
+    and as before after it."""
     mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for m in mods:
-        m.forward = (lambda mod: lambda x: linear(x, mod.weight, mod.bias, rows))(m)
+        m.forward = (lambda mod: lambda x: linear(x, mod.weight, mod.bias, row_counts))(m)
     try:
         yield
     finally:

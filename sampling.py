@@ -828,7 +828,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     if device.type == "cuda" if pick_blas is None else pick_blas:  # both decoders: a batch is rows too
         import linear_pick
         step_rows = {B * L, B * (n - 1)}  # the forward's block, the heads' drafting; not prefills
-        lin, patch = functools.partial(linear_pick.linear, rows=step_rows), functools.partial(
+        lin, patch = functools.partial(linear_pick.linear, row_counts=step_rows), functools.partial(
             linear_pick.patched, model, step_rows)  # around the step only: prefills stay as they are
     else:
         lin, patch = F.linear, contextlib.nullcontext

@@ -243,8 +243,7 @@ def forward_cost(cfg: SpeculateConfig) -> dict:
     eos_ids = sampling.eos_token_ids(model, tok)
     prompts = [tok(p["prompt"]).input_ids for p in ev.load_humaneval(None)[:cfg.task_limit or 6]]
     result = {"model": cfg.model, "dtype": str(dtype), "blas": cfg.blas or "default", "pick_blas": cfg.pick_blas,
-              "n_prompts": len(prompts),
-              "max_new_tokens": cfg.max_new_tokens, "ms_per_forward": {}}
+              "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens, "ms_per_forward": {}}
     shapes = [("plain", False, None)] + [(name, True, tree) for name, tree in parse_trees(cfg.trees, model.n_heads).items()]
     def run(speculative, tree, n_prompts, max_new, **kw):
         return sampling.decode_rows(model, tok, prompts[:n_prompts], max_new, [], eos_ids, speculative=speculative,
