@@ -182,7 +182,8 @@ class EvalConfig:
     k: str | int = "1,10"            # k of pass@k, comma-separated (those <= n_samples)
     seed: int = 1234
     speculative: bool = False        # greedy decoding drafted by the MTP heads, timed against plain greedy
-    spec_tree: str = "chain"         # --speculative's drafts: chain (one per head) or a tree's widths, e.g. 6x3x2
+    spec_tree: str = "chain"         # --speculative's drafts: chain (one per head), a tree's widths (6x3x2) or a
+                                     # calibrated tree's first N drafts (out/draft/tree.json:10, speculate.py)
                                      # (head d's top w_d under every node of depth d-1; README "Heads that draft")
     workers: int = 0                 # programs run in parallel (0 = one per CPU core)
     timeout: float = 10.0            # seconds per program (CodeContests: the problem's own limit, per test)

@@ -210,16 +210,17 @@ class MTPModel(nn.Module):
         return loss, ce, correct, coef
 
 
-    def trunk(self, input_ids) -> tuple[torch.Tensor, tuple, dict]:
+    def trunk(self, input_ids, **base_kwargs) -> tuple[torch.Tensor, tuple, dict]:
         """Run blocks 0..L-2 only -> (trunk output, the last block's other args, its kwargs).
 
-        The base model's forward runs as usual, but its last block is swapped for a stub that
-        records what it was handed and stops the forward there (`_TrunkEnd`): the heads are then
-        run by the caller, one at a time, with exactly those arguments."""
+        The base model's forward runs as usual (base_kwargs: a mask, positions, a cache; no
+        cache by default), but its last block is swapped for a stub that records what it was
+        handed and stops the forward there (`_TrunkEnd`): the heads are then run by the caller
+        with exactly those arguments."""
         stub, last = _TrunkEnd(), self._blocks[-1]
         self._blocks[-1] = stub
         try:
-            self._inner(input_ids=input_ids, use_cache=False)
+            self._inner(input_ids=input_ids, **({"use_cache": False} | base_kwargs))
             raise RuntimeError("the base model never called its last block")
         except _TrunkDone:
             pass

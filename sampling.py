@@ -18,7 +18,9 @@ Read top to bottom:
      drafts), exact speculative sampling (Leviathan et al. 2023), greedy trees of drafts
      (`draft_tree`, `parse_tree`; Medusa's tree attention), static cache, CUDA graphs; with
      speculative=False the same loop decodes plainly (what speculate.py and eval.py --speculative
-     time against). Its matmuls of a few rows go through `linear_pick` (on CUDA).
+     time against). Its matmuls of a few rows go through `linear_pick`, and a speculative
+     forward runs the last block and the extra heads as one (`parallel_heads`; both on CUDA).
+     `calibrated_tree` picks a tree's drafts from counts of which ones decoding kept.
 The tests hold the fast paths to the reference ones (tests/test_eval.py, tests/test_speculative.py).
 """
 from __future__ import annotations
@@ -307,14 +309,17 @@ class SlotCache:
 
     def __init__(self, keys, values, pos):
         self.keys, self.values, self.pos = keys, values, pos
+        self.at = None  # the write index: every layer of a forward writes the same slots
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         Q = key_states.shape[2]  # 1 when sampling; a speculative block writes Q positions from pos[b]
-        at = self.pos.view(-1, 1, 1, 1) if Q == 1 else (self.pos[:, None] + torch.arange(Q, device=k.device)).view(-1, 1, Q, 1)
-        at = at.expand(-1, k.shape[1], Q, k.shape[3])
-        k.scatter_(2, at, key_states)
-        v.scatter_(2, at, value_states)
+        shape = (k.shape[0], k.shape[1], Q, k.shape[3])
+        if self.at is None or self.at.shape != shape:  # built once per forward, not per layer (2 kernels x layers)
+            at = self.pos.view(-1, 1, 1, 1) if Q == 1 else (self.pos[:, None] + torch.arange(Q, device=k.device)).view(-1, 1, Q, 1)
+            self.at = at.expand(shape)
+        k.scatter_(2, self.at, key_states)
+        v.scatter_(2, self.at, value_states)
         return k, v
 
 
@@ -696,7 +701,7 @@ def sample_problems(model, tok, problems, indices, n_samples, max_new_tokens, te
 #   - trees (greedy only, `draft_tree`): the block holds a tree of drafts instead of a chain. Node i
 #     is written to slot cur+i at position cur+depth(i) and sees the cache and its ancestors; the
 #     deepest node agreeing with greedy all the way up is kept, and its path's keys/values are
-#     gathered to slots cur..cur+a (one op over the [layers, 2, B, H, S, D] buffer) -- the crop
+#     gathered to slots cur..cur+a (one op over the [2, layers, B, H, S, D] buffer) -- the crop
 #     again, plus one move.
 #   - randomness: uniform_noise keyed by the row and (forward, role): a row's samples do not
 #     depend on its batch mates or the batch size.
@@ -707,32 +712,41 @@ _NOISE_STRIDE, _NOISE_BONUS, _NOISE_DRAFT = 64, 16, 32  # per forward: 0..n-2 ac
 MAX_TREE_DRAFTS = 512
 
 
-def draft_tree(widths) -> dict:
-    """The tables of a product tree of drafts (Medusa, Cai et al. 2024, §2.1.2 "tree attention"):
-    node 0 is the block's exact token; under every node of depth d-1 hang head d's top-widths[d-1]
-    tokens (drafted at the row's last accepted position, as the chain's). widths (1, 1, 1) is
-    the chain. Nodes are numbered depth by depth; per node: its parent, depth, rank among its
-    siblings (= which of its head's top tokens it is), `anc` [L, L] (j is i or an ancestor of i:
-    what node i attends to within the block) and `path` [L, D+1] (i's ancestor at each depth;
-    i itself past its own depth)."""
-    widths = tuple(int(w) for w in widths)
-    if any(w < 1 for w in widths):
-        raise ValueError(f"tree widths must be >= 1, got {widths}")
-    n_drafts = sum(math.prod(widths[:d]) for d in range(1, len(widths) + 1))
-    if n_drafts > MAX_TREE_DRAFTS:
-        raise ValueError(f"tree {'x'.join(map(str, widths))} has {n_drafts} drafts per forward; at most "
+def draft_tree(tree) -> dict:
+    """The tables of a tree of drafts (Medusa, Cai et al. 2024, §2.1.2 "tree attention"). Node 0
+    is the block's exact token; a node of depth d is one of head d's top tokens, drafted at the
+    row's last accepted position (as the chain's), under a node of depth d-1.
+
+    tree: widths, e.g. (3, 2, 1) -- a product tree: head d's top-widths[d-1] under every node of
+    depth d-1; (1, 1, 1) is the chain. Or nodes, e.g. ((0,), (1,), (0, 0)) -- any tree, each
+    node named by its path of ranks (Medusa's "choices"; (0, 1) = head 2's second-best token
+    under head 1's best), as `calibrated_tree` picks them. Nodes are numbered depth by depth;
+    per node: its parent, depth, rank among its siblings (= which of its head's top tokens it
+    is), `anc` [L, L] (j is i or an ancestor of i: what node i attends to within the block) and
+    `path` [L, D+1] (i's ancestor at each depth; i itself past its own depth)."""
+    tree = tuple(tree)
+    if tree and isinstance(tree[0], (tuple, list)):
+        nodes = sorted(dict.fromkeys(tuple(int(r) for r in p) for p in tree), key=lambda p: (len(p), p))
+        if not nodes or min(map(len, nodes)) < 1 or min(min(p) for p in nodes) < 0:
+            raise ValueError(f"tree nodes must be non-empty paths of ranks >= 0, got {tree}")
+        missing = [p for p in nodes if len(p) > 1 and p[:-1] not in nodes]
+        if missing:
+            raise ValueError(f"tree node {list(missing[0])} has no parent {list(missing[0][:-1])} in the tree")
+        widths = None
+    else:
+        widths = tuple(int(w) for w in tree)
+        if any(w < 1 for w in widths):
+            raise ValueError(f"tree widths must be >= 1, got {widths}")
+        nodes = range(sum(math.prod(widths[:d]) for d in range(1, len(widths) + 1)))  # (their count, first)
+    if len(nodes) > MAX_TREE_DRAFTS:
+        raise ValueError(f"tree {tree_name(tree)} has {len(nodes)} drafts per forward; at most "
                          f"{MAX_TREE_DRAFTS} (past ~60 a forward stops being latency-bound even at batch 1)")
-    parent, depth, rank, level = [0], [0], [0], [0]
-    for d, w in enumerate(widths, start=1):
-        nxt = []
-        for p in level:
-            for r in range(w):
-                nxt.append(len(parent))
-                parent.append(p)
-                depth.append(d)
-                rank.append(r)
-        level = nxt
-    L, D = len(parent), len(widths)
+    if widths is not None:  # every path of ranks below the widths, depth by depth
+        nodes = [p for d in range(1, len(widths) + 1) for p in itertools.product(*map(range, widths[:d]))]
+    index = {(): 0} | {p: i + 1 for i, p in enumerate(nodes)}
+    parent = [0] + [index[p[:-1]] for p in nodes]
+    depth, rank = [0] + [len(p) for p in nodes], [0] + [p[-1] for p in nodes]
+    L, D = len(parent), max(depth)
     path = []
     for i in range(L):
         up = [i]
@@ -741,36 +755,76 @@ def draft_tree(widths) -> dict:
         up = up[::-1]
         path.append(up + [i] * (D + 1 - len(up)))
     anc = [[j in path[i][:depth[i] + 1] for j in range(L)] for i in range(L)]
-    return {"widths": widths, "parent": parent, "depth": depth, "rank": rank, "path": path, "anc": anc,
-            "chain": all(w == 1 for w in widths)}
+    return {"widths": widths, "nodes": nodes, "parent": parent, "depth": depth, "rank": rank, "path": path,
+            "anc": anc, "D": D, "top": max(rank[1:], default=0) + 1, "chain": L == D + 1 and max(rank) == 0}
 
 
-def check_tree_depth(widths, n_heads: int):
+def tree_name(tree) -> str:
+    """(3, 2, 1) -> '3x2x1'; nodes -> 'N nodes, depth D'."""
+    tree = tuple(tree or ())
+    if tree and isinstance(tree[0], (tuple, list)):
+        return f"{len(tree)} nodes, depth {max(map(len, tree))}"
+    return "x".join(map(str, tree)) or "none"
+
+
+def check_tree_depth(tree, n_heads: int):
     """A tree of depth D drafts with heads 1..D: the model needs D+1 heads."""
-    if len(widths or ()) > n_heads - 1:
-        raise ValueError(f"a tree of depth {len(widths)} needs {len(widths) + 1} heads, the model has {n_heads}")
+    D = draft_tree(tree)["D"] if tree else 0
+    if D > n_heads - 1:
+        raise ValueError(f"a tree of depth {D} needs {D + 1} heads, the model has {n_heads}")
 
 
-def parse_tree(name: str, n_heads: int | None = None) -> tuple[int, ...] | None:
+def parse_tree(name: str, n_heads: int | None = None):
     """'chain' -> None (one draft per head); '6x3x2' -> (6, 3, 2), the widths of `draft_tree`;
-    with n_heads, also whether the model has the heads the tree's depth needs."""
-    if name.strip() == "chain":
+    'tree.json:16' -> the first 16 nodes of a `calibrated_tree` file (the whole list without
+    ':N'); with n_heads, also whether the model has the heads the tree's depth needs."""
+    name = name.strip()
+    if name == "chain":
         return None
-    try:
-        widths = tuple(int(w) for w in name.strip().split("x"))
-    except ValueError:
-        raise ValueError(f"{name!r} is neither 'chain' nor widths like 3x2x1") from None
-    if min(widths) < 1:
-        raise ValueError(f"{name!r} needs widths >= 1")
-    draft_tree(widths)  # its size, now
+    file, _, count = name.rpartition(":") if ":" in name else (name, "", "")
+    if file.endswith(".json"):
+        import json
+        try:
+            with open(file) as f:
+                nodes = [tuple(p) for p in json.load(f)["nodes"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{file!r}: not a calibrated tree file ({type(e).__name__}: {e})") from None
+        if count:
+            if not count.isdigit() or int(count) < 1:
+                raise ValueError(f"{name!r}: the count after ':' must be a whole number >= 1")
+            nodes = nodes[:int(count)]
+        tree = tuple(nodes)
+    else:
+        try:
+            tree = tuple(int(w) for w in name.split("x"))
+        except ValueError:
+            raise ValueError(f"{name!r} is neither 'chain', widths like 3x2x1, nor a tree file like tree.json:16") from None
+        if min(tree) < 1:
+            raise ValueError(f"{name!r} needs widths >= 1")
+    draft_tree(tree)  # its size and shape, now
     if n_heads is not None:
-        check_tree_depth(widths, n_heads)
-    return widths
+        check_tree_depth(tree, n_heads)
+    return tree
+
+
+def calibrated_tree(tree, node_hits) -> list:
+    """The nodes of `tree` (a wide calibration tree) ordered by how often decoding kept them ->
+    [(path of ranks, hits), ...]; its first N are the best N-draft tree (Medusa's tree
+    construction, Cai et al. 2024 §2.1.2, here counted exactly rather than from per-head
+    accuracies). Why exact: siblings hold different tokens, so the nodes that agree with greedy
+    decoding form one path from the root; in any ancestor-closed subtree a forward keeps exactly
+    that path's nodes that the subtree contains. Tokens per forward of a subtree T are therefore
+    1 + Σ_{i∈T} hits_i / forwards, and taking nodes by hits (a parent is kept whenever its child
+    is, so has at least its hits; ties go to the shallower node) gives the best T of each size."""
+    tr = draft_tree(tree)
+    order = sorted(range(1, len(tr["parent"])), key=lambda i: (-node_hits[i], tr["depth"][i], i))
+    return [(list(tr["nodes"][i - 1]), int(node_hits[i])) for i in order]
 
 
 @torch.no_grad()
 def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=True, temperature=0.0, top_p=1.0,
-                keys=None, batch_size=1, check_every=None, graphs=None, tree=None, compile=False, pick_blas=None):
+                keys=None, batch_size=1, check_every=None, graphs=None, tree=None, compile=False, pick_blas=None,
+                parallel_heads=None):
     """Decode each prompt once, `batch_size` rows at a time -> (token lists, stats).
 
     prompts: token-id lists. stop: one list of stop strings, or one per prompt. Each row is cut
@@ -779,14 +833,19 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     token; temperature > 0: speculative sampling, plain sampling's distribution); False: plain
     decoding, one token per forward with head 0 only. keys: a random key per prompt (sampling).
     check_every: forwards between host checks (stop strings, the end of a batch). graphs:
-    replay each forward as a CUDA graph (default: on CUDA). tree: greedy only, the widths of a
-    product tree of drafts (`draft_tree`; default the chain, one draft per head): one forward
-    verifies every path and keeps the longest that greedy decoding agrees with. compile:
+    replay each forward as a CUDA graph (default: on CUDA). tree: greedy only, a tree of drafts
+    (`draft_tree`: the widths of a product tree, or nodes as rank paths; default the chain, one
+    draft per head): one forward verifies every path and keeps the longest that greedy decoding
+    agrees with. compile:
     torch.compile the forward first (both decoders; it costs compile time). pick_blas: every
     matmul of 2-256 rows (a verify block, a batch of rows) by the cuBLAS path fastest for its
-    shape (`linear_pick`; both decoders; default: on CUDA).
-    stats: seconds, forwards (per row: the prefill + forwards until its last kept token),
-    tokens, and per draft position k (head k+1) how many verify forwards accepted it.
+    shape (`linear_pick`; both decoders; default: on CUDA). parallel_heads: the speculative
+    forward runs the last block and the extra heads as one batched block (`parallel_heads.py`;
+    Llama-family models; default: on CUDA).
+    stats: seconds (of which prefill_s in prefills, host_s in host checks while the device
+    waited), forwards (per row: the prefill + forwards until its last kept token), tokens, per
+    draft position k (head k+1) how many verify forwards accepted it, and per block node how
+    many kept it (node_hits; node 0, the exact token, every verify forward).
     """
     base, W = model.base, model.lm_head_weight
     inner, device = base.base_model, W.device
@@ -794,11 +853,12 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     cache_kw = _cache_kwarg(inner)
     n = model.n_heads if speculative else 1  # heads run per forward
     greedy = temperature == 0
-    tr = draft_tree(tree if tree is not None and speculative else (1,) * (n - 1))
-    check_tree_depth(tr["widths"], n)
-    if not greedy and (len(tr["widths"]) != n - 1 or not tr["chain"]):
+    spec = tree if tree is not None and speculative else (1,) * (n - 1)
+    tr = draft_tree(spec)
+    check_tree_depth(spec, n)
+    if not greedy and (tr["D"] != n - 1 or not tr["chain"]):
         raise ValueError("tree drafts are for greedy decoding; speculative sampling verifies a chain of every head")
-    L, D = len(tr["parent"]), len(tr["widths"])  # block length (exact token + drafts); tokens per forward <= D+1
+    L, D = len(tr["parent"]), tr["D"]  # block length (exact token + drafts); tokens per forward <= D+1
     prompts = [list(p) for p in prompts]
     stops = stop if stop and not isinstance(stop[0], str) else [list(stop)] * len(prompts)
     keys = keys if keys is not None else [sample_key(0, i) for i in range(len(prompts))]
@@ -810,7 +870,8 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     V = W.shape[0]
     # Device state of every row: its block (the exact token not yet in the cache + drafts), its
     # cache length, tokens emitted, forwards run, done; the emitted tokens, the forward that
-    # emitted each, drafts accepted per forward; the drafts' distributions (sampling).
+    # emitted each, the block node each forward kept last (its depth = drafts accepted); the
+    # drafts' distributions (sampling).
     long = dict(dtype=torch.long, device=device)
     blk, cur, steps, fwd = (torch.zeros(B, L, **long), torch.zeros(B, **long), torch.zeros(B, **long),
                             torch.zeros(B, **long))
@@ -824,7 +885,8 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     zero = torch.zeros((), dtype=dtype, device=device)
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
     kv = []  # per layer (keys, values) [B, H, S, D], allocated at the first prefill
-    kv_all = []  # ... as views of [layers, 2, B, H, S, D] buffers (one per shape): a tree's move is one op
+    kv_all = []  # ... as views of [2, layers, B, H, S, D] buffers (one per shape): a tree's move is one op
+    kv_at = {}  # layer -> (its buffer, its index there)
     if device.type == "cuda" if pick_blas is None else pick_blas:  # both decoders: a batch is rows too
         import linear_pick
         step_rows = {B * L, B * (n - 1)}  # the forward's block, the heads' drafting; not prefills
@@ -833,12 +895,29 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     else:
         lin, patch = F.linear, contextlib.nullcontext
 
+    import parallel_heads as ph_mod
+    par = ph_mod.ParallelHeads(model) if n > 1 and (cuda if parallel_heads is None else parallel_heads) \
+        and ph_mod.supported(model) else None
+
     def forward(ids, pos, mask, cache):
         """Final hidden states [m, B, T, D]: every head's when drafting, head 0's alone otherwise."""
         kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+        if n > 1 and par is not None and isinstance(cache, SlotCache):
+            return parallel_forward(kw, cache)
         if n > 1:
             return model.hidden_states(**kw)[0]
         return inner(**kw).last_hidden_state[None]
+
+    def parallel_forward(kw, cache):
+        """The trunk through the model, then its last block and the heads as one (`parallel_heads`)."""
+        ids = kw.pop("input_ids")
+        z, _, bkw = model.trunk(ids, **kw)
+        (g, j), T = kv_at[par.layers[0]], ids.shape[1]
+        cos, sin = bkw["position_embeddings"]
+        at = cache.pos[:, None] + torch.arange(T, device=device)
+        h = par(z, cos, sin, bkw["attention_mask"], kv_all[g][0, j:j + par.n], kv_all[g][1, j:j + par.n], at,
+                _slot_attention)
+        return model._norm(h)
 
     def noise(f, role):  # uniforms [B, len(role)] of forward f [B] (role: indices within the forward)
         return uniform_noise(key_d[:, None], f[:, None] * _NOISE_STRIDE + role)
@@ -849,7 +928,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
         logits = lin(h_heads, W).transpose(0, 1)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if greedy:
-            top = logits.topk(max(tr["widths"], default=1), -1).indices  # [B, n-1, w]
+            top = logits.topk(tr["top"], -1).indices  # [B, n-1, w]
             return top[:, depth[1:] - 1, rank[1:]], None
         q = nucleus_probs(logits, temperature, top_p)
         return draw(q, noise(f, _NOISE_DRAFT + ar_d[:-1])), q
@@ -908,7 +987,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
         out.scatter_(1, at, torch.where(kept, emit, out.gather(1, at)))
         out_fwd.scatter_(1, at, torch.where(kept, fwd[:, None], out_fwd.gather(1, at)))
         f_at = fwd[:, None].clamp_max(M + 1)
-        acc.scatter_(1, f_at, torch.where(live[:, None], a[:, None], acc.gather(1, f_at)))
+        acc.scatter_(1, f_at, torch.where(live[:, None], best[:, None], acc.gather(1, f_at)))
         eos = ((emit[..., None] == eos_t).any(-1) & kept).any(1)
         steps.add_((a + 1) * live)
         cur.add_((a + 1) * live)
@@ -932,9 +1011,13 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
             views = {}
             for hd in dict.fromkeys(shape.values()):  # one buffer per shape: all layers, usually
                 group = [li for li in layers if shape[li] == hd]
-                kv_all.append(rec.keys[group[0]].new_zeros(len(group), 2, B, hd[0], S, hd[1]))
-                views.update({li: (kv_all[-1][j, 0], kv_all[-1][j, 1]) for j, li in enumerate(group)})
+                kv_all.append(rec.keys[group[0]].new_zeros(2, len(group), B, hd[0], S, hd[1]))
+                views.update({li: (kv_all[-1][0, j], kv_all[-1][1, j]) for j, li in enumerate(group)})
+                kv_at.update({li: (len(kv_all) - 1, j) for j, li in enumerate(group)})
             kv.extend(views[li] for li in layers)
+            if par is not None and [kv_at[li] for li in par.layers] != [(kv_at[par.layers[0]][0], kv_at[par.layers[0]][1] + i)
+                                                                        for i in range(par.n)]:
+                raise ValueError("parallel_heads: the blocks' caches are not consecutive layers of one buffer")
         for (k, v), li in zip(kv, layers):
             k[:, :, :T], v[:, :, :T] = rec.keys[li], rec.values[li]
         key_d.copy_(torch.tensor([keys[r] for r in rows], device=device))
@@ -957,8 +1040,10 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
         done.copy_((first[:, None] == eos_t).any(-1) | (M <= 1))
 
     run, pools = None, []
-    stats = {"seconds": 0.0, "capture_s": 0.0, "forwards": [], "tokens": [], "accepted": [0] * D,
-             "verify_forwards": 0, "batch_size": B, "n_block": L, "tree": tr["widths"], "graphs": graphs, "check_every": K}
+    stats = {"seconds": 0.0, "capture_s": 0.0, "prefill_s": 0.0, "host_s": 0.0, "forwards": [], "tokens": [],
+             "accepted": [0] * D, "node_hits": [0] * L, "verify_forwards": 0, "batch_size": B, "n_block": L,
+             "tree": list(tr["widths"]) if tr["widths"] is not None else [list(p) for p in tr["nodes"]],
+             "graphs": graphs, "check_every": K}
     results = [None] * len(prompts)
     with _SlotAttention(base.config):
         for start in range(0, len(prompts), B):
@@ -968,6 +1053,9 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
             prefill(padded)
             if len(rows) < B:
                 done[len(rows):] = True
+            if cuda:  # (the first host check would wait for it anyway)
+                torch.cuda.synchronize(device)
+            stats["prefill_s"] += time.perf_counter() - t0
             if run is None:
                 run = _within(patch, torch.compile(step) if compile else step)
                 if graphs:  # capture once (the buffers never move); the warm-up steps are undone
@@ -981,6 +1069,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
             live, checked = {j: [] for j in range(len(rows))}, [0] * len(rows)
             while True:
                 snap = torch.cat([steps[:, None], done[:, None].long(), out], 1).tolist()
+                th = time.perf_counter()  # from here until the next launch the device waits for the host
                 for j in list(live):
                     n_steps, ended = snap[j][0], snap[j][1]
                     toks = snap[j][2:2 + min(n_steps, M)]
@@ -990,6 +1079,7 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
                         results[rows[j]] = toks[:end + 1] if end is not None else toks
                         del live[j]
                         done[j] = True
+                stats["host_s"] += time.perf_counter() - th
                 if not live:
                     break
                 for _ in range(K):
@@ -1001,6 +1091,10 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
                 stats["forwards"].append(f)
                 stats["tokens"].append(len(results[r]))
                 stats["verify_forwards"] += f - 1
-                for k in range(D):
-                    stats["accepted"][k] += sum(x > k for x in ac[j][1:f])
+                for node in ac[j][1:f]:  # the node each verify forward kept: its path's nodes were kept
+                    for i in tr["path"][node][1:tr["depth"][node] + 1]:
+                        stats["node_hits"][i] += 1
+                    for k in range(tr["depth"][node]):
+                        stats["accepted"][k] += 1
+                stats["node_hits"][0] += f - 1
     return results, stats

@@ -6,12 +6,17 @@ self-speculative decoding against plain decoding.
     python speculate.py MODEL --stage=data --out=out/draft/distill.jsonl
     # 2. heads 1..n-1 learn it on the frozen model (the base stays bit for bit unchanged)
     python train_rho1.py configs/smol_draft_heads.yaml
-    # 3. full HumanEval, greedy, speculative (a chain and trees of drafts) vs plain decoding in the
+    # 3. which drafts to verify: count, on held-out training prompts, how often decoding keeps each
+    #    node of a wide tree; the best N-draft tree is then tree.json:N
+    python speculate.py out/draft_heads/final --stage=calibrate --calib_path=out/draft/distill_eval.jsonl \
+        --out=out/draft/tree.json
+    # 4. full HumanEval, greedy, speculative (a chain and trees of drafts) vs plain decoding in the
     #    same run, batch 1 and 8
-    python speculate.py out/draft_heads/final --stage=measure --base=MODEL --trees=chain,2x2x1,3x2x1,6x3x2 \
-        --out=out/draft/measure.json
+    python speculate.py out/draft_heads/final --stage=measure --base=MODEL \
+        --trees=chain,3x2x1,out/draft/tree.json:10,out/draft/tree.json:15 --out=out/draft/measure.json
     # where a forward's time goes: ms per forward, plain vs each verify, batch 1 (README's profile);
-    # --pick_blas=false: PyTorch's own cuBLAS choice instead of linear_pick's
+    # --pick_blas=false: PyTorch's own cuBLAS choice instead of linear_pick's; --parallel_heads=false:
+    # the last block and the heads one by one
     python speculate.py out/draft_heads/final --stage=cost --trees=chain,2x2x1,3x2x1,6x3x2 --kernels
 
 Why (docs/design.md §7): a draft is accepted when it is what head 0 would have produced, so the
@@ -24,13 +29,17 @@ Read top to bottom:
   1. `distill_data`: prompts of the training sources (the standard library, MBPP train), each
      continued greedily and by sampling with the fast slot sampler (sampling.sample_rows);
      one JSONL row {prompt, completion, source, kind} per continuation, for `data.source=jsonl`.
-  2. `measure`: every HumanEval problem decoded plainly and speculatively by sampling.decode_rows
+  2. `calibrate`: which nodes a tree of drafts should have. Decode held-out training prompts
+     verifying a wide tree (8x4x2, 104 drafts) and count, per node, the forwards that kept it;
+     the nodes by that count are the best tree of every size (`sampling.calibrated_tree`:
+     Medusa's tree construction, counted exactly). Written as tree.json, used as tree.json:N.
+  3. `measure`: every HumanEval problem decoded plainly and speculatively by sampling.decode_rows
      (the same loop, cache, CUDA graphs and host checks; speculative=False is its one-token
      case) at each batch size, once per drafting shape (`--trees`: the chain, or trees of each
      head's top tokens, `sampling.draft_tree`): tokens per forward, acceptance per head,
      wall-clock speed-up, completions that differ; and whether the base weights equal the
      original model's.
-  3. `forward_cost`: the time of one forward at batch 1 -- plain, and each tree's verify -- on a
+  4. `forward_cost`: the time of one forward at batch 1 -- plain, and each tree's verify -- on a
      few HumanEval prompts without stop strings (CUDA graphs; optionally the top kernels).
 """
 from __future__ import annotations
@@ -54,8 +63,8 @@ import sampling
 @dataclass
 class SpeculateConfig:
     model: str = ""                  # (positional) data: the model to accelerate; measure: the checkpoint with heads
-    stage: Literal["data", "measure", "cost"] = "data"
-    out: str = ""                    # data: the JSONL to write; measure: the JSON to write
+    stage: Literal["data", "calibrate", "measure", "cost"] = "data"
+    out: str = ""                    # data: the JSONL to write; calibrate, measure, cost: the JSON to write
     device: str = "auto"
     dtype: str = "auto"              # data: auto = bf16 on GPUs; measure: auto = fp32 (greedy identity, eval.py)
     seed: int = 1234
@@ -71,17 +80,24 @@ class SpeculateConfig:
     max_new_tokens: int = 256
     batch_size: int = 512            # slots of the slot sampler
     eval_frac: float = 0.03          # share of prompts (by a hash) written to <out>_eval.jsonl instead
+    # ---- calibrate ----
+    calib_path: str = "out/draft/distill_eval.jsonl"  # prompts (JSONL with prompt, source): the data stage's held-out ones
+    calib_tree: str = "8x4x2"        # the wide tree whose nodes are counted
+    calib_limit: int = 0             # at most this many prompts (0 = all)
+    calib_batch: int = 8             # rows decoded at once
     # ---- measure ----
     base: str = ""                   # the original model: its weights must equal the checkpoint's base
     batch_sizes: str = "1,8"
     check_every: int = 4             # forwards between host checks (both decoders)
-    trees: str = "chain"             # drafts to verify, each measured: chain (one per head) and/or widths like 3x2x1
-                                     # (a tree: head d's top-w_d under every node of depth d-1; greedy only)
-    compile: bool = False            # torch.compile the forward of both decoders (costs compile time)
+    trees: str = "chain"             # drafts to verify, each measured: chain (one per head), widths like 3x2x1 (a
+                                     # tree: head d's top-w_d under every node of depth d-1) or a calibrated
+                                     # tree's first N nodes, tree.json:N (greedy only)
+    compile: bool = False            # torch.compile the forward of both decoders (costs compile time; measure, cost)
     pick_blas: bool = True           # matmuls of 2-256 rows by the cuBLAS path fastest per shape (linear_pick.py; CUDA)
+    parallel_heads: bool = True      # the last block and the heads as one batched block (parallel_heads.py; CUDA)
     # ---- cost (per-forward cost of plain decoding and of each tree's verify, batch 1) ----
     blas: str = ""                   # "" = PyTorch's default; cublas / cublaslt (torch.backends.cuda.preferred_blas_library)
-    kernels: bool = False            # also print each decoder's top CUDA kernels (torch.profiler, eager)
+    kernels: bool = False            # also print each decoder's top CUDA kernels (torch.profiler, CUDA graphs)
     task_limit: int = 0              # only the first N HumanEval problems (0 = all 164)
     execute: bool = True             # run the speculative completions' tests (pass@1, greedy)
     workers: int = 0                 # sandbox workers (0 = one per core)
@@ -90,6 +106,11 @@ class SpeculateConfig:
 # --------------------------------------------------------------------------------------------
 # 1. Self-distillation data
 # --------------------------------------------------------------------------------------------
+
+def stop_strings(source: str) -> list[str]:
+    """Where a continuation of a training source's prompt ends (as its prompts are cut)."""
+    return ev.HUMANEVAL_STOP if source == "stdlib" else ["[DONE]"] if source == "mbpp" else []
+
 
 def training_prompts(cfg: SpeculateConfig) -> list[tuple[str, str, list[str]]]:
     """(source, prompt, stop strings) of the training sources. Standard-library prompts are
@@ -101,9 +122,10 @@ def training_prompts(cfg: SpeculateConfig) -> list[tuple[str, str, list[str]]]:
         if source == "stdlib":
             rows = (data.read_jsonl(cfg.stdlib_path) if cfg.stdlib_path
                     else data.stdlib_examples("train", mbpp_path=cfg.mbpp_path or None)[0])
-            out += [("stdlib", r["prompt"].rstrip(), ev.HUMANEVAL_STOP) for r in rows]
+            out += [("stdlib", r["prompt"].rstrip(), stop_strings("stdlib")) for r in rows]
         elif source == "mbpp":
-            out += [("mbpp", ex["prompt"], ["[DONE]"]) for ex in data.load_examples("mbpp", cfg.mbpp_path or None, "train")[0]]
+            out += [("mbpp", ex["prompt"], stop_strings("mbpp"))
+                    for ex in data.load_examples("mbpp", cfg.mbpp_path or None, "train")[0]]
         else:
             raise common.ConfigError(f"config key 'sources': unknown source {source!r}; stdlib, mbpp")
     return out[:cfg.limit or None]
@@ -149,7 +171,51 @@ def distill_data(cfg: SpeculateConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. The measurements: the speed-up (`measure`) and where a forward's time goes (`forward_cost`)
+# 2. Which drafts to verify
+# --------------------------------------------------------------------------------------------
+
+def calibrate(cfg: SpeculateConfig) -> dict:
+    """Decode the held-out prompts greedily, verifying the wide --calib_tree, and write its nodes
+    ordered by the forwards that kept them (`sampling.calibrated_tree`), with the tokens per
+    forward each size of tree would have had. Prompts of the training sources, not HumanEval:
+    the tree is chosen on what the heads were trained for, and measured on what they were not."""
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype("float32" if cfg.dtype == "auto" else cfg.dtype, device)
+    rows = [r for r in data.read_jsonl(cfg.calib_path) if isinstance(r, dict) and r.get("prompt")]
+    prompts = list(dict.fromkeys((r["prompt"], r.get("source", "")) for r in rows))[:cfg.calib_limit or None]
+    if not prompts:
+        raise common.ConfigError(f"config key 'calib_path': no rows with a 'prompt' in {cfg.calib_path}")
+    model, tok = ev.load_model(cfg.model, device, dtype)
+    eos_ids = sampling.eos_token_ids(model, tok)
+    wide = parse_trees(cfg.calib_tree, model.n_heads)[cfg.calib_tree.strip()]
+    ids = [tok(p).input_ids for p, _ in prompts]
+    t0 = time.time()
+    _, st = sampling.decode_rows(model, tok, ids, cfg.max_new_tokens, [stop_strings(s) for _, s in prompts], eos_ids,
+                                 tree=wide, batch_size=cfg.calib_batch, pick_blas=cfg.pick_blas,
+                                 parallel_heads=cfg.parallel_heads)
+    order = sampling.calibrated_tree(wide, st["node_hits"])
+    F = max(st["verify_forwards"], 1)
+    expected = {}
+    for size in (1, 2, 4, 8, 10, 15, 16, 20, 30, 32, 40, 60, 64):
+        if size <= len(order):
+            expected[str(size)] = round(1 + sum(h for _, h in order[:size]) / F, 4)
+    result = {"model": cfg.model, "calib_path": cfg.calib_path, "prompts": len(prompts),
+              "calibration_tree": cfg.calib_tree, "max_new_tokens": cfg.max_new_tokens,
+              "verify_forwards": st["verify_forwards"], "seconds": round(time.time() - t0, 1),
+              "tokens_per_forward": sum(st["tokens"]) / max(sum(st["forwards"]), 1),
+              "expected_tokens_per_forward": expected,
+              "nodes": [p for p, _ in order], "hits": [h for _, h in order]}
+    print(f"{len(prompts)} prompts, {st['verify_forwards']} verify forwards of {cfg.calib_tree}: "
+          f"{result['tokens_per_forward']:.2f} tokens/forward; the best N-draft tree would have had "
+          + ", ".join(f"{k}: {v:.2f}" for k, v in expected.items()))
+    print("first nodes (rank paths, share of forwards that kept them): "
+          + ", ".join(f"{''.join(map(str, p))} {h / F:.2f}" for p, h in order[:12]))
+    write_json(cfg.out, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The measurements: the speed-up (`measure`) and where a forward's time goes (`forward_cost`)
 # --------------------------------------------------------------------------------------------
 
 def base_identical(model, spec: str) -> dict:
@@ -174,7 +240,7 @@ def measure(cfg: SpeculateConfig):
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "task": "humaneval", "n_problems": len(problems),
               "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "check_every": cfg.check_every,
-              "pick_blas": cfg.pick_blas,
+              "pick_blas": cfg.pick_blas, "parallel_heads": cfg.parallel_heads,
               "load_seconds": round(time.time() - t_load, 1), "batch": {}}
     if cfg.base:
         result["base_check"] = base_identical(model, cfg.base)
@@ -187,7 +253,7 @@ def measure(cfg: SpeculateConfig):
         ss = stops if idx is None else [stops[i] for i in idx]
         return sampling.decode_rows(model, tok, ps, cfg.max_new_tokens, ss, eos_ids, speculative=speculative,
                                     batch_size=bs, check_every=cfg.check_every, tree=tree, compile=cfg.compile,
-                                    pick_blas=cfg.pick_blas)
+                                    pick_blas=cfg.pick_blas, parallel_heads=cfg.parallel_heads)
 
     texts = {}
     for bs in [int(b) for b in cfg.batch_sizes.split(",") if b.strip()]:
@@ -195,7 +261,8 @@ def measure(cfg: SpeculateConfig):
         warm = range(min(bs, len(prompts)))  # untimed warm-up: lazy initialisation, kernel choice, compiling
         run(False, bs, warm)
         plain, ps = run(False, bs)
-        r = {"plain_seconds": round(ps["seconds"], 2), "plain_tokens_per_s": sum(ps["tokens"]) / max(ps["seconds"], 1e-9),
+        r = {"plain_seconds": round(ps["seconds"], 2), "plain_prefill_seconds": round(ps["prefill_s"], 2),
+             "plain_host_seconds": round(ps["host_s"], 2), "plain_tokens_per_s": sum(ps["tokens"]) / max(ps["seconds"], 1e-9),
              "plain_tokens_per_forward": sum(ps["tokens"]) / max(sum(ps["forwards"]), 1), "speculative": {}}
         for name, tree in trees.items():
             run(True, bs, warm, tree)
@@ -223,11 +290,15 @@ def measure(cfg: SpeculateConfig):
         result["pass@1_speculative_greedy"] = sum(bool(v["passed"]) for v in verdicts) / max(len(problems), 1)
         result["execution_seconds"] = round(time.time() - t0, 1)
         print(f"pass@1 (greedy, speculative = plain where they agree): {result['pass@1_speculative_greedy']:.4f}")
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {cfg.out}")
+    write_json(cfg.out, result)
     return result
+
+
+def write_json(path: str, result: dict):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
 
 
 def forward_cost(cfg: SpeculateConfig) -> dict:
@@ -243,28 +314,27 @@ def forward_cost(cfg: SpeculateConfig) -> dict:
     eos_ids = sampling.eos_token_ids(model, tok)
     prompts = [tok(p["prompt"]).input_ids for p in ev.load_humaneval(None)[:cfg.task_limit or 6]]
     result = {"model": cfg.model, "dtype": str(dtype), "blas": cfg.blas or "default", "pick_blas": cfg.pick_blas,
+              "parallel_heads": cfg.parallel_heads, "compile": cfg.compile,
               "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens, "ms_per_forward": {}}
     shapes = [("plain", False, None)] + [(name, True, tree) for name, tree in parse_trees(cfg.trees, model.n_heads).items()]
     def run(speculative, tree, n_prompts, max_new, **kw):
         return sampling.decode_rows(model, tok, prompts[:n_prompts], max_new, [], eos_ids, speculative=speculative,
-                                    tree=tree, check_every=cfg.check_every, pick_blas=cfg.pick_blas, **kw)
+                                    tree=tree, check_every=cfg.check_every, pick_blas=cfg.pick_blas,
+                                    parallel_heads=cfg.parallel_heads, compile=cfg.compile, **kw)
 
     for name, speculative, tree in shapes:
         run(speculative, tree, 1, 16)  # untimed warm-up
         _, st = run(speculative, tree, len(prompts), cfg.max_new_tokens)
-        ms = 1000 * st["seconds"] / max(sum(st["forwards"]) - len(prompts), 1)
+        ms = 1000 * (st["seconds"] - st["prefill_s"]) / max(sum(st["forwards"]) - len(prompts), 1)
         result["ms_per_forward"][name] = round(ms, 3)
         print(f"{name}: {ms:.3f} ms per forward ({st['n_block']} tokens per block)", flush=True)
         if cfg.kernels and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                run(speculative, tree, 1, 40, graphs=False)
+                run(speculative, tree, 1, 40)  # CUDA graphs, as measured (the profiler sees inside them)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70))
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {cfg.out}")
+    write_json(cfg.out, result)
     return result
 
 
@@ -278,7 +348,7 @@ def parse_trees(spec: str, n_heads: int | None = None) -> dict:
         except ValueError as e:
             raise common.ConfigError(f"trees: {e}") from None
     if not trees:
-        raise common.ConfigError("trees: empty; use chain or widths like 3x2x1")
+        raise common.ConfigError("trees: empty; use chain, widths like 3x2x1 or tree.json:N")
     return trees
 
 
@@ -287,6 +357,8 @@ def speculative_stats(ps, ss, plain, spec, problems) -> dict:
     n_drafts = len(ss["accepted"])
     differ = [problems[i]["task_id"] for i in range(len(problems)) if plain[i] != spec[i]]
     return {"tree": list(ss["tree"]), "block": ss["n_block"], "speculative_seconds": round(ss["seconds"], 2),
+            # of which: prefills, and the host's checks while the device waited (the rest: forwards)
+            "prefill_seconds": round(ss["prefill_s"], 2), "host_seconds": round(ss["host_s"], 2),
             "speedup": ps["seconds"] / max(ss["seconds"], 1e-9), "tokens": sum(ss["tokens"]),
             "speculative_tokens_per_s": sum(ss["tokens"]) / max(ss["seconds"], 1e-9),
             "tokens_per_forward": sum(ss["tokens"]) / max(sum(ss["forwards"]), 1),
@@ -304,7 +376,7 @@ def speculative_stats(ps, ss, plain, spec, problems) -> dict:
 def main(argv):
     cfg = common.parse_config(SpeculateConfig, argv, positional="model")
     if not cfg.model:
-        raise common.ConfigError("no model: python speculate.py MODEL --stage=data|measure|cost [--key=value ...]")
+        raise common.ConfigError("no model: python speculate.py MODEL --stage=data|calibrate|measure|cost [--key=value ...]")
     common.check_model_spec("model", cfg.model)
     if cfg.base:
         common.check_model_spec("base", cfg.base)
@@ -312,7 +384,13 @@ def main(argv):
         for key in ("stdlib_path", "mbpp_path"):
             if getattr(cfg, key):
                 common.check_file(key, getattr(cfg, key))
-    parse_trees(cfg.trees)  # the syntax now; the depth once the model's heads are known
+    if cfg.stage == "calibrate":
+        common.check_file("calib_path", cfg.calib_path)
+        common.check_min("calib_batch", cfg.calib_batch, 1)
+        common.check_min("calib_limit", cfg.calib_limit, 0)
+        parse_trees(cfg.calib_tree)
+    if cfg.stage in ("measure", "cost"):
+        parse_trees(cfg.trees)  # the syntax (and tree files) now; the depth once the model's heads are known
     common.check_min("sampled", cfg.sampled, 0)
     common.check_min("max_new_tokens", cfg.max_new_tokens, 1)
     common.check_min("batch_size", cfg.batch_size, 1)
@@ -320,10 +398,10 @@ def main(argv):
     if cfg.blas not in ("", "cublas", "cublaslt"):
         raise common.ConfigError(f"config key 'blas': one of '', cublas, cublaslt; got {cfg.blas!r}")
     if not cfg.out:
-        cfg.out = {"data": "out/draft/distill.jsonl", "measure": "out/draft/measure.json",
-                   "cost": "out/draft/cost.json"}[cfg.stage]
+        cfg.out = {"data": "out/draft/distill.jsonl", "calibrate": "out/draft/tree.json",
+                   "measure": "out/draft/measure.json", "cost": "out/draft/cost.json"}[cfg.stage]
     common.check_out_dir("out", os.path.dirname(os.path.abspath(cfg.out)))
-    return {"data": distill_data, "measure": measure, "cost": forward_cost}[cfg.stage](cfg)
+    return {"data": distill_data, "calibrate": calibrate, "measure": measure, "cost": forward_cost}[cfg.stage](cfg)
 
 
 if __name__ == "__main__":

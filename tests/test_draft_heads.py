@@ -121,11 +121,40 @@ def test_measure_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
             assert s["completions_differing_from_plain"] == 0 and s["block"] == block
             assert 1.0 <= s["tokens_per_forward"] <= 3
             assert set(s["acceptance_per_head"]) == {"head1", "head2"}
+            assert 0 <= s["prefill_seconds"] + s["host_seconds"] <= s["speculative_seconds"] + 0.02  # (each rounded to 0.01 s)
+        assert 0 <= r["plain_prefill_seconds"] + r["plain_host_seconds"] <= r["plain_seconds"] + 0.02
     assert saved["plain_differing_across_batch_sizes"] == {"1_vs_2": 0}
 
 
+def test_calibrate_then_measure_a_calibrated_tree(tiny_checkpoint, tmp_path):  # noqa: F811
+    """--stage=calibrate writes the wide tree's nodes by hits (every prefix a tree), with the
+    tokens per forward each size would have had; measure then verifies tree.json:N."""
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"prompt": p, "completion": "x", "source": s}) + "\n"
+                             for p, s in [("def f(x):", "stdlib"), ("Write a function", "mbpp"), ("def f(x):", "stdlib"),
+                                          ("import os", "stdlib")]))
+    tree = tmp_path / "tree.json"
+    res = speculate.main([tiny_checkpoint, "--stage=calibrate", f"--calib_path={calib}", "--calib_tree=3x2",
+                          "--max_new_tokens=16", "--device=cpu", "--calib_batch=2", f"--out={tree}"])
+    saved = json.loads(tree.read_text())
+    assert saved == json.loads(json.dumps(res)) and saved["prompts"] == 3  # the repeated prompt once
+    assert len(saved["nodes"]) == 3 + 6 and saved["hits"] == sorted(saved["hits"], reverse=True)
+    for k in range(1, 10):
+        nodes = [tuple(p) for p in saved["nodes"][:k]]
+        assert all(len(p) == 1 or p[:-1] in nodes for p in nodes)
+    F = saved["verify_forwards"]
+    assert saved["expected_tokens_per_forward"]["4"] == round(1 + sum(saved["hits"][:4]) / F, 4)
+    out = tmp_path / "m.json"
+    m = speculate.main([tiny_checkpoint, "--stage=measure", "--task_limit=2", "--batch_sizes=1", "--max_new_tokens=12",
+                        "--execute=false", "--device=cpu", f"--trees={tree}:4", f"--out={out}"])
+    s = m["batch"]["1"]["speculative"][f"{tree}:4"]
+    assert s["block"] == 5 and s["completions_differing_from_plain"] == 0
+    assert s["tree"] == saved["nodes"][:4] or sorted(s["tree"]) == sorted(saved["nodes"][:4])
+
+
 @pytest.mark.parametrize("spec,msg", [("3xa", "neither"), ("0x1", "widths >= 1"), ("2x2x2x2", "depth 4 needs 5 heads, the model has 3"),
-                                      ("64x64", "4160 drafts per forward; at most 512"), (" ,", "empty")])
+                                      ("64x64", "4160 drafts per forward; at most 512"), (" ,", "empty"),
+                                      ("nope.json:4", "not a calibrated tree file")])
 def test_bad_trees_are_refused_before_decoding(spec, msg):
     import common
     with pytest.raises(common.ConfigError, match=msg):

@@ -174,11 +174,55 @@ def test_draft_tree_tables_by_hand():
     assert not t["chain"] and sampling.draft_tree((1, 1, 1))["chain"]
 
 
-def reference_tree_forwards(model, prompt, max_new, widths):
+def test_sparse_tree_tables_by_hand():
+    """Nodes by their rank paths, given in any order: numbered depth by depth."""
+    t = sampling.draft_tree([(0, 1, 0), (1,), (0,), (0, 1), (0, 0), (2,)])
+    # 1: (0,)  2: (1,)  3: (2,)  4: (0, 0)  5: (0, 1)  6: (0, 1, 0)
+    assert t["parent"] == [0, 0, 0, 0, 1, 1, 5]
+    assert t["depth"] == [0, 1, 1, 1, 2, 2, 3] and t["D"] == 3
+    assert t["rank"] == [0, 0, 1, 2, 0, 1, 0] and t["top"] == 3
+    assert t["path"][6] == [0, 1, 5, 6] and t["path"][3] == [0, 3, 3, 3]
+    assert [j for j in range(7) if t["anc"][6][j]] == [0, 1, 5, 6]
+    assert not t["chain"] and sampling.draft_tree([(0,), (0, 0)])["chain"]
+    with pytest.raises(ValueError, match="no parent"):
+        sampling.draft_tree([(0,), (1, 0)])
+
+
+def test_calibrated_tree_orders_by_hits_and_stays_a_tree():
+    """Hits of the nodes of widths (2, 2) -> nodes by hits, ties to the shallower node; every
+    prefix of the list is a tree (a node's parent comes before it)."""
+    hits = [100, 40, 30, 30, 5, 12, 1]  # nodes (0,) (1,) (0,0) (0,1) (1,0) (1,1)
+    order = sampling.calibrated_tree((2, 2), hits)
+    assert order == [([0], 40), ([1], 30), ([0, 0], 30), ([1, 0], 12), ([0, 1], 5), ([1, 1], 1)]
+    for k in range(1, len(order) + 1):
+        sampling.draft_tree([tuple(p) for p, _ in order[:k]])  # raises if a parent is missing
+
+
+def test_parse_tree_files_and_errors(tmp_path):
+    f = tmp_path / "tree.json"
+    f.write_text('{"nodes": [[0], [1], [0, 0], [0, 0, 0]], "hits": [9, 5, 4, 1]}')
+    assert sampling.parse_tree(f"{f}:3") == ((0,), (1,), (0, 0))
+    assert sampling.parse_tree(str(f)) == ((0,), (1,), (0, 0), (0, 0, 0))
+    assert sampling.parse_tree("3x2") == (3, 2) and sampling.parse_tree("chain") is None
+    with pytest.raises(ValueError, match="needs 4 heads"):
+        sampling.parse_tree(str(f), n_heads=3)
+    with pytest.raises(ValueError, match="not a calibrated tree file"):
+        sampling.parse_tree(str(tmp_path / "missing.json:4"))
+    with pytest.raises(ValueError, match="whole number"):
+        sampling.parse_tree(f"{f}:x")
+    with pytest.raises(ValueError, match="neither"):
+        sampling.parse_tree("3by2")
+
+
+def reference_tree_forwards(model, prompt, max_new, nodes):
     """Forwards a tree-verifying decoder needs, recomputed from scratch with no cache: after the
-    exact token x, the drafts at depth d are head d's top-widths[d-1] tokens at the last accepted
-    position, so the forward keeps the greedy continuation c_1..c_a of (prefix, x) as long as
-    every c_d is among them, and emits c_1..c_{a+1}."""
+    exact token x, the greedy continuation c_1, c_2, ... of (prefix, x) is kept as long as the
+    ranks (r_1..r_d) of c_1..c_d among heads 1..d's tokens at the last accepted position name a
+    node of the tree; the forward emits c_1..c_{a+1}. Also counts, per node, the forwards that
+    kept it."""
+    nodes, hits = {tuple(p) for p in nodes}, {}
+    depth = max(map(len, nodes))
+
     def heads_and_greedy(seq):
         with torch.no_grad():
             h, _ = model.hidden_states(torch.tensor([seq]), use_cache=False)
@@ -196,32 +240,50 @@ def reference_tree_forwards(model, prompt, max_new, widths):
     tokens.append(x)
     while len(tokens) < max_new:
         forwards += 1
-        c = greedy_after(prefix + [x], len(widths) + 1)
-        a = 0
-        while a < len(widths) and c[a] in logits[a + 1].topk(widths[a]).indices.tolist():
+        c = greedy_after(prefix + [x], depth + 1)
+        a, ranks = 0, ()
+        while a < depth:
+            ranks += (logits[a + 1].argsort(descending=True).tolist().index(c[a]),)
+            if ranks not in nodes:
+                break
+            hits[ranks] = hits.get(ranks, 0) + 1
             a += 1
         tokens += c[:a + 1]
         prefix += [x] + c[:a]
         x = c[a]
         logits = heads_and_greedy(prefix)
-    return forwards, tokens[:max_new]
+    return forwards, tokens[:max_new], hits
 
 
-@pytest.mark.parametrize("widths,batch_size", [((2, 2, 1), 1), ((3, 2), 3), ((4, 1, 2), 8), ((1, 1, 1), 2)])
-def test_tree_drafts_equal_plain_greedy_and_a_cacheless_reference(widths, batch_size):
-    """Verifying a tree of drafts keeps greedy decoding exact (the kept path's keys/values move to
-    the row's next slots: a wrong move would change later tokens) and accepts exactly what the
-    cache-free reference accepts (wrong keys/values in an extra head would change the drafts)."""
+SPARSE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0))
+
+
+@pytest.mark.parametrize("tree,batch_size", [((2, 2, 1), 1), ((3, 2), 3), ((4, 1, 2), 8), ((1, 1, 1), 2),
+                                             (SPARSE, 1), (SPARSE, 4)])
+def test_tree_drafts_equal_plain_greedy_and_a_cacheless_reference(tree, batch_size):
+    """Verifying a tree of drafts (product or sparse) keeps greedy decoding exact (the kept
+    path's keys/values move to the row's next slots: a wrong move would change later tokens),
+    accepts exactly what the cache-free reference accepts (wrong keys/values in an extra head
+    would change the drafts) and counts the same forwards keeping each node (`node_hits`)."""
     vocab, max_new = 11, 30
     model = mtp_model(vocab, 4, 0.3)
     prompts = random_prompts(vocab, 6, seed=2)
-    spec, st = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), batch_size=batch_size, tree=widths)
+    spec, st = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), batch_size=batch_size, tree=tree)
     plain, _ = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), speculative=False, batch_size=batch_size)
     assert spec == plain
+    t = sampling.draft_tree(tree)
+    nodes = t["nodes"]
+    if not isinstance(tree[0], tuple):  # widths: every path of ranks below them
+        assert nodes == [p for d in range(1, len(tree) + 1) for p in itertools.product(*map(range, tree[:d]))]
+    hits = {}
     for i, p in enumerate(prompts):
-        forwards, tokens = reference_tree_forwards(model, p, max_new, widths)
+        forwards, tokens, h = reference_tree_forwards(model, p, max_new, nodes)
         assert tokens == plain[i] and st["forwards"][i] == forwards, i
-    assert st["n_block"] == len(sampling.draft_tree(widths)["parent"]) and len(st["accepted"]) == len(widths)
+        for k, v in h.items():
+            hits[k] = hits.get(k, 0) + v
+    assert st["node_hits"][1:] == [hits.get(tuple(p), 0) for p in nodes]
+    assert sum(hits.values()) > 0 and st["node_hits"][0] == sum(st["forwards"]) - len(prompts)
+    assert st["n_block"] == len(nodes) + 1 and len(st["accepted"]) == t["D"]
 
 
 def test_tree_with_stops_eos_and_wide_first_level():
