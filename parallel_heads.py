@@ -1,7 +1,7 @@
 """
 parallel_heads.py — the last block and the extra heads, run as one batched block when decoding.
 
-    ph = parallel_heads.ParallelHeads(model)       # None-safe: parallel_heads.supported(model)
+    ph = parallel_heads.ParallelHeads(model)       # where parallel_heads.supported(model)
     h = ph(x, cos, sin, mask, keys, values, at, attention)   # [n, B, T, D], every head's block output
 
 Why: every MTP head (Gloeckle et al. 2024, Fig. 1) is a copy of the last block applied to the

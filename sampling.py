@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import math
 import time
 
@@ -783,7 +784,6 @@ def parse_tree(name: str, n_heads: int | None = None):
         return None
     file, _, count = name.rpartition(":") if ":" in name else (name, "", "")
     if file.endswith(".json"):
-        import json
         try:
             with open(file) as f:
                 nodes = [tuple(p) for p in json.load(f)["nodes"]]
@@ -793,6 +793,8 @@ def parse_tree(name: str, n_heads: int | None = None):
             if not count.isdigit() or int(count) < 1:
                 raise ValueError(f"{name!r}: the count after ':' must be a whole number >= 1")
             nodes = nodes[:int(count)]
+        if not nodes:
+            raise ValueError(f"{file!r}: no nodes")
         tree = tuple(nodes)
     else:
         try:
@@ -836,8 +838,8 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     replay each forward as a CUDA graph (default: on CUDA). tree: greedy only, a tree of drafts
     (`draft_tree`: the widths of a product tree, or nodes as rank paths; default the chain, one
     draft per head): one forward verifies every path and keeps the longest that greedy decoding
-    agrees with. compile:
-    torch.compile the forward first (both decoders; it costs compile time). pick_blas: every
+    agrees with. compile: torch.compile the forward first (both decoders; it costs compile
+    time). pick_blas: every
     matmul of 2-256 rows (a verify block, a batch of rows) by the cuBLAS path fastest for its
     shape (`linear_pick`; both decoders; default: on CUDA). parallel_heads: the speculative
     forward runs the last block and the extra heads as one batched block (`parallel_heads.py`;

@@ -13,7 +13,7 @@ self-speculative decoding against plain decoding.
     # 4. full HumanEval, greedy, speculative (a chain and trees of drafts) vs plain decoding in the
     #    same run, batch 1 and 8
     python speculate.py out/draft_heads/final --stage=measure --base=MODEL \
-        --trees=chain,3x2x1,out/draft/tree.json:10,out/draft/tree.json:15 --out=out/draft/measure.json
+        --trees=chain,3x2x1,out/draft/tree.json:10,out/draft/tree.json:32 --out=out/draft/measure.json
     # where a forward's time goes: ms per forward, plain vs each verify, batch 1 (README's profile);
     # --pick_blas=false: PyTorch's own cuBLAS choice instead of linear_pick's; --parallel_heads=false:
     # the last block and the heads one by one
@@ -187,7 +187,7 @@ def calibrate(cfg: SpeculateConfig) -> dict:
         raise common.ConfigError(f"config key 'calib_path': no rows with a 'prompt' in {cfg.calib_path}")
     model, tok = ev.load_model(cfg.model, device, dtype)
     eos_ids = sampling.eos_token_ids(model, tok)
-    wide = parse_trees(cfg.calib_tree, model.n_heads)[cfg.calib_tree.strip()]
+    wide = parse_trees(cfg.calib_tree, model.n_heads)[cfg.calib_tree.strip()] or (1,) * (model.n_heads - 1)
     ids = [tok(p).input_ids for p, _ in prompts]
     t0 = time.time()
     _, st = sampling.decode_rows(model, tok, ids, cfg.max_new_tokens, [stop_strings(s) for _, s in prompts], eos_ids,

@@ -210,6 +210,9 @@ def test_parse_tree_files_and_errors(tmp_path):
         sampling.parse_tree(str(tmp_path / "missing.json:4"))
     with pytest.raises(ValueError, match="whole number"):
         sampling.parse_tree(f"{f}:x")
+    (tmp_path / "empty.json").write_text('{"nodes": []}')
+    with pytest.raises(ValueError, match="no nodes"):
+        sampling.parse_tree(str(tmp_path / "empty.json"))
     with pytest.raises(ValueError, match="neither"):
         sampling.parse_tree("3by2")
 
