@@ -511,6 +511,13 @@ def test_cli_speculative_tree(tiny_checkpoint, tmp_path):
     res = ev.main([tiny_checkpoint, "--task=humaneval", "--limit=2", "--speculative", "--spec_tree=3x2",
                    "--max_new_tokens=16", "--workers=2", "--mlflow.enabled=false", f"--out={tmp_path / 't'}"])
     assert res["speculative"]["mismatches"] == 0
+    tree = tmp_path / "tree.json"  # a calibrated tree's file (speculate.py --stage=calibrate): its first 3 drafts
+    tree.write_text(json.dumps({"nodes": [[0], [1], [0, 0], [0, 1]]}))
+    res = ev.main([tiny_checkpoint, "--task=humaneval", "--limit=2", "--speculative", f"--spec_tree={tree}:3",
+                   "--max_new_tokens=16", "--workers=2", "--mlflow.enabled=false", f"--out={tmp_path / 'f'}"])
+    assert res["speculative"]["mismatches"] == 0
+    with pytest.raises(common.ConfigError, match="spec_tree.*not a calibrated tree file"):
+        ev.parse_args(["m", f"--spec_tree={tmp_path / 'missing.json'}:3"])
     with pytest.raises(common.ConfigError, match="spec_tree.*neither"):
         ev.parse_args(["m", "--spec_tree=wide"])
     with pytest.raises(common.ConfigError, match="spec_tree.*depth 3 needs 4 heads, the model has 3"):
