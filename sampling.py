@@ -777,8 +777,9 @@ def check_tree_depth(tree, n_heads: int):
 
 def parse_tree(name: str, n_heads: int | None = None):
     """'chain' -> None (one draft per head); '6x3x2' -> (6, 3, 2), the widths of `draft_tree`;
-    'tree.json:16' -> the first 16 nodes of a `calibrated_tree` file (the whole list without
-    ':N'); with n_heads, also whether the model has the heads the tree's depth needs."""
+    'tree.json:16' -> the first 16 nodes of a `calibrated_tree` file ('tree.json': its "best"
+    size, which speculate.py --stage=calibrate times, else every node); with n_heads, also
+    whether the model has the heads the tree's depth needs."""
     name = name.strip()
     if name == "chain":
         return None
@@ -786,7 +787,9 @@ def parse_tree(name: str, n_heads: int | None = None):
     if file.endswith(".json"):
         try:
             with open(file) as f:
-                nodes = [tuple(p) for p in json.load(f)["nodes"]]
+                saved = json.load(f)
+            nodes = [tuple(p) for p in saved["nodes"]]
+            count = count or str(saved.get("best", ""))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{file!r}: not a calibrated tree file ({type(e).__name__}: {e})") from None
         if count:

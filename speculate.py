@@ -32,7 +32,9 @@ Read top to bottom:
   2. `calibrate`: which nodes a tree of drafts should have. Decode held-out training prompts
      verifying a wide tree (8x4x2, 104 drafts) and count, per node, the forwards that kept it;
      the nodes by that count are the best tree of every size (`sampling.calibrated_tree`:
-     Medusa's tree construction, counted exactly). Written as tree.json, used as tree.json:N.
+     Medusa's tree construction, counted exactly). Then each --calib_sizes tree is timed
+     against plain decoding and the best predicted speed-up is recorded as tree.json's "best".
+     Written as tree.json, used as tree.json:N (tree.json alone: the best size).
   3. `measure`: every HumanEval problem decoded plainly and speculatively by sampling.decode_rows
      (the same loop, cache, CUDA graphs and host checks; speculative=False is its one-token
      case) at each batch size, once per drafting shape (`--trees`: the chain, or trees of each
@@ -44,6 +46,7 @@ Read top to bottom:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -85,6 +88,8 @@ class SpeculateConfig:
     calib_tree: str = "8x4x2"        # the wide tree whose nodes are counted
     calib_limit: int = 0             # at most this many prompts (0 = all)
     calib_batch: int = 8             # rows decoded at once
+    calib_sizes: str = "4,6,8,10,12,16,24,32"  # tree sizes (drafts) timed at batch 1; tree.json's "best" is the
+                                     # fastest predicted (tokens per forward / cost per forward); "" = no timing
     # ---- measure ----
     base: str = ""                   # the original model: its weights must equal the checkpoint's base
     batch_sizes: str = "1,8"
@@ -210,8 +215,41 @@ def calibrate(cfg: SpeculateConfig) -> dict:
           + ", ".join(f"{k}: {v:.2f}" for k, v in expected.items()))
     print("first nodes (rank paths, share of forwards that kept them): "
           + ", ".join(f"{''.join(map(str, p))} {h / F:.2f}" for p, h in order[:12]))
+    if cfg.calib_sizes:
+        result["sizes"] = time_sizes(model, tok, ids[:TIME_PROMPTS], eos_ids, order, F, cfg)
+        result["best"] = max(result["sizes"], key=lambda k: result["sizes"][k]["predicted_speedup"])
+        print(f"best size: {result['best']} drafts (tree.json without ':N' means these)")
     write_json(cfg.out, result)
     return result
+
+
+TIME_PROMPTS, TIME_TOKENS = 4, 64  # what `time_sizes` decodes: a forward's cost depends on its shape, not the text
+
+
+def time_sizes(model, tok, ids, eos_ids, order, forwards, cfg) -> dict:
+    """Each --calib_sizes tree (the first N calibrated nodes) timed at batch 1 against plain
+    decoding on the same prompts (ms per forward, prefills excluded), and its predicted speed-up:
+    the tokens per forward the calibration counted for it x plain's ms / its ms. The size is
+    then chosen on held-out training prompts and this GPU's timings, not on the test set."""
+    def ms(speculative, tree):
+        run = functools.partial(sampling.decode_rows, model, tok, speculative=speculative, tree=tree,
+                                pick_blas=cfg.pick_blas, parallel_heads=cfg.parallel_heads)
+        run(ids[:1], 8, [], eos_ids)  # warm-up: kernel choice, graph capture
+        _, st = run(ids, TIME_TOKENS, [], eos_ids)
+        return 1000 * (st["seconds"] - st["prefill_s"]) / max(sum(st["forwards"]) - len(ids), 1)
+
+    plain = ms(False, None)
+    sizes = {}
+    for size in sorted({int(x) for x in cfg.calib_sizes.split(",") if x.strip()}):
+        if size > len(order):
+            continue
+        tpf = 1 + sum(h for _, h in order[:size]) / forwards
+        cost = ms(True, tuple(tuple(p) for p, _ in order[:size]))
+        sizes[str(size)] = {"tokens_per_forward": round(tpf, 4), "ms_per_forward": round(cost, 3),
+                            "plain_ms_per_forward": round(plain, 3), "predicted_speedup": round(tpf * plain / cost, 4)}
+        print(f"  {size} drafts: {tpf:.2f} tokens/forward, {cost:.2f} ms per forward (plain {plain:.2f}): "
+              f"predicted {tpf * plain / cost:.2f}x", flush=True)
+    return sizes
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,6 +426,11 @@ def main(argv):
         common.check_file("calib_path", cfg.calib_path)
         common.check_min("calib_batch", cfg.calib_batch, 1)
         common.check_min("calib_limit", cfg.calib_limit, 0)
+        try:
+            if any(int(x) < 1 for x in cfg.calib_sizes.split(",") if x.strip()):
+                raise ValueError
+        except ValueError:
+            raise common.ConfigError(f"config key 'calib_sizes': whole numbers >= 1 like 4,8,16; got {cfg.calib_sizes!r}") from None
         parse_trees(cfg.calib_tree)
     if cfg.stage in ("measure", "cost"):
         parse_trees(cfg.trees)  # the syntax (and tree files) now; the depth once the model's heads are known

@@ -10,6 +10,7 @@ from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 from test_eval import tiny_checkpoint  # noqa: F401  (a fixture)
 
 import mtp
+import sampling
 import speculate
 import train_rho1
 
@@ -144,6 +145,17 @@ def test_calibrate_then_measure_a_calibrated_tree(tiny_checkpoint, tmp_path):  #
         assert all(len(p) == 1 or p[:-1] in nodes for p in nodes)
     F = saved["verify_forwards"]
     assert saved["expected_tokens_per_forward"]["4"] == round(1 + sum(saved["hits"][:4]) / F, 4)
+    # the sizes timed (those the 9-node tree has), the best by predicted speed-up; tree.json alone = the best
+    sizes = saved["sizes"]
+    assert set(sizes) == {"4", "6", "8"} and sizes["8"]["tokens_per_forward"] == round(1 + sum(saved["hits"][:8]) / F, 4)
+    for v in sizes.values():
+        assert v["predicted_speedup"] == pytest.approx(v["tokens_per_forward"] * v["plain_ms_per_forward"] / v["ms_per_forward"],
+                                                       rel=1e-3)
+    assert saved["best"] == max(sizes, key=lambda k: sizes[k]["predicted_speedup"])
+    assert sampling.parse_tree(str(tree)) == tuple(tuple(p) for p in saved["nodes"][:int(saved["best"])])
+    import common
+    with pytest.raises(common.ConfigError, match="calib_sizes"):
+        speculate.main([tiny_checkpoint, "--stage=calibrate", f"--calib_path={calib}", "--calib_sizes=0,4", f"--out={tree}"])
     out = tmp_path / "m.json"
     m = speculate.main([tiny_checkpoint, "--stage=measure", "--task_limit=2", "--batch_sizes=1", "--max_new_tokens=12",
                         "--execute=false", "--device=cpu", f"--trees={tree}:4", f"--out={out}"])
