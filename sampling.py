@@ -13,7 +13,8 @@ Read top to bottom:
      (docs/design.md §7); `completion_text`, which cuts a completion at its first stop string.
   2. `sample_rows` / `sample_problems`: the fast sampler eval.py uses -- slots in a static KV
      cache, each prompt prefilled once, continuous batching, one CUDA graph per decode step,
-     stop strings checked in bulk, randomness keyed by (seed, problem, sample, step).
+     stop strings checked in bulk, randomness keyed by (seed, problem, sample, step). The static
+     cache both fast paths write (`SlotCache`) and their attention (`_slot_attention`) live here.
   3. `decode_rows`: self-speculative decoding, fast -- batched (each row accepts its own number of
      drafts), exact speculative sampling (Leviathan et al. 2023), greedy trees of drafts
      (`draft_tree`, `parse_tree`; Medusa's tree attention), static cache, CUDA graphs; with
@@ -1097,9 +1098,8 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
                 stats["tokens"].append(len(results[r]))
                 stats["verify_forwards"] += f - 1
                 for node in ac[j][1:f]:  # the node each verify forward kept: its path's nodes were kept
-                    for i in tr["path"][node][1:tr["depth"][node] + 1]:
+                    for i in tr["path"][node][:tr["depth"][node] + 1]:
                         stats["node_hits"][i] += 1
-                    for k in range(tr["depth"][node]):
-                        stats["accepted"][k] += 1
-                stats["node_hits"][0] += f - 1
+    for i in range(1, L):  # draft k is kept when a node of depth k is (one per forward)
+        stats["accepted"][tr["depth"][i] - 1] += stats["node_hits"][i]
     return results, stats

@@ -200,10 +200,8 @@ def calibrate(cfg: SpeculateConfig) -> dict:
                                  parallel_heads=cfg.parallel_heads)
     order = sampling.calibrated_tree(wide, st["node_hits"])
     F = max(st["verify_forwards"], 1)
-    expected = {}
-    for size in (1, 2, 4, 8, 10, 15, 16, 20, 30, 32, 40, 60, 64):
-        if size <= len(order):
-            expected[str(size)] = round(1 + sum(h for _, h in order[:size]) / F, 4)
+    expected = {str(size): round(counted_tpf(order, size, F), 4)
+                for size in (1, 2, 4, 8, 10, 15, 16, 20, 30, 32, 40, 60, 64) if size <= len(order)}
     result = {"model": cfg.model, "calib_path": cfg.calib_path, "prompts": len(prompts),
               "calibration_tree": cfg.calib_tree, "max_new_tokens": cfg.max_new_tokens,
               "verify_forwards": st["verify_forwards"], "seconds": round(time.time() - t0, 1),
@@ -226,25 +224,34 @@ def calibrate(cfg: SpeculateConfig) -> dict:
 TIME_PROMPTS, TIME_TOKENS = 4, 64  # what `time_sizes` decodes: a forward's cost depends on its shape, not the text
 
 
+def counted_tpf(order, size: int, forwards: int) -> float:
+    """Tokens per forward of the first `size` calibrated nodes: 1 + their hits / forwards."""
+    return 1 + sum(h for _, h in order[:size]) / max(forwards, 1)
+
+
+def ms_per_forward(model, tok, prompts, max_new, eos_ids, cfg, speculative, tree, **kw) -> tuple[float, dict]:
+    """Batch-1 decoding of `prompts` (no stop strings) after an untimed warm-up on the first
+    (kernel choice, graph capture) -> (ms per forward, prefills excluded; its stats)."""
+    run = functools.partial(sampling.decode_rows, model, tok, speculative=speculative, tree=tree,
+                            check_every=cfg.check_every, pick_blas=cfg.pick_blas,
+                            parallel_heads=cfg.parallel_heads, compile=cfg.compile, **kw)
+    run(prompts[:1], 16, [], eos_ids)
+    _, st = run(prompts, max_new, [], eos_ids)
+    return 1000 * (st["seconds"] - st["prefill_s"]) / max(sum(st["forwards"]) - len(prompts), 1), st
+
+
 def time_sizes(model, tok, ids, eos_ids, order, forwards, cfg) -> dict:
     """Each --calib_sizes tree (the first N calibrated nodes) timed at batch 1 against plain
     decoding on the same prompts (ms per forward, prefills excluded), and its predicted speed-up:
     the tokens per forward the calibration counted for it x plain's ms / its ms. The size is
     then chosen on held-out training prompts and this GPU's timings, not on the test set."""
-    def ms(speculative, tree):
-        run = functools.partial(sampling.decode_rows, model, tok, speculative=speculative, tree=tree,
-                                pick_blas=cfg.pick_blas, parallel_heads=cfg.parallel_heads)
-        run(ids[:1], 8, [], eos_ids)  # warm-up: kernel choice, graph capture
-        _, st = run(ids, TIME_TOKENS, [], eos_ids)
-        return 1000 * (st["seconds"] - st["prefill_s"]) / max(sum(st["forwards"]) - len(ids), 1)
-
-    plain = ms(False, None)
+    plain, _ = ms_per_forward(model, tok, ids, TIME_TOKENS, eos_ids, cfg, False, None)
     sizes = {}
     for size in sorted({int(x) for x in cfg.calib_sizes.split(",") if x.strip()}):
         if size > len(order):
             continue
-        tpf = 1 + sum(h for _, h in order[:size]) / forwards
-        cost = ms(True, tuple(tuple(p) for p, _ in order[:size]))
+        tpf = counted_tpf(order, size, forwards)
+        cost, _ = ms_per_forward(model, tok, ids, TIME_TOKENS, eos_ids, cfg, True, tuple(tuple(p) for p, _ in order[:size]))
         sizes[str(size)] = {"tokens_per_forward": round(tpf, 4), "ms_per_forward": round(cost, 3),
                             "plain_ms_per_forward": round(plain, 3), "predicted_speedup": round(tpf * plain / cost, 4)}
         print(f"  {size} drafts: {tpf:.2f} tokens/forward, {cost:.2f} ms per forward (plain {plain:.2f}): "
@@ -355,21 +362,16 @@ def forward_cost(cfg: SpeculateConfig) -> dict:
               "parallel_heads": cfg.parallel_heads, "compile": cfg.compile,
               "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens, "ms_per_forward": {}}
     shapes = [("plain", False, None)] + [(name, True, tree) for name, tree in parse_trees(cfg.trees, model.n_heads).items()]
-    def run(speculative, tree, n_prompts, max_new, **kw):
-        return sampling.decode_rows(model, tok, prompts[:n_prompts], max_new, [], eos_ids, speculative=speculative,
-                                    tree=tree, check_every=cfg.check_every, pick_blas=cfg.pick_blas,
-                                    parallel_heads=cfg.parallel_heads, compile=cfg.compile, **kw)
-
     for name, speculative, tree in shapes:
-        run(speculative, tree, 1, 16)  # untimed warm-up
-        _, st = run(speculative, tree, len(prompts), cfg.max_new_tokens)
-        ms = 1000 * (st["seconds"] - st["prefill_s"]) / max(sum(st["forwards"]) - len(prompts), 1)
+        ms, st = ms_per_forward(model, tok, prompts, cfg.max_new_tokens, eos_ids, cfg, speculative, tree)
         result["ms_per_forward"][name] = round(ms, 3)
         print(f"{name}: {ms:.3f} ms per forward ({st['n_block']} tokens per block)", flush=True)
         if cfg.kernels and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                run(speculative, tree, 1, 40)  # CUDA graphs, as measured (the profiler sees inside them)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # CUDA graphs, as measured (the profiler sees inside them)
+                sampling.decode_rows(model, tok, prompts[:1], 40, [], eos_ids, speculative=speculative, tree=tree,
+                                     check_every=cfg.check_every, pick_blas=cfg.pick_blas,
+                                     parallel_heads=cfg.parallel_heads, compile=cfg.compile)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70))
     write_json(cfg.out, result)
@@ -426,11 +428,8 @@ def main(argv):
         common.check_file("calib_path", cfg.calib_path)
         common.check_min("calib_batch", cfg.calib_batch, 1)
         common.check_min("calib_limit", cfg.calib_limit, 0)
-        try:
-            if any(int(x) < 1 for x in cfg.calib_sizes.split(",") if x.strip()):
-                raise ValueError
-        except ValueError:
-            raise common.ConfigError(f"config key 'calib_sizes': whole numbers >= 1 like 4,8,16; got {cfg.calib_sizes!r}") from None
+        if not all(x.strip().isdigit() and int(x) >= 1 for x in cfg.calib_sizes.split(",") if x.strip()):
+            raise common.ConfigError(f"config key 'calib_sizes': whole numbers >= 1 like 4,8,16; got {cfg.calib_sizes!r}")
         parse_trees(cfg.calib_tree)
     if cfg.stage in ("measure", "cost"):
         parse_trees(cfg.trees)  # the syntax (and tree files) now; the depth once the model's heads are known

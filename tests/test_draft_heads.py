@@ -161,7 +161,7 @@ def test_calibrate_then_measure_a_calibrated_tree(tiny_checkpoint, tmp_path):  #
                         "--execute=false", "--device=cpu", f"--trees={tree}:4", f"--out={out}"])
     s = m["batch"]["1"]["speculative"][f"{tree}:4"]
     assert s["block"] == 5 and s["completions_differing_from_plain"] == 0
-    assert s["tree"] == saved["nodes"][:4] or sorted(s["tree"]) == sorted(saved["nodes"][:4])
+    assert s["tree"] == sorted(saved["nodes"][:4], key=lambda p: (len(p), p))  # draft_tree numbers them depth by depth
 
 
 @pytest.mark.parametrize("spec,msg", [("3xa", "neither"), ("0x1", "widths >= 1"), ("2x2x2x2", "depth 4 needs 5 heads, the model has 3"),
