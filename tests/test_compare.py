@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-import compare
+from tools import compare
 
 P, N = 40, 10  # problems, samples per problem
 

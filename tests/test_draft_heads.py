@@ -10,9 +10,10 @@ from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 from test_eval import tiny_checkpoint  # noqa: F401  (a fixture)
 
 import mtp
-import sampling
-import speculate
 import train_rho1
+from decoding import sampling
+from support import model_io
+from tools import speculate
 
 
 @pytest.mark.parametrize("chunk", [None, 5])
@@ -50,7 +51,7 @@ def test_head0_targets_reach_the_models_loss(tmp_path, sequential):
     (the default since issue 15) head0_targets was dropped, and --model.head_target=head0
     silently trained on the data's tokens (the GPU run's acceptance matched the tokens run's)."""
     torch.manual_seed(0)
-    base, _ = mtp.load_model_and_tokenizer(tiny_model_json(tmp_path / "model.json"))
+    base, _ = model_io.load_model_and_tokenizer(tiny_model_json(tmp_path / "model.json"))
     model = mtp.MTPModel(base.double(), 3)
     model.sequential_heads = sequential
     model.train()
@@ -78,7 +79,7 @@ def test_heads_only_self_distillation_leaves_the_base_identical(tmp_path, head_t
     gets a gradient -- its state dict after training equals the starting model's bit for bit --
     while every tensor of every extra head moves."""
     char_tokenizer(tmp_path / "tok")
-    start, _ = mtp.load_model_and_tokenizer(tiny_model_json(tmp_path / "model.json"))
+    start, _ = model_io.load_model_and_tokenizer(tiny_model_json(tmp_path / "model.json"))
     start.save_pretrained(tmp_path / "start")
     shutil.copytree(tmp_path / "tok", tmp_path / "start", dirs_exist_ok=True)
     before = {k: v.clone() for k, v in start.state_dict().items()}
@@ -89,7 +90,7 @@ def test_heads_only_self_distillation_leaves_the_base_identical(tmp_path, head_t
                      "--data.max_seq_len=64", "--max_steps=4", "--heads_only_steps=4", "--global_batch=4",
                      "--micro_batch=2", "--lr=1e-2", "--warmup_steps=1", "--train.device=cpu", "--train.dtype=float32",
                      f"--out_dir={tmp_path / 'out'}"])
-    model, _ = mtp.load_consolidated(str(tmp_path / "out" / "final"))
+    model, _ = model_io.load_consolidated(str(tmp_path / "out" / "final"))
     after = model.base.state_dict()
     assert after.keys() == before.keys()
     for k, v in after.items():

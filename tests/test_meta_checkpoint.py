@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mtp
+from support import model_io
 
 
 def ffn_dim(dim, multiple_of, ffn_dim_multiplier=None):  # Meta's FeedForward sizing
@@ -95,8 +95,8 @@ def meta_forward(sd, p, tokens):
 @pytest.mark.parametrize("n_future", [1, 4])
 def test_meta_checkpoint_logits_match_every_head(tmp_path, n_future):
     sd, params = write_meta_checkpoint(tmp_path, n_future)
-    assert mtp.is_meta_checkpoint(str(tmp_path))
-    model, tok = mtp.load_meta_checkpoint(str(tmp_path))
+    assert model_io.is_meta_checkpoint(str(tmp_path))
+    model, tok = model_io.load_meta_checkpoint(str(tmp_path))
     assert model.n_heads == n_future and tok is None
     tokens = torch.randint(0, 101, (2, 17))
     expected = meta_forward(sd, params, tokens)
@@ -114,4 +114,4 @@ def test_meta_checkpoint_with_unknown_keys_is_an_error(tmp_path):
     sd["layers.0.attention.bogus.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "consolidated.pth")
     with pytest.raises(ValueError, match="unexpected key 'layers.0.attention.bogus.weight'"):
-        mtp.load_meta_checkpoint(str(tmp_path))
+        model_io.load_meta_checkpoint(str(tmp_path))

@@ -7,6 +7,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 import common
 import mtp
+from support import model_io
 
 
 @pytest.mark.parametrize("make", [tiny_llama, lambda **kw: tiny_llama(tie=True, **kw), tiny_gpt2],
@@ -84,7 +85,7 @@ def _random_problem(model, B=3, T=10, n=3, seed=0):
     w = torch.rand(n, B, T, generator=g, dtype=torch.float64) * 2
     denom = (w * valid).flatten(1).sum(1)
     coef = mtp.loss_coefficients(w, valid, denom, mtp.head_lambdas(n, 0.7).double())
-    return x, mtp.align_to_heads(x, n), coef
+    return x, mtp.align_to_heads(x, n), coef, (w, valid, mtp.head_lambdas(n, 0.7))
 
 
 @pytest.mark.parametrize("make", [tiny_llama, lambda **kw: tiny_llama(tie=True, **kw), tiny_gpt2],
@@ -92,13 +93,14 @@ def _random_problem(model, B=3, T=10, n=3, seed=0):
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_loss_and_gradients_equal_naive_float64(make, chunk):
     model = mtp.MTPModel(make(dtype=torch.float64), 3)
-    x, targets, coef = _random_problem(model)
+    x, targets, coef, (w, valid, lambdas) = _random_problem(model)
     params = [p for p in model.parameters()]
     loss, ce, _, _ = model(x, targets, coef=coef, chunk_size=chunk)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
 
     hiddens, _ = model.hidden_states(x, use_cache=False)
-    naive = mtp.naive_weighted_mtp_loss(hiddens, model.lm_head_weight, targets, coef)
+    # the specification (mtp.weighted_mtp_loss): every head's logits at once, from the raw weights
+    naive = mtp.weighted_mtp_loss(hiddens, model.lm_head_weight, targets, w, valid, lambdas)
     naive_grads = torch.autograd.grad(naive, params, allow_unused=True)
     torch.testing.assert_close(loss, naive, rtol=1e-12, atol=1e-12)
     for g, ng in zip(grads, naive_grads):
@@ -177,7 +179,7 @@ def test_rho1_selects_per_head():
 
 def test_rho1_ratio_one_is_uniform_mtp():
     model = mtp.MTPModel(tiny_llama(dtype=torch.float64), 3)
-    x, targets, _ = _random_problem(model)
+    x, targets, _, _ = _random_problem(model)
     mask = torch.ones_like(x)
     mask[:, :3] = 0
     valid = mtp.align_to_heads(mask, 3)
@@ -222,8 +224,8 @@ def test_tokenizer_mismatch_names_both_models():
 
     a, b = Tok({"a": 0, "b": 1}), Tok({"a": 1, "b": 0})
     with pytest.raises(ValueError, match="policy 'org/policy'.*reference 'org/ref'"):
-        mtp.check_same_tokenizer(a, b, "org/policy", "org/ref")
-    mtp.check_same_tokenizer(a, Tok({"a": 0, "b": 1}), "x", "y")  # same vocab: fine
+        model_io.check_same_tokenizer(a, b, "org/policy", "org/ref")
+    model_io.check_same_tokenizer(a, Tok({"a": 0, "b": 1}), "x", "y")  # same vocab: fine
 
 
 def test_consolidated_checkpoint_round_trip(tmp_path):
@@ -232,7 +234,7 @@ def test_consolidated_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         for p in model.extra_heads.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    mtp.save_consolidated(model, None, str(tmp_path))
+    model_io.save_consolidated(model, None, str(tmp_path))
     x = torch.randint(0, 97, (2, 6))
     expected, _ = model.hidden_states(x, use_cache=False)
 
@@ -241,7 +243,7 @@ def test_consolidated_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(base(x).logits, expected[0] @ model.lm_head_weight.t())
     heads = mtp.MTPModel(base, 3)
     from safetensors.torch import load_file
-    heads.load_state_dict(load_file(str(tmp_path / mtp.MTP_HEADS)), strict=False)
+    heads.load_state_dict(load_file(str(tmp_path / model_io.MTP_HEADS)), strict=False)
     got, _ = heads.hidden_states(x, use_cache=False)
     torch.testing.assert_close(got, expected)
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path)).config.tie_word_embeddings
@@ -255,7 +257,7 @@ def test_load_policy_keeps_the_trained_heads_of_a_wmtp_export(tmp_path):
     with torch.no_grad():
         for p in model.extra_heads.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    mtp.save_consolidated(model, char_tokenizer(tmp_path / "tok"), str(tmp_path / "ckpt"))
+    model_io.save_consolidated(model, char_tokenizer(tmp_path / "tok"), str(tmp_path / "ckpt"))
     loaded, _ = common.load_policy(str(tmp_path / "ckpt"), 3)
     x = torch.randint(0, 99, (2, 6))
     torch.testing.assert_close(loaded.hidden_states(x, use_cache=False)[0], model.hidden_states(x, use_cache=False)[0])
@@ -274,8 +276,8 @@ def test_activation_checkpointing_keeps_gradients():
     def grads(ckpt):
         model = mtp.MTPModel(tiny_llama(dtype=torch.float64), 3).train()
         if ckpt:
-            mtp.enable_grad_checkpointing(model)
-        x, targets, coef = _random_problem(model)
+            common.enable_grad_checkpointing(model)
+        x, targets, coef, _ = _random_problem(model)
         loss, *_ = model(x, targets, coef=coef)
         return torch.autograd.grad(loss, list(model.parameters()))
 

@@ -8,8 +8,7 @@ from test_eval import TOK, mtp_model
 from test_speculative import SPARSE, random_prompts, reference_tree_forwards
 
 import mtp
-import parallel_heads
-import sampling
+from decoding import parallel_heads, sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -30,6 +30,7 @@ import eval as ev
 import mtp
 import train_critic
 import train_rho1
+from support import model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -260,7 +261,7 @@ def test_parse_errors_are_one_line_config_errors(setup, tmp_path):
 def test_a_number_for_a_string_key_is_its_text():
     # `speculate.py --batch_sizes=8` (one batch size) reads as the int 8; it was refused as
     # "expected str". A string key takes a number's text; a bool is still refused.
-    import speculate
+    from tools import speculate
     cfg = common.parse_config(speculate.SpeculateConfig, ["m", "--batch_sizes=8", "--out=7"], positional="model")
     assert (cfg.batch_sizes, cfg.out) == ("8", "7")
     with pytest.raises(common.ConfigError, match="'batch_sizes'"):
@@ -432,7 +433,7 @@ def test_signal_checkpoints_and_resume_gives_the_uninterrupted_weights(setup, tm
     straight = subprocess.run([sys.executable, "train_rho1.py", cfg, f"--out_dir={tmp_path / 'straight'}"],
                               cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    for f in ("model.safetensors", mtp.MTP_HEADS):
+    for f in ("model.safetensors", model_io.MTP_HEADS):
         a, b = (load_file(str(tmp_path / d / "final" / f)) for d in ("stopped", "straight"))
         assert a.keys() == b.keys()
         for k in a:

@@ -18,11 +18,11 @@ import time
 
 import pytest
 
+import data
 import eval as ev
-import sandbox
+from support import sandbox
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MBPP = os.path.join(REPO, "..", "shared", "data", "mbpp.jsonl")
 needs_root = pytest.mark.skipif(not sandbox.DROP_PRIVILEGES, reason="a separate sandbox uid needs root on Linux")
 
 # A toy problem in HumanEval's shape: the completion must define f() returning 1.
@@ -89,9 +89,7 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(clean_machine):
 
 
 def _mbpp_rows():
-    if not os.path.isfile(MBPP):
-        pytest.skip(f"{MBPP} not present")
-    with open(MBPP) as f:
+    with open(data.MBPP_FILE) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -116,9 +114,7 @@ def test_mbpp_all_974_reference_solutions_pass(clean_machine):
 
 
 def test_mbpp_test_split_and_prompt():
-    if not os.path.isfile(MBPP):
-        pytest.skip(f"{MBPP} not present")
-    problems = ev.load_problems("mbpp", MBPP)
+    problems = ev.load_problems("mbpp")
     assert [p["task_id"] for p in problems] == [f"MBPP/{i}" for i in range(11, 511)]
     prompt = problems[0]["prompt"]
     # 3-shot with tasks 2, 3, 4 in Austin et al.'s format, then the task, open after [BEGIN].

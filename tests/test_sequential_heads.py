@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
+import common
 import mtp
 import train_critic
 
@@ -112,7 +113,7 @@ def test_with_activation_checkpointing_and_autograd_grad():
     grads = []
     for model in (a, b):
         model.train()
-        mtp.enable_grad_checkpointing(model, heads=model is b)
+        common.enable_grad_checkpointing(model, heads=model is b)
         loss, *_ = model(x, targets, coef=coef)
         grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
     for ga, gb in zip(*grads):

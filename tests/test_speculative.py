@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_eval import TOK, mtp_model
 
-import sampling
+from decoding import sampling
+from support import model_io
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,8 +56,7 @@ def test_batched_speculative_greedy_with_a_real_tokenizer():
     """With SmolLM2's tokenizer and real stop strings (a tiny random model)."""
     from test_eval import SMOLLM2
 
-    import mtp
-    tok = mtp.load_tokenizer(SMOLLM2)
+    tok = model_io.load_tokenizer(SMOLLM2)
     model = mtp_model(len(tok), 3, 0.02, dtype=torch.float32)
     prompts = [tok(t).input_ids for t in ["def add(a, b):\n", "import math\n\ndef area(r):\n", "x ="]]
     eos, stop = sampling.eos_token_ids(model, tok), ["\ndef"]

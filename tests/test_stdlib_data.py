@@ -9,9 +9,10 @@ import re
 import pytest
 
 import data
+from support import stdlib_corpus
 
-MBPP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mbpp.jsonl")
-JSON_DIR = os.path.join(data.stdlib_root(), "json")
+MBPP = data.MBPP_FILE
+JSON_DIR = os.path.join(stdlib_corpus.stdlib_root(), "json")
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def _no_benchmarks(monkeypatch, extra=()):
 
 
 def test_same_examples_twice_and_splits_partition(fresh, monkeypatch):
-    roots = (JSON_DIR, os.path.join(data.stdlib_root(), "email"))
+    roots = (JSON_DIR, os.path.join(stdlib_corpus.stdlib_root(), "email"))
     a, ca = data.stdlib_examples("all", roots=roots)
     monkeypatch.setattr(data, "_STDLIB_CACHE", {})
     b, cb = data.stdlib_examples("all", roots=roots)
@@ -35,7 +36,7 @@ def test_same_examples_twice_and_splits_partition(fresh, monkeypatch):
     valid, _ = data.stdlib_examples("validation", roots=roots)
     assert {e["id"] for e in train} | {e["id"] for e in valid} == {e["id"] for e in a}
     assert not {e["id"] for e in train} & {e["id"] for e in valid} and valid
-    assert all(data.split_of(e["id"]) == "validation" for e in valid)
+    assert all(stdlib_corpus.split_of(e["id"]) == "validation" for e in valid)
     # the funnel adds up
     assert ca["found"] == ca["filtered_total"] + ca["exact_duplicates"] + ca["near_duplicates"] \
         + len(ca["contaminated"]) + ca["kept"]
@@ -101,11 +102,10 @@ def test_injected_contamination_is_dropped_and_reported(fresh, monkeypatch):
     assert len(ex) == 12 and counts["contaminated"] == []
 
 
-@pytest.mark.skipif(not os.path.exists(MBPP), reason="needs ../shared/data/mbpp.jsonl")
 def test_real_benchmarks_are_caught_when_hidden_in_training_code(fresh, tmp_path):
     """Against HumanEval + MBPP test themselves: an MBPP test solution with renamed variables,
     one pasted into a longer function, and a HumanEval docstring are all dropped."""
-    rows = {int(json.loads(ln)["task_id"]): json.loads(ln) for ln in open(MBPP)}
+    rows = {int(json.loads(ln)["task_id"]): json.loads(ln) for ln in open(data.MBPP_FILE)}
 
     def body_of(task):
         code = rows[task]["code"].replace("\r\n", "\n").expandtabs(4)
@@ -132,7 +132,6 @@ def test_real_benchmarks_are_caught_when_hidden_in_training_code(fresh, tmp_path
     assert ("HumanEval/0", "docstring") in kinds["m:close"]
 
 
-@pytest.mark.skipif(not os.path.exists(MBPP), reason="needs ../shared/data/mbpp.jsonl")
 def test_whole_stdlib_through_load_examples(fresh, capsys):
     """The real source as train_rho1.py uses it (data.source=stdlib): thousands of examples,
     no overlap with HumanEval / MBPP test, counts printed."""

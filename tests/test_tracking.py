@@ -26,8 +26,7 @@ from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 import common
 import data
 import mtp
-import tracking
-import viz
+from support import model_io, tracking, viz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "wmtp"
@@ -233,7 +232,7 @@ def test_large_export_is_registered_by_reference(tmp_path):
     old_uri = mlflow.get_tracking_uri()
     export = tmp_path / "out" / "final"
     export.mkdir(parents=True)
-    (export / mtp.MTP_CONFIG).write_text('{"n_heads": 2}')
+    (export / model_io.MTP_CONFIG).write_text('{"n_heads": 2}')
     (export / "tokenizer.json").write_text("{}")
     (export / "model.safetensors").write_bytes(bytes(4096))
     mcfg = tracking.MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="big",
@@ -245,7 +244,7 @@ def test_large_export_is_registered_by_reference(tmp_path):
         run.end()
         client = mlflow.MlflowClient(mcfg.tracking_uri)
         assert {a.path for a in client.list_artifacts(run.run_id, "final")} == {
-            "final/export_ref.json", "final/tokenizer.json", f"final/{mtp.MTP_CONFIG}"}
+            "final/export_ref.json", "final/tokenizer.json", f"final/{model_io.MTP_CONFIG}"}
         assert client.get_model_version("big", "1").tags == {"n_heads": "2"}
         with tracking.mlflow_model("models:/big/1", mcfg) as path:
             assert path == str(export)

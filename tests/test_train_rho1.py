@@ -11,6 +11,7 @@ from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 import common
 import mtp
 import train_rho1
+from support import model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_training_reduces_loss_and_logs_to_mlflow(tiny_run):
     # top-ρ keeps ceil(0.7 n) of every micro-step's valid tokens
     assert 0.7 <= run.data.metrics["head0/selected_frac"] < 0.75
     assert run.data.params["rho1.ratio"] == "0.7"
-    model, _ = mtp.load_consolidated(str(tmp_path / "out" / "final"))
+    model, _ = model_io.load_consolidated(str(tmp_path / "out" / "final"))
     assert model.n_heads == 2
 
 
@@ -100,7 +101,7 @@ def test_head_warm_up_leaves_the_base_model_untouched(tiny_run):
     trunk, head 0, norm, unembedding) stays bit for bit; after warm-up everything trains."""
     import torch
     tmp_path, cfg = tiny_run
-    start, _ = mtp.load_model_and_tokenizer(str(tmp_path / "model.json"))
+    start, _ = model_io.load_model_and_tokenizer(str(tmp_path / "model.json"))
     start.save_pretrained(tmp_path / "start")
     shutil.copytree(tmp_path / "tok", tmp_path / "start", dirs_exist_ok=True)
     before = {k: v.clone() for k, v in start.state_dict().items()}
@@ -111,7 +112,7 @@ def test_head_warm_up_leaves_the_base_model_untouched(tiny_run):
     def run(warm_up):
         out = tmp_path / f"warm{warm_up}"
         train_rho1.main(base_args + [f"--heads_only_steps={warm_up}", f"--out_dir={out}"])
-        model, _ = mtp.load_consolidated(str(out / "final"))
+        model, _ = model_io.load_consolidated(str(out / "final"))
         return model
 
     warm = run(3)
@@ -185,4 +186,4 @@ def test_ratio_one_runs_no_reference(tiny_run, monkeypatch):
         raise AssertionError("the reference ran at ratio 1")
     monkeypatch.setattr(mtp, "reference_token_ce", no_reference)
     train_rho1.main([cfg, "--rho1.ratio=1", "--train.max_steps=3", "--mlflow.enabled=false"])
-    assert mtp.load_consolidated(str(tmp_path / "out" / "final"))[0].n_heads == 2
+    assert model_io.load_consolidated(str(tmp_path / "out" / "final"))[0].n_heads == 2

@@ -18,15 +18,15 @@ import os
 import sys
 import time
 
-import mtp
+from support import model_io
 
 
 @dataclasses.dataclass
 class MlflowConfig:                  # the `mlflow:` section of every script's config; README "Tracking with MLflow"
-    enabled: bool = True
+    enabled: bool = True             # false: no MLflow at all (every call is a no-op)
     tracking_uri: str = ""           # "" = $MLFLOW_TRACKING_URI, else MLflow's default local store (./mlflow.db)
-    experiment: str = "wmtp"
-    run_name: str = ""
+    experiment: str = "wmtp"         # MLflow experiment the run is logged under
+    run_name: str = ""               # "" = MLflow's generated name
     artifact_location: str = ""      # where a *new* experiment keeps artifacts (s3://bucket/path: clients write
                                      # to S3 themselves); "" = the server's choice (beside a sqlite:/// file)
     register: bool = True            # log the final export as the run's artifact `final`, register a model version
@@ -68,7 +68,7 @@ def start_mlflow(mcfg: MlflowConfig, cfg, master: bool, resume_step: int = 0, lo
 
 # MLflow's HTTP client retries a failed request 7 times with exponential back-off, 120 s each: a
 # tracking server that is down (or dies mid-run) froze a run for ~4 min per call, then killed it
-# (../shared/findings/new-user-trial.md). For our processes, unless the user set them:
+# (seen in a new user's trial). For our processes, unless the user set them:
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 UPLOAD_TIMEOUT = "120"   # seconds per request while uploading artifacts (MLflow's default), unless the user set one
 OFFLINE_FILE = "mlflow_offline.jsonl"
@@ -298,7 +298,7 @@ class Tracker:
         if not self.active or self._pages_failed:
             return
         try:
-            import viz
+            from support import viz
             paths = viz.save(page, os.path.join(self.local_dir, "token_weights"), f"step_{step:06d}")
         except Exception as e:
             self._pages_failed = True
@@ -348,7 +348,7 @@ def replay_offline(path: str, tracking_uri: str = "") -> str:
 def export_link(path: str) -> dict:
     """The MLflow run a consolidated export was trained in (its mtp_config.json), or {}."""
     try:
-        with open(os.path.join(path, mtp.MTP_CONFIG)) as f:
+        with open(os.path.join(path, model_io.MTP_CONFIG)) as f:
             return {k: v for k, v in json.load(f).items() if k.startswith("mlflow_")}
     except (OSError, ValueError):
         return {}
@@ -379,7 +379,7 @@ def mlflow_model(spec: str, mcfg: MlflowConfig):
         if os.path.isfile(os.path.join(path, "export_ref.json")):
             with open(os.path.join(path, "export_ref.json")) as f:
                 ref = json.load(f)
-            if not os.path.isfile(os.path.join(ref["path"], mtp.MTP_CONFIG)):
+            if not os.path.isfile(os.path.join(ref["path"], model_io.MTP_CONFIG)):
                 raise FileNotFoundError(f"model {spec!r} was registered by reference to {ref['path']} on host "
                                         f"{ref['host']} (larger than mlflow.log_artifacts_max_mb), which is not here")
             path = ref["path"]

@@ -1,7 +1,7 @@
 """
 sampling.py — generating completions: what eval.py samples with.
 
-    import sampling
+    from decoding import sampling
     rows, stats = sampling.sample_problems(model, tok, problems, indices, n_samples, max_new_tokens,
                                            temperature, top_p, seed, batch_size, eos_ids)
     rows, stats = sampling.decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=True,
@@ -894,14 +894,14 @@ def decode_rows(model, tok, prompts, max_new_tokens, stop, eos_ids, speculative=
     kv_all = []  # ... as views of [2, layers, B, H, S, D] buffers (one per shape): a tree's move is one op
     kv_at = {}  # layer -> (its buffer, its index there)
     if device.type == "cuda" if pick_blas is None else pick_blas:  # both decoders: a batch is rows too
-        import linear_pick
+        from decoding import linear_pick
         step_rows = {B * L, B * (n - 1)}  # the forward's block, the heads' drafting; not prefills
         lin, patch = functools.partial(linear_pick.linear, row_counts=step_rows), functools.partial(
             linear_pick.patched, model, step_rows)  # around the step only: prefills stay as they are
     else:
         lin, patch = F.linear, contextlib.nullcontext
 
-    import parallel_heads as ph_mod
+    from decoding import parallel_heads as ph_mod
     par = ph_mod.ParallelHeads(model) if n > 1 and (cuda if parallel_heads is None else parallel_heads) \
         and ph_mod.supported(model) else None
 

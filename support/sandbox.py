@@ -1,7 +1,7 @@
 """
 sandbox.py — run model-written Python programs, and the verdict on one completion.
 
-    import sandbox
+    from support import sandbox
     sandbox.run_program("print(1)")                      # {returncode, stdout, stderr, runtime, completed, ...}
     sandbox.check_completion(problem, completion)         # {passed, error, detail, runtime}
     sandbox.check_all([(problem, completion), ...], workers=16, progress=True)

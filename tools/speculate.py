@@ -3,21 +3,21 @@ speculate.py — heads that draft: self-distillation data for the MTP heads, and
 self-speculative decoding against plain decoding.
 
     # 1. what the model itself writes: greedy + sampled continuations of training prompts
-    python speculate.py MODEL --stage=data --out=out/draft/distill.jsonl
+    python -m tools.speculate MODEL --stage=data --out=out/draft/distill.jsonl
     # 2. heads 1..n-1 learn it on the frozen model (the base stays bit for bit unchanged)
     python train_rho1.py configs/smol_draft_heads.yaml
     # 3. which drafts to verify: count, on held-out training prompts, how often decoding keeps each
     #    node of a wide tree; the best N-draft tree is then tree.json:N
-    python speculate.py out/draft_heads/final --stage=calibrate --calib_path=out/draft/distill_eval.jsonl \
+    python -m tools.speculate out/draft_heads/final --stage=calibrate --calib_path=out/draft/distill_eval.jsonl \\
         --out=out/draft/tree.json
     # 4. full HumanEval, greedy, speculative (a chain and trees of drafts) vs plain decoding in the
     #    same run, batch 1 and 8
-    python speculate.py out/draft_heads/final --stage=measure --base=MODEL \
+    python -m tools.speculate out/draft_heads/final --stage=measure --base=MODEL \\
         --trees=chain,3x2x1,out/draft/tree.json:10,out/draft/tree.json:32 --out=out/draft/measure.json
     # where a forward's time goes: ms per forward, plain vs each verify, batch 1 (README's profile);
     # --pick_blas=false: PyTorch's own cuBLAS choice instead of linear_pick's; --parallel_heads=false:
     # the last block and the heads one by one
-    python speculate.py out/draft_heads/final --stage=cost --trees=chain,2x2x1,3x2x1,6x3x2 --kernels
+    python -m tools.speculate out/draft_heads/final --stage=cost --trees=chain,2x2x1,3x2x1,6x3x2 --kernels
 
 Why (docs/design.md §7): a draft is accepted when it is what head 0 would have produced, so the
 heads should learn head 0's outputs, not a dataset's. Medusa-2 (Cai et al. 2024, §2.3.2) and
@@ -60,27 +60,28 @@ import torch
 import common
 import data
 import eval as ev
-import sampling
+from decoding import sampling
+from support import preflight
 
 
 @dataclass
 class SpeculateConfig:
     model: str = ""                  # (positional) data: the model to accelerate; measure: the checkpoint with heads
-    stage: Literal["data", "calibrate", "measure", "cost"] = "data"
+    stage: Literal["data", "calibrate", "measure", "cost"] = "data" # what to run (the docstring describes each stage)
     out: str = ""                    # data: the JSONL to write; calibrate, measure, cost: the JSON to write
-    device: str = "auto"
+    device: str = "auto"             # auto = cuda > mps > cpu
     dtype: str = "auto"              # data: auto = bf16 on GPUs; measure: auto = fp32 (greedy identity, eval.py)
-    seed: int = 1234
+    seed: int = 1234                 # sampling of the distillation data
     # ---- data ----
     sources: str = "stdlib,mbpp"     # prompts: the standard library's functions, MBPP train
     stdlib_path: str = ""            # an exported stdlib JSONL ({prompt, completion}); "" = scan this interpreter's
-    mbpp_path: str = data.LOCAL_MBPP  # MBPP JSONL (train split prompts; the stdlib scan's contamination check)
+    mbpp_path: str = ""              # MBPP JSONL ("" = data/mbpp.jsonl) (train split prompts; the stdlib scan's contamination check)
     limit: int = 0                   # at most this many prompts (0 = all)
     greedy: bool = True              # one greedy continuation per prompt (what greedy decoding will meet)
     sampled: int = 3                 # sampled continuations per prompt (the model's other likely paths)
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 256
+    temperature: float = 0.8         # sampled continuations of the distillation data
+    top_p: float = 0.95              # nucleus sampling of the distillation data
+    max_new_tokens: int = 256        # tokens generated per prompt at most
     batch_size: int = 512            # slots of the slot sampler
     eval_frac: float = 0.03          # share of prompts (by a hash) written to <out>_eval.jsonl instead
     # ---- calibrate ----
@@ -92,7 +93,7 @@ class SpeculateConfig:
                                      # fastest predicted (tokens per forward / cost per forward); "" = no timing
     # ---- measure ----
     base: str = ""                   # the original model: its weights must equal the checkpoint's base
-    batch_sizes: str = "1,8"
+    batch_sizes: str = "1,8"         # measure: rows decoded together, comma-separated (each timed)
     check_every: int = 4             # forwards between host checks (both decoders)
     trees: str = "chain"             # drafts to verify, each measured: chain (one per head), widths like 3x2x1 (a
                                      # tree: head d's top-w_d under every node of depth d-1) or a calibrated
@@ -330,7 +331,7 @@ def measure(cfg: SpeculateConfig):
         _, spec = next(iter(texts.values()))
         done = [sampling.completion_text(tok, torch.tensor([prompts[i]]), spec[i], stops[i], eos_ids)[0]
                 for i in range(len(problems))]
-        import sandbox
+        from support import sandbox
         verdicts = sandbox.check_all(list(zip(problems, done)), cfg.workers or os.cpu_count() or 1)
         result["pass@1_speculative_greedy"] = sum(bool(v["passed"]) for v in verdicts) / max(len(problems), 1)
         result["execution_seconds"] = round(time.time() - t0, 1)
@@ -417,32 +418,32 @@ def main(argv):
     cfg = common.parse_config(SpeculateConfig, argv, positional="model")
     if not cfg.model:
         raise common.ConfigError("no model: python speculate.py MODEL --stage=data|calibrate|measure|cost [--key=value ...]")
-    common.check_model_spec("model", cfg.model)
+    preflight.check_model_spec("model", cfg.model)
     if cfg.base:
-        common.check_model_spec("base", cfg.base)
+        preflight.check_model_spec("base", cfg.base)
     if cfg.stage == "data":
         for key in ("stdlib_path", "mbpp_path"):
             if getattr(cfg, key):
-                common.check_file(key, getattr(cfg, key))
+                preflight.check_file(key, getattr(cfg, key))
     if cfg.stage == "calibrate":
-        common.check_file("calib_path", cfg.calib_path)
-        common.check_min("calib_batch", cfg.calib_batch, 1)
-        common.check_min("calib_limit", cfg.calib_limit, 0)
+        preflight.check_file("calib_path", cfg.calib_path)
+        preflight.check_min("calib_batch", cfg.calib_batch, 1)
+        preflight.check_min("calib_limit", cfg.calib_limit, 0)
         if not all(x.strip().isdigit() and int(x) >= 1 for x in cfg.calib_sizes.split(",") if x.strip()):
             raise common.ConfigError(f"config key 'calib_sizes': whole numbers >= 1 like 4,8,16; got {cfg.calib_sizes!r}")
         parse_trees(cfg.calib_tree)
     if cfg.stage in ("measure", "cost"):
         parse_trees(cfg.trees)  # the syntax (and tree files) now; the depth once the model's heads are known
-    common.check_min("sampled", cfg.sampled, 0)
-    common.check_min("max_new_tokens", cfg.max_new_tokens, 1)
-    common.check_min("batch_size", cfg.batch_size, 1)
-    common.check_range("eval_frac", cfg.eval_frac, 0, 1)
+    preflight.check_min("sampled", cfg.sampled, 0)
+    preflight.check_min("max_new_tokens", cfg.max_new_tokens, 1)
+    preflight.check_min("batch_size", cfg.batch_size, 1)
+    preflight.check_range("eval_frac", cfg.eval_frac, 0, 1)
     if cfg.blas not in ("", "cublas", "cublaslt"):
         raise common.ConfigError(f"config key 'blas': one of '', cublas, cublaslt; got {cfg.blas!r}")
     if not cfg.out:
         cfg.out = {"data": "out/draft/distill.jsonl", "calibrate": "out/draft/tree.json",
                    "measure": "out/draft/measure.json", "cost": "out/draft/cost.json"}[cfg.stage]
-    common.check_out_dir("out", os.path.dirname(os.path.abspath(cfg.out)))
+    preflight.check_out_dir("out", os.path.dirname(os.path.abspath(cfg.out)))
     return {"data": distill_data, "calibrate": calibrate, "measure": measure, "cost": forward_cost}[cfg.stage](cfg)
 
 

@@ -13,7 +13,7 @@ library is right everywhere, so each (rows, in, out, dtype) shape times the cand
 first call -- outside a CUDA graph capture, e.g. the decoder's warm-up -- and keeps the fastest.
 Every candidate computes the same fp32 sums (no TF32), in its own order of summation.
 
-    import linear_pick
+    from decoding import linear_pick
     with linear_pick.patched(model, row_counts={8}):   # every nn.Linear of model, for 8-row inputs
         ...
 

@@ -2,10 +2,10 @@
 # Does weighting an MTP fine-tune help? The whole matrix on one machine, its jobs spread round-robin
 # over its GPUs (README "Does weighting help?").
 #
-#   bash scripts/compare_arms.sh BASE_MODEL            # e.g. a local HF dir of SmolLM2-135M-Instruct
-#   SEEDS="1 2 3" STEPS=200 N=10 bash scripts/compare_arms.sh BASE_MODEL
-#   MAX_NEW=384 GEN_BATCH=256 bash scripts/compare_arms.sh SMOLLM2_DIR                # the README's run
-#   RUN=out/n200 ARMS=ntp SEEDS=1 N=200 K=1,10,100 TASKS=humaneval bash scripts/compare_arms.sh SMOLLM2_DIR
+#   bash tools/compare_arms.sh BASE_MODEL            # e.g. a local HF dir of SmolLM2-135M-Instruct
+#   SEEDS="1 2 3" STEPS=200 N=10 bash tools/compare_arms.sh BASE_MODEL
+#   MAX_NEW=384 GEN_BATCH=256 bash tools/compare_arms.sh SMOLLM2_DIR                # the README's run
+#   RUN=out/n200 ARMS=ntp SEEDS=1 N=200 K=1,10,100 TASKS=humaneval bash tools/compare_arms.sh SMOLLM2_DIR
 #
 # Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to
 # JSONL), the same batches (same seed -> same data order), steps, tokens and LR schedule:
@@ -20,7 +20,7 @@
 # stays bit for bit the base), so that every arm trains its trunk for exactly STEPS steps.
 # Every step below is skipped when its output exists: the script can be re-run to continue.
 set -euo pipefail
-BASE=${1:?usage: bash scripts/compare_arms.sh BASE_MODEL (a local HF dir, hub id or .gguf)}
+BASE=${1:?usage: bash tools/compare_arms.sh BASE_MODEL (a local HF dir, hub id or .gguf)}
 RUN=${RUN:-out/cmp}          # everything the matrix writes
 SEEDS=${SEEDS:-"1 2 3"}
 ARMS=${ARMS:-"ntp mtp rho1 random critic"}
@@ -29,7 +29,7 @@ WARM=${WARM:-200}            # head warm-up steps (shared, before the arms)
 N=${N:-10}                   # samples per problem
 TASKS=${TASKS:-"humaneval mbpp"}
 LIMIT=${LIMIT:-0}            # problems per evaluation (0 = all; a smoke test uses a few)
-MBPP=${MBPP:-../shared/data/mbpp.jsonl}
+MBPP=${MBPP:-data/mbpp.jsonl}
 GPUS=${GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}; [ "$GPUS" -ge 1 ] || GPUS=1  # jobs go round-robin over them
 PAR=${PAR:-$((5 * GPUS))}    # training jobs at once (a 135M model leaves most of a GPU idle)
 EVAL_PAR=${EVAL_PAR:-$((2 * GPUS))}  # evaluations at once, sharing the GPUs
@@ -150,6 +150,6 @@ wait
 # ---- 6. the table ---------------------------------------------------------------------------
 arms="base=$RUN/eval/base/*/results.json"
 for arm in $ARMS; do arms="$arms $arm=$RUN/eval/$arm-s*/*/results.json"; done
-wants ntp && $PY compare.py --arms="$arms" --ref=ntp --k=$K --out=$RUN/comparison.md --mlflow.enabled=false
+wants ntp && $PY -m tools.compare --arms="$arms" --ref=ntp --k=$K --out=$RUN/comparison.md --mlflow.enabled=false
 # and against the base model: does any fine-tune beat not fine-tuning at all?
-$PY compare.py --arms="$arms" --ref=base --k=$K --out=$RUN/comparison_vs_base.md --mlflow.enabled=false
+$PY -m tools.compare --arms="$arms" --ref=base --k=$K --out=$RUN/comparison_vs_base.md --mlflow.enabled=false
