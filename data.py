@@ -50,7 +50,7 @@ MBPP_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mb
 
 class DataError(ValueError):
     """Something wrong with the user's data (a malformed row, an empty file, a dataset smaller
-    than a batch): the scripts print it as one line and exit 2 (common.run_main), no traceback."""
+    than a batch): the scripts print it as one line and exit 2 (config.run_main), no traceback."""
     user_error = True
 
 

@@ -7,7 +7,7 @@ in a sandbox; and self-speculative decoding with the MTP heads.
     python eval.py out/rho1/final --task=humaneval --speculative        # greedy, timed both ways
     torchrun --nproc_per_node=8 eval.py out/rho1/final --task=code_contests --data_path=cc.jsonl
 
-Options are `--key=value` as in the training scripts (common.parse_config; a YAML file of the
+Options are `--key=value` as in the training scripts (config.parse_config; a YAML file of the
 same keys works too); the keys and their defaults are EvalConfig below.
 
 The model is a consolidated WMTP checkpoint (model_io.save_consolidated; plain decoding uses head 0),
@@ -42,8 +42,8 @@ import torch
 import common
 import data
 import mtp
-from decoding import sampling
-from support import model_io, preflight, sandbox, tracking
+from decoding import sampling, speculative
+from support import config, model_io, preflight, sandbox, tracking
 
 # --------------------------------------------------------------------------------------------
 # 1. pass@k
@@ -190,31 +190,32 @@ class EvalConfig:
     sandbox_python: str = ""         # interpreter for the programs ("" = this one)
     device: str = "auto"             # auto = cuda > mps > cpu
     dtype: str = "auto"              # auto = bf16 on GPUs (fp32 with --speculative), fp32 on CPU
-    out: str = ""                    # output directory ("" = out/eval/<task>-<time>)
+    out: str = ""                    # output directory ("" = beside a WMTP export: <run>/eval/<task>-<time>; else out/eval/...)
     mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-eval"))
 
 
 def parse_args(argv=None) -> EvalConfig:
-    """The project's one command-line dialect (common.parse_config): `python eval.py MODEL
+    """The project's one command-line dialect (config.parse_config): `python eval.py MODEL
     --task=humaneval --n_samples=10`, or a YAML file with the same keys; errors name the key."""
-    args = common.parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, positional="model")
+    args = config.parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, positional="model")
     if not args.model:
-        raise common.ConfigError("no model: python eval.py MODEL [--key=value ...] (see the docstring)")
+        raise config.ConfigError("no model: python eval.py MODEL [--key=value ...] (see the docstring)")
+    k_given = str(args.k) != EvalConfig.k  # the defaults' mismatches are fixed silently, the user's said
     try:
         args.k = sorted({int(k) for k in str(args.k).split(",") if k.strip()})
     except ValueError:
-        raise common.ConfigError(f"config key 'k': expected comma-separated integers, got {args.k!r}") from None
+        raise config.ConfigError(f"config key 'k': expected comma-separated integers, got {args.k!r}") from None
     for key in ("n_samples", "max_new_tokens"):
         if getattr(args, key) < 1:
-            raise common.ConfigError(f"config key {key!r}: must be >= 1, got {getattr(args, key)}")
+            raise config.ConfigError(f"config key {key!r}: must be >= 1, got {getattr(args, key)}")
     if args.speculative or args.temperature == 0:
-        if args.n_samples != 1:
+        if args.n_samples not in (1, EvalConfig.n_samples):
             print(f"greedy decoding: all samples would be identical, using n_samples=1 (not {args.n_samples})")
         args.n_samples, args.temperature = 1, 0.0
     try:
-        sampling.parse_tree(args.spec_tree)
+        speculative.parse_tree(args.spec_tree)
     except ValueError as err:
-        raise common.ConfigError(f"config key 'spec_tree': {err}") from None
+        raise config.ConfigError(f"config key 'spec_tree': {err}") from None
     if args.speculative and args.dtype == "auto":
         # Speculative greedy equals plain greedy only as far as the two compute the same logits.
         # They run different shapes (an n-token block vs one token), so bf16 rounds them
@@ -222,9 +223,9 @@ def parse_args(argv=None) -> EvalConfig:
         # 135M model diverged somewhere in bf16, none in fp32 (README). --dtype=bfloat16 still
         # works, for speed, with that caveat.
         args.dtype = "float32"
-    if [k for k in args.k if k > args.n_samples]:
+    if [k for k in args.k if k > args.n_samples] and k_given:
         print(f"pass@k needs k <= n_samples={args.n_samples}: dropping k={[k for k in args.k if k > args.n_samples]}")
-        args.k = [k for k in args.k if k <= args.n_samples]
+    args.k = [k for k in args.k if k <= args.n_samples]
     args.limit, args.max_tests = args.limit or None, args.max_tests or None
     args.workers = args.workers or os.cpu_count() or 1
     return args
@@ -232,21 +233,21 @@ def parse_args(argv=None) -> EvalConfig:
 
 def check_config(args: EvalConfig):
     """The model, data and numbers of an evaluation, checked before the model loads: a mistake is
-    one line naming the key and the fix (common.run_main, exit status 2)."""
+    one line naming the key and the fix (config.run_main, exit status 2)."""
     if not args.model.startswith(("models:/", "runs:/")):  # MLflow specs: checked by tracking.mlflow_model
         preflight.check_model_spec("model", args.model)
     if args.data_path:
         preflight.check_file("data_path", args.data_path)
     common.pick_device(args.device)
     if args.dtype not in common.DTYPES:
-        raise common.ConfigError(f"config key 'dtype': {args.dtype!r} is not one of {list(common.DTYPES)}")
+        raise config.ConfigError(f"config key 'dtype': {args.dtype!r} is not one of {list(common.DTYPES)}")
     for key in ("limit", "batch_size", "workers", "max_tests", "temperature"):
         preflight.check_min(key, getattr(args, key) or 0, 0)
     preflight.check_range("top_p", args.top_p, 0, 1, lo_open=True)
     preflight.check_min("timeout", args.timeout, 0, strict=True)
     preflight.check_min("memory_mb", args.memory_mb, 1)
     if not args.k or min(args.k) < 1:  # (parse_args has dropped, and said so, every k > n_samples)
-        raise common.ConfigError(f"config key 'k': no k with 1 <= k <= n_samples={args.n_samples} is left, so "
+        raise config.ConfigError(f"config key 'k': no k with 1 <= k <= n_samples={args.n_samples} is left, so "
                                  f"there would be no pass@k: set --k=1 (or raise --n_samples, e.g. --k=1,10 "
                                  f"--n_samples=10)")
     if args.out:
@@ -259,70 +260,27 @@ def main(argv=None):
     problems = load_problems(args.task, args.data_path or None, args.split)[:args.limit]
     # Under torchrun every rank takes every world-th problem; the rows are gathered on rank 0.
     dist = common.init_distributed(args.device)
-    rank, world, device, master = dist.rank, dist.world, dist.device, dist.rank == 0
+    device, master = dist.device, dist.rank == 0
     dtype = common.pick_dtype(args.dtype, device)
     with tracking.mlflow_model(args.model, args.mlflow) as path:  # models:/NAME/VERSION, runs:/RUN_ID/PATH
         model, tok = load_model(path, device, dtype)
         trained_in = tracking.export_link(path).get("mlflow_run_id")  # the training run, for MLflow below
-    eos_ids = sampling.eos_token_ids(model, tok)
     if args.speculative and model.n_heads == 1:
         print("--speculative with a 1-head model: there is nothing to draft, expect a speed-up of ~1")
     try:
-        spec_tree = sampling.parse_tree(args.spec_tree, model.n_heads if args.speculative else None)
+        spec_tree = speculative.parse_tree(args.spec_tree, model.n_heads if args.speculative else None)
     except ValueError as err:
-        raise common.ConfigError(f"config key 'spec_tree': {err}") from None
+        raise config.ConfigError(f"config key 'spec_tree': {err}") from None
     python = sandbox.sandbox_python(sandbox.DROP_PRIVILEGES, args.sandbox_python or None)  # probe once, before the threads
     if master:
         print(f"{args.task}: {len(problems)} problems x {args.n_samples} samples, model {args.model} "
-              f"({model.n_heads} heads) on {device}/{dtype}, world {world}")
+              f"({model.n_heads} heads) on {device}/{dtype}, world {dist.world}")
 
-    # ---- generate ----
-    rows, spec = [], {"plain_s": 0.0, "spec_s": 0.0, "tokens": 0, "forwards": 0, "plain_forwards": 0, "mismatches": 0}
-    mine = list(range(rank, len(problems), world))
+    mine = list(range(dist.rank, len(problems), dist.world))
     if args.speculative:
-        # sampling.decode_rows: plain greedy (one token per forward, head 0) and self-speculative
-        # greedy (heads 1..n-1 draft, one forward verifies) in the same loop, cache and batching
-        # (--batch_size rows at once; default 1, i.e. latency), so the speed-up is like for like.
-        spec_ids = [tok(problems[i]["prompt"]).input_ids for i in mine]
-        spec_bs = args.batch_size or 1
-
-        def decode(speculative, n=None):
-            return sampling.decode_rows(model, tok, spec_ids[:n], args.max_new_tokens,
-                                        [problems[i]["stop"] for i in mine][:n], eos_ids,
-                                        speculative=speculative, batch_size=spec_bs, tree=spec_tree)
-        if mine:  # untimed warm-up of both (lazy initialisation, kernel choice, CUDA graphs)
-            decode(False, spec_bs), decode(True, spec_bs)
-    t_gen = time.time()
-
-    def add_rows(i, ids, samples):
-        for s, toks in enumerate(samples):
-            text, kept = sampling.completion_text(tok, ids, toks, problems[i]["stop"], eos_ids)
-            rows.append({"task": args.task, "task_id": problems[i]["task_id"], "sample": s,
-                         "prompt": problems[i]["prompt"], "completion": text, "n_tokens": len(kept), "_problem": i})
-
-    if args.speculative and mine:
-        plain, plain_stats = decode(False)
-        drafted, spec_stats = decode(True)
-        for j, i in enumerate(mine):
-            ids = torch.tensor([spec_ids[j]])
-            spec["mismatches"] += (sampling.completion_text(tok, ids, plain[j], problems[i]["stop"], eos_ids)[0]
-                                   != sampling.completion_text(tok, ids, drafted[j], problems[i]["stop"], eos_ids)[0])
-            add_rows(i, ids, [drafted[j]])
-        spec.update(plain_s=plain_stats["seconds"], spec_s=spec_stats["seconds"], tokens=sum(spec_stats["tokens"]),
-                    forwards=sum(spec_stats["forwards"]), plain_forwards=sum(plain_stats["forwards"]))
-    elif not args.speculative:
-        # --batch_size rows decode together, continuously refilled from all of this rank's
-        # problems (sample_problems). Sample s of problem i depends only on (seed, i, s): not on
-        # how problems are split across ranks or batches (up to the rounding of different batch
-        # shapes in low precision).
-        samples, _ = sampling.sample_problems(model, tok, problems, mine, args.n_samples, args.max_new_tokens,
-                                     args.temperature, args.top_p, args.seed, args.batch_size or args.n_samples,
-                                     eos_ids, progress=master)
-        for i, group in itertools.groupby(samples, key=lambda x: x[0]):  # by problem, samples in order
-            add_rows(i, torch.tensor([tok(problems[i]["prompt"]).input_ids]), [t for _, _, t in group])
-    gen_seconds = time.time() - t_gen
-
-    # ---- execute ----
+        rows, spec, gen_seconds = generate_speculative(args, model, tok, problems, mine, spec_tree)
+    else:
+        rows, spec, gen_seconds = generate_samples(args, model, tok, problems, mine, master)
     t_exec = time.time()
     verdicts = sandbox.check_all([(problems[r["_problem"]], r["completion"]) for r in rows], args.workers,
                                  progress=master, timeout=args.timeout, memory_mb=args.memory_mb,
@@ -331,20 +289,92 @@ def main(argv=None):
         r.update(v)
         del r["_problem"]
     exec_seconds = time.time() - t_exec
-
-    if dist.group is not None:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, {"rows": rows, "spec": spec, "gen_s": gen_seconds,
-                                                       "exec_s": exec_seconds})
-        rows = [r for g in gathered for r in g["rows"]]
-        spec = {key: sum(g["spec"][key] for g in gathered) for key in spec}
-        gen_seconds = max(g["gen_s"] for g in gathered)
-        exec_seconds = max(g["exec_s"] for g in gathered)
+    rows, spec, gen_seconds, exec_seconds = gather_ranks(dist, rows, spec, gen_seconds, exec_seconds)
     common.shutdown(dist)
     if not master:
         return None
 
-    # ---- pass@k, per problem then averaged ----
+    results = summarize(args, problems, rows, spec, model.n_heads, dist.world, device, dtype, python)
+    results.update(generation_seconds=round(gen_seconds, 1), execution_seconds=round(exec_seconds, 1))
+    out_dir = write_results(args, rows, results)
+    log_to_mlflow(args, results, out_dir, trained_in)
+    return results
+
+
+def generate_samples(args, model, tok, problems, mine, progress) -> tuple[list[dict], dict, float]:
+    """args.n_samples completions of each of this rank's problems (`mine`), --batch_size rows
+    decoding together, continuously refilled (sampling.sample_problems). Sample s of problem i
+    depends only on (seed, i, s): not on how problems are split across ranks or batches (up to the
+    rounding of different batch shapes in low precision). -> (one row per sample, {}, seconds)."""
+    t0 = time.time()
+    eos_ids = sampling.eos_token_ids(model, tok)
+    samples, _ = sampling.sample_problems(model, tok, problems, mine, args.n_samples, args.max_new_tokens,
+                                          args.temperature, args.top_p, args.seed, args.batch_size or args.n_samples,
+                                          eos_ids, progress=progress)
+    rows = []
+    for i, group in itertools.groupby(samples, key=lambda x: x[0]):  # by problem, samples in order
+        prompt_ids = torch.tensor([tok(problems[i]["prompt"]).input_ids])
+        rows += completion_rows(args, tok, problems, i, prompt_ids, [t for _, _, t in group], eos_ids)
+    return rows, {}, time.time() - t0
+
+
+def generate_speculative(args, model, tok, problems, mine, tree) -> tuple[list[dict], dict, float]:
+    """--speculative: plain greedy (one token per forward, head 0) and self-speculative greedy (heads
+    1..n-1 draft, one forward verifies; `tree` of drafts) in the same decoder loop, cache and
+    batching (speculative.decode_rows; --batch_size rows at once, default 1, i.e. latency), so the
+    speed-up is like for like. -> (one row per problem, from the speculative run; the timings and
+    how many completions differ from plain greedy; the seconds after the warm-up)."""
+    spec = {"plain_s": 0.0, "spec_s": 0.0, "tokens": 0, "forwards": 0, "plain_forwards": 0, "mismatches": 0}
+    if not mine:
+        return [], spec, 0.0
+    eos_ids = sampling.eos_token_ids(model, tok)
+    prompts = [tok(problems[i]["prompt"]).input_ids for i in mine]
+    stops = [problems[i]["stop"] for i in mine]
+    batch = args.batch_size or 1
+
+    def decode(speculative, n=None):
+        return speculative.decode_rows(model, tok, prompts[:n], args.max_new_tokens, stops[:n], eos_ids,
+                                    speculative=speculative, batch_size=batch, tree=tree)
+    decode(False, batch), decode(True, batch)  # untimed warm-up of both (lazy init, kernel choice, CUDA graphs)
+    t0 = time.time()
+    plain, plain_stats = decode(False)
+    drafted, spec_stats = decode(True)
+    rows = []
+    for j, i in enumerate(mine):
+        prompt_ids = torch.tensor([prompts[j]])
+        text = [sampling.completion_text(tok, prompt_ids, toks, stops[j], eos_ids)[0] for toks in (plain[j], drafted[j])]
+        spec["mismatches"] += text[0] != text[1]
+        rows += completion_rows(args, tok, problems, i, prompt_ids, [drafted[j]], eos_ids)
+    spec.update(plain_s=plain_stats["seconds"], spec_s=spec_stats["seconds"], tokens=sum(spec_stats["tokens"]),
+                forwards=sum(spec_stats["forwards"]), plain_forwards=sum(plain_stats["forwards"]))
+    return rows, spec, time.time() - t0
+
+
+def completion_rows(args, tok, problems, i, prompt_ids, samples, eos_ids) -> list[dict]:
+    """Problem i's generated token lists -> rows of samples.jsonl (each cut at its first stop)."""
+    rows = []
+    for s, toks in enumerate(samples):
+        text, kept = sampling.completion_text(tok, prompt_ids, toks, problems[i]["stop"], eos_ids)
+        rows.append({"task": args.task, "task_id": problems[i]["task_id"], "sample": s,
+                     "prompt": problems[i]["prompt"], "completion": text, "n_tokens": len(kept), "_problem": i})
+    return rows
+
+
+def gather_ranks(dist, rows, spec, gen_seconds, exec_seconds):
+    """Under torchrun: every rank's rows and speculative counts on every rank, the slowest rank's
+    times (a single process: unchanged)."""
+    if dist.group is None:
+        return rows, spec, gen_seconds, exec_seconds
+    gathered = [None] * dist.world
+    torch.distributed.all_gather_object(gathered, {"rows": rows, "spec": spec, "gen_s": gen_seconds,
+                                                   "exec_s": exec_seconds})
+    return ([r for g in gathered for r in g["rows"]], {key: sum(g["spec"][key] for g in gathered) for key in spec},
+            max(g["gen_s"] for g in gathered), max(g["exec_s"] for g in gathered))
+
+
+def summarize(args, problems, rows, spec, n_heads, world, device, dtype, python) -> dict:
+    """pass@k per problem, then averaged over problems, with the run's settings, outcomes and (with
+    --speculative) the speed-up; sorts `rows` by problem and sample."""
     order = {p["task_id"]: j for j, p in enumerate(problems)}
     rows.sort(key=lambda r: (order[r["task_id"]], r["sample"]))
     per_problem = {}
@@ -357,11 +387,10 @@ def main(argv=None):
     errors = {}
     for r in rows:
         errors[r["error"] or "passed"] = errors.get(r["error"] or "passed", 0) + 1
-    results = {**metrics, "task": args.task, "model": args.model, "n_heads": model.n_heads,
+    results = {**metrics, "task": args.task, "model": args.model, "n_heads": n_heads,
                "n_problems": len(per_problem), "n_samples": args.n_samples, "temperature": args.temperature,
                "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "limit": args.limit,
-               "world_size": world, "device": str(device), "dtype": str(dtype), "outcomes": errors, "generation_seconds": round(gen_seconds, 1),
-               "execution_seconds": round(exec_seconds, 1),
+               "world_size": world, "device": str(device), "dtype": str(dtype), "outcomes": errors,
                "tokens_generated": sum(r["n_tokens"] for r in rows),
                "sandbox": {"separate_uid": sandbox.DROP_PRIVILEGES, "python": python, "timeout": args.timeout,
                            "memory_mb": args.memory_mb},
@@ -375,27 +404,43 @@ def main(argv=None):
             "plain_forwards": spec["plain_forwards"], "speculative_forwards": spec["forwards"],
             "plain_seconds": round(spec["plain_s"], 2), "speculative_seconds": round(spec["spec_s"], 2),
             "speedup": spec["plain_s"] / max(spec["spec_s"], 1e-9), "mismatches": spec["mismatches"]}
+    return results
 
-    out_dir = args.out or os.path.join("out", "eval", f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+def write_results(args, rows, results) -> str:
+    """samples.jsonl and results.json in --out (default_out_dir without it); print the numbers.
+    -> the directory."""
+    out_dir = args.out or default_out_dir(args.model, args.task)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-
-    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()), f"outcomes={errors}")
+    print(" ".join(f"{k}={results[f'pass@{k}']:.4f}" for k in args.k), f"outcomes={results['outcomes']}")
     if args.speculative:
         s = results["speculative"]
         print(f"speculative: {s['tokens_per_forward']:.2f} tokens/forward, speed-up {s['speedup']:.2f}x "
               f"({s['plain_seconds']}s plain vs {s['speculative_seconds']}s), {s['mismatches']} mismatches")
     print(f"wrote {out_dir}/results.json and samples.jsonl")
+    return out_dir
 
-    # MLflow: a run of its own (tagged with the training run the checkpoint names), results.json and
-    # samples.jsonl as artifacts, pass@k onto the registered model version(s) evaluated.
+
+def default_out_dir(model: str, task: str) -> str:
+    """Where results go without --out: beside the training run's export (a WMTP checkpoint
+    out/rho1/final -> out/rho1/eval/<task>-<time>), else out/eval/<task>-<time>."""
+    stamp = f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if os.path.isfile(os.path.join(model, model_io.MTP_CONFIG)):
+        return os.path.join(os.path.dirname(os.path.abspath(model)), "eval", stamp)
+    return os.path.join("out", "eval", stamp)
+
+
+def log_to_mlflow(args, results, out_dir, trained_in):
+    """A run of its own (tagged with the training run the checkpoint names), results.json and
+    samples.jsonl as artifacts, pass@k onto the registered model version(s) evaluated."""
     run = tracking.start_mlflow(replace(args.mlflow, run_name=args.mlflow.run_name or f"eval-{args.task}"), args, True,
-                              local_dir=out_dir, tags={"model_spec": args.model, "training_run_id": trained_in or ""})
-    numbers = {k.replace("@", "_at_"): v for k, v in metrics.items()}
+                                local_dir=out_dir, tags={"model_spec": args.model, "training_run_id": trained_in or ""})
+    numbers = {f"pass_at_{k}": results[f"pass@{k}"] for k in args.k}
     if args.speculative:
         numbers.update({f"speculative_{k}": v for k, v in results["speculative"].items() if isinstance(v, (int, float))})
     run.log_metrics(numbers)
@@ -406,8 +451,7 @@ def main(argv=None):
     if tagged:
         print("pass@k written onto model version(s) " + ", ".join(f"models:/{n}/{v}" for n, v in tagged))
     run.end()
-    return results
 
 
 if __name__ == "__main__":
-    common.run_main(main, sys.argv[1:])
+    config.run_main(main, sys.argv[1:])

@@ -29,6 +29,7 @@ Read top to bottom: the config; 1. the critic's math (value model, δ, GAE, whit
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -39,11 +40,12 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 import data
 import mtp
-from support import metrics, model_io, preflight, tracking, viz
+from support import config, metrics, model_io, preflight, tracking, viz
 
 
 @dataclass
@@ -477,7 +479,7 @@ def evaluate_value(value_model, eval_items, micro_batch, amp, dist, pad_id) -> d
 
 def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, label_counts):
     """Stage 1 -> the trained value model, frozen, on the device (None after a dry run's one step
-    is still returned, untrained, for stage 2's dry run)."""
+    is still returned, untrained, for stage 2's dry tracker)."""
     v, device, world = cfg.value, dist.device, dist.world
     say = print if dist.rank == 0 else (lambda *a, **k: None)
     amp = common.autocast(device, dtype, dist)
@@ -500,7 +502,7 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
         batches = data.step_batches(train_items, 0, v.global_batch, v.micro_batch, cfg.train.seed, dist.rank, world, pad_id)
         loss, _ = value_loss(value_model, batches[0], value_denominators(batches[:1], device, dist.group), v, amp, device)
         (loss * world).backward()
-        say(f"dry run, stage 1: value model {sum(p.numel() for p in value_model.parameters()) / 1e6:.1f}M "
+        say(f"dry tracker, stage 1: value model {sum(p.numel() for p in value_model.parameters()) / 1e6:.1f}M "
             f"params ({n_trainable / 1e6:.3f}M trained), loss {loss.item():.4f}")
         return value_model.requires_grad_(False).eval()
 
@@ -508,11 +510,10 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
         import shutil
         print(f"--overwrite: deleting the earlier value model {v.out_dir}")
         shutil.rmtree(v.out_dir)
-    run = tracking.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg,
+    tracker = tracking.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg,
                               dist.rank == 0, local_dir=v.out_dir, tags={"stage": "value"})
-    run.log_params({"value.n_trainable": n_trainable, "world_size": world,
+    tracker.log_params({"value.n_trainable": n_trainable, "world_size": world,
                     **{f"labels.{k}": x for k, x in label_counts.items()}})
-    from tqdm import tqdm
     value_model.train()
     bar = tqdm(total=v.max_steps, disable=dist.rank != 0, dynamic_ncols=True, desc="stage 1 (value)")
     for step in range(v.max_steps):
@@ -526,23 +527,23 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
             stats += torch.stack([loss.detach(), bce])
         stats = mtp.all_reduce(stats, "sum", dist.group)
         grad_norm = common.optimizer_step(value_model, optimizer, schedule, stats[0], v.grad_clip, f"stage 1 step {step}")
-        metrics = {"value/loss": float(stats[0]), "value/bce": float(stats[1] / denom[0]),
-                   "value/lr": schedule.get_last_lr()[0], "value/grad_norm": float(grad_norm)}
+        logged = {"value/loss": float(stats[0]), "value/bce": float(stats[1] / denom[0]),
+                  "value/lr": schedule.get_last_lr()[0], "value/grad_norm": float(grad_norm)}
         if common.every(step, v.eval_every, v.max_steps):
-            metrics |= evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
-            say(f"\nstage 1 step {step + 1}: held-out {metrics}")
-        metrics.log_metrics(metrics, step, run, bar, bce=f"{metrics['value/bce']:.4f}")
+            logged |= evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
+            say(f"\nstage 1 step {step + 1}: held-out {logged}")
+        metrics.log_metrics(logged, step, tracker, bar, bce=f"{logged['value/bce']:.4f}")
         bar.update()
     bar.close()
     held_out = evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
     say(f"stage 1 final held-out: {held_out}")
     common.export_consolidated(value_model, tok, v.out_dir, dist, save=save_value_model, extra={
         "trained_with": "train_critic.py", "steps": v.max_steps, "loss": v.loss,
-        "train_layers": v.train_layers, "labelled_data": label_counts, "heldout": held_out, **run.link()})
+        "train_layers": v.train_layers, "labelled_data": label_counts, "heldout": held_out, **tracker.link()})
     say(f"saved value model {v.out_dir}")
-    run.log_metrics(held_out, v.max_steps)
-    run.log_params({"value_model_dir": os.path.abspath(v.out_dir)})
-    run.end()
+    tracker.log_metrics(held_out, v.max_steps)
+    tracker.log_params({"value_model_dir": os.path.abspath(v.out_dir)})
+    tracker.end()
     return value_model.requires_grad_(False).eval()  # stage 2 uses it frozen, as it is
 
 
@@ -628,34 +629,29 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
     """Stage 2: critic-weighted MTP fine-tuning of `model` (on the device already, as is the
     frozen value model) -> nothing; writes the consolidated export. `argv`: the command line, for
     the resume command printed when SIGTERM / SIGINT stops it."""
-    c, device, world, master = cfg.critic, dist.device, dist.world, dist.rank == 0
-    say = print if master else (lambda *a, **k: None)
+    c, device, world = cfg.critic, dist.device, dist.world
+    say = print if dist.rank == 0 else (lambda *a, **k: None)
     amp = common.autocast(device, dtype, dist)
     chunk = cfg.train.chunk_size or None
     n_heads, pad_id = model.n_heads, (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     lambdas = mtp.head_lambdas(n_heads, cfg.model.head_discount).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    micro_steps = cfg.train.global_batch // (cfg.train.micro_batch * world)
     run_cfg = run_config(cfg, vocab_size=model.config.vocab_size)  # kept with every checkpoint
     say(f"stage 2 data: {len(policy_set)} passing solutions, {len(policy_eval)} held out")
     optimizer, schedule = common.adamw_cosine(
         model.parameters(), cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
         cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio, device)
 
+    def step_weights(batches, shuffler=None):  # the critic's weights of one optimizer step (all micro-batches)
+        return critic_step_weights(value_model, batches, c, n_heads, amp, device, dist.group, shuffler)
+
     def micro_step(batch, w, denom):  # w: this micro-batch's critic weights, target indexing
-        ids = batch["input_ids"].to(device)
-        valid = mtp.align_to_heads(batch["loss_mask"].to(device), n_heads)
-        w = mtp.align_to_heads(w, n_heads)
-        coef = mtp.loss_coefficients(w, valid, denom, lambdas)
-        with amp:
-            loss, ce, correct, _ = model(ids, mtp.align_to_heads(ids, n_heads), coef=coef, chunk_size=chunk)
-        return loss, ce, correct, coef, valid, w
+        return policy_micro_step(model, batch, w, denom, lambdas, amp, chunk)
 
     def evaluate():
         if not policy_eval:
             return []
         return common.heldout_ce(model, data.eval_batches(policy_eval, cfg.train.micro_batch, dist.rank, world, pad_id),
-                                 device, amp, chunk, dist.group)
+                                 device, amp, chunk, dist.group, progress=dist.rank == 0)
 
     def batches_of(step):
         return data.step_batches(policy_set, step, cfg.train.global_batch, cfg.train.micro_batch,
@@ -663,49 +659,23 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
 
     if cfg.dry_run:
         batches = batches_of(0)
-        weights, denom, wstats = critic_step_weights(value_model, batches[:1], c, n_heads, amp, device, dist.group)
+        weights, denom, wstats = step_weights(batches[:1])
         loss, *_ = micro_step(batches[0], weights[0], denom)
         (loss * world).backward()
-        say(f"dry run, stage 2: policy {n_params / 1e6:.1f}M params ({n_heads} heads), device {device} "
-            f"{dtype}, world {world}, micro-steps/step {micro_steps}, loss {loss.item():.4f}, weights "
-            f"mean {wstats['weights/mean']:.3f} max {wstats['weights/max']:.3f}, "
-            f"peak memory {common.peak_memory_gb(device):.2f} GB")
-        return
+        return say_dry_run(cfg, model, dist, dtype, loss, wstats, say)
+    start_step, tracker = start_policy_run(cfg, model, dist, optimizer, schedule, run_cfg, len(policy_set), say)
+    tracker.weight_pages = (functools.partial(weight_pages, cfg, value_model, tok, data.collate(
+        policy_eval[:cfg.mlflow.weight_pages], pad_id), n_heads, amp, device, dist.group) if policy_eval else None)
 
-    start_step = 0
-    if cfg.resume:
-        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule, run_cfg)
-        say(f"resumed from step {start_step}")
-    elif cfg.train.overwrite:
-        common.clear_earlier_run(cfg.train.out_dir, dist)
-    run = tracking.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/policy"), cfg, master,
-                              resume_step=start_step, tags={"stage": "policy"})
-    run.log_params({"n_params": n_params, "world_size": world, "policy_examples": len(policy_set),
-                    "value_model_dir": os.path.abspath(c.value_model or cfg.value.out_dir)})
-    run.set_model_tags(base_model=cfg.model.policy, n_heads=n_heads, steps=cfg.train.max_steps,
-                       weighting=f"critic lam={c.lam} beta={c.beta} w=[{c.w_min},{c.w_max}]",
-                       data=f"{cfg.data.policy_source or cfg.data.source}:{cfg.data.policy_path or cfg.data.path or 'built-in'}")
-
-    def weight_pages(step):  # V_t, δ_t, A_t, w_t on a few fixed held-out solutions, drawn by viz.py
-        shown = data.collate(policy_eval[:cfg.mlflow.weight_pages], pad_id)
-        ids, mask = shown["input_ids"].to(device), shown["loss_mask"].to(device)
-        (w,), _, _ = critic_step_weights(value_model, [shown], c, n_heads, amp, device, dist.group)
-        with torch.no_grad(), amp:
-            v = torch.sigmoid(value_model(ids)).float()
-        delta = critic_deltas(v, mask, shown["passed"].to(device))
-        return viz.critic_page(tok, shown, v, delta, gae(delta, mask, c.lam), w, f"train_critic.py stage 2, step {step}")
-    run.weight_pages = weight_pages if policy_eval else None
-
-    from tqdm import tqdm
     model.train()
-    bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True,
+    bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=dist.rank != 0, dynamic_ncols=True,
                desc="stage 2 (policy)")
     speed = metrics.Throughput()
     stop = common.StopSignal("train_critic.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
     for step in range(start_step, cfg.train.max_steps):
         batches = batches_of(step)
         shuffler = common.step_generator(cfg.train.seed, step, dist.rank) if c.shuffle else None
-        weights, denom, wstats = critic_step_weights(value_model, batches, c, n_heads, amp, device, dist.group, shuffler)
+        weights, denom, wstats = step_weights(batches, shuffler)
         stats = metrics.HeadStats(n_heads, device)
         for batch, w in zip(batches, weights):
             loss, ce, correct, coef, valid, w = micro_step(batch, w, denom)
@@ -718,24 +688,82 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
         speed.step_done(sum(int(b["n_tokens"]) for b in batches) * world)
 
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-            tok_s = speed.rate()
-            m = stats.metrics() | {k: float(x) for k, x in wstats.items()} | {
-                "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
-            metrics.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}",
-                               w_max=f"{m['weights/max']:.2f}", tok_s=f"{tok_s:.0f}")
+            log_policy_step(stats, wstats, step, grad_norm, schedule, speed, bar, tracker)
         bar.update()
         if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
-            common.report_heldout(evaluate(), step + 1, dist, run)
+            common.report_heldout(evaluate(), step + 1, dist, tracker)
         if common.every(step, cfg.train.save_every, cfg.train.max_steps):
             common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last, run_cfg)
         if stop.requested(dist):  # all ranks agree; the checkpoint is written below
             break
     bar.close()
     common.exit_if_stopped(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last,
-                           run_cfg, dist, run)
-    common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps,
+                           run_cfg, dist, tracker)
+    common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), tracker, cfg.train.max_steps,
                            "train_critic.py")
     stop.restore()
+
+
+def policy_micro_step(model, batch, w, denom, lambdas, amp, chunk):
+    """One micro-batch of stage 2: the critic's weights w [B, T] (target indexing) -> each head's
+    loss coefficients -> the weighted MTP loss. -> (loss, and per (head, position): CE, argmax
+    right, coefficient, valid mask, weight)."""
+    n_heads, device = model.n_heads, lambdas.device
+    ids = batch["input_ids"].to(device)
+    valid = mtp.align_to_heads(batch["loss_mask"].to(device), n_heads)
+    w = mtp.align_to_heads(w, n_heads)
+    coef = mtp.loss_coefficients(w, valid, denom, lambdas)
+    with amp:
+        loss, ce, correct, _ = model(ids, mtp.align_to_heads(ids, n_heads), coef=coef, chunk_size=chunk)
+    return loss, ce, correct, coef, valid, w
+
+
+def say_dry_run(cfg, model, dist, dtype, loss, wstats, say):
+    micro_steps = cfg.train.global_batch // (cfg.train.micro_batch * dist.world)
+    say(f"dry run, stage 2: policy {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params "
+        f"({model.n_heads} heads), device {dist.device} {dtype}, world {dist.world}, micro-steps/step {micro_steps}, "
+        f"loss {loss.item():.4f}, weights mean {wstats['weights/mean']:.3f} max {wstats['weights/max']:.3f}, "
+        f"peak memory {common.peak_memory_gb(dist.device):.2f} GB")
+
+
+def start_policy_run(cfg, model, dist, optimizer, schedule, run_cfg, n_examples, say):
+    """Resume stage 2 from a checkpoint (or clear an earlier run with --overwrite) and start its
+    MLflow run. -> (the step to start from, the tracker)."""
+    c, start_step = cfg.critic, 0
+    if cfg.resume:
+        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule, run_cfg)
+        say(f"resumed from step {start_step}")
+    elif cfg.train.overwrite:
+        common.clear_earlier_run(cfg.train.out_dir, dist)
+    tracker = tracking.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/policy"), cfg,
+                                    dist.rank == 0, resume_step=start_step, tags={"stage": "policy"})
+    tracker.log_params({"n_params": sum(p.numel() for p in model.parameters()), "world_size": dist.world,
+                        "policy_examples": n_examples,
+                        "value_model_dir": os.path.abspath(c.value_model or cfg.value.out_dir)})
+    source = f"{cfg.data.policy_source or cfg.data.source}:{cfg.data.policy_path or cfg.data.path or 'built-in'}"
+    tracker.set_model_tags(base_model=cfg.model.policy, n_heads=model.n_heads, steps=cfg.train.max_steps,
+                           weighting=f"critic lam={c.lam} beta={c.beta} w=[{c.w_min},{c.w_max}]", data=source)
+    return start_step, tracker
+
+
+def log_policy_step(stats: metrics.HeadStats, wstats: dict, step, grad_norm, schedule, speed, bar, tracker):
+    """Per-head loss, CE, accuracy and weights, plus the critic's weight and value statistics."""
+    tok_s = speed.rate()
+    m = stats.metrics() | {k: float(x) for k, x in wstats.items()} | {
+        "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+    metrics.log_metrics(m, step, tracker, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}",
+                        w_max=f"{m['weights/max']:.2f}", tok_s=f"{tok_s:.0f}")
+
+
+def weight_pages(cfg, value_model, tok, shown, n_heads, amp, device, group, step):
+    """V_t, δ_t, A_t, w_t on a few fixed held-out solutions (`shown`, one batch), drawn by viz.py."""
+    c = cfg.critic
+    ids, mask = shown["input_ids"].to(device), shown["loss_mask"].to(device)
+    (w,), _, _ = critic_step_weights(value_model, [shown], c, n_heads, amp, device, group)
+    with torch.no_grad(), amp:
+        v = torch.sigmoid(value_model(ids)).float()
+    delta = critic_deltas(v, mask, shown["passed"].to(device))
+    return viz.critic_page(tok, shown, v, delta, gae(delta, mask, c.lam), w, f"train_critic.py stage 2, step {step}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,11 +772,13 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
 
 def check_config(cfg: Config, world: int):
     """Every value and path of the run, checked before anything heavy loads: a mistake stops the
-    run in seconds with one line naming the key and the fix (common.run_main, exit status 2)."""
-    if cfg.stages == "policy" and not cfg.critic.value_model:
-        raise common.ConfigError("--stages=policy needs critic.value_model (a directory written by stage 1)")
+    run in seconds with one line naming the key and the fix (config.run_main, exit status 2)."""
     if cfg.resume and cfg.stages != "policy":
-        raise common.ConfigError("resume continues stage 2, but --stages=value trains only stage 1")
+        raise config.ConfigError("resume continues stage 2, but --stages=value trains only stage 1")
+    if cfg.resume:  # first: a directory that never ran has nothing to resume, whatever else is missing
+        common.check_resume(common.find_checkpoint(cfg.resume, cfg.train.out_dir), run_config(cfg))
+    if cfg.stages == "policy" and not cfg.critic.value_model:
+        raise config.ConfigError("--stages=policy needs critic.value_model (a directory written by stage 1)")
     stage1, stage2 = cfg.stages in ("both", "value"), cfg.stages in ("both", "policy")
     common.check_train(cfg.train, world, cfg.resume, cfg.dry_run, writes=stage2)
     common.check_policy(cfg.model, cfg.train)
@@ -773,14 +803,14 @@ def check_config(cfg: Config, world: int):
                                            cfg.model.policy)
         preflight.check_out_dir("value.out_dir", v.out_dir)
         if os.path.isfile(os.path.join(v.out_dir, VALUE_CONFIG)) and not (cfg.train.overwrite or cfg.dry_run):
-            raise common.ConfigError(f"config key 'value.out_dir': {v.out_dir!r} holds an earlier value model; "
+            raise config.ConfigError(f"config key 'value.out_dir': {v.out_dir!r} holds an earlier value model; "
                                      f"use it with --stages=policy --critic.value_model={v.out_dir}, choose a new "
                                      f"directory with --value.out_dir=DIR, or replace it with --overwrite")
     if cfg.stages != "policy" or not d.policy_source:  # the labelled data is read
         if d.path:
             preflight.check_file("data.path", d.path)
         elif d.source in ("samples", "jsonl"):
-            raise common.ConfigError(f"config key 'data.path': data source {d.source!r} needs a file: set --data.path=FILE")
+            raise config.ConfigError(f"config key 'data.path': data source {d.source!r} needs a file: set --data.path=FILE")
         if d.source in ("mbpp", "mbpp_mutants"):
             preflight.check_out_dir("data.label_cache", d.label_cache)
         if d.reward_model:
@@ -791,19 +821,17 @@ def check_config(cfg: Config, world: int):
         if d.policy_eval_path:
             preflight.check_file("data.policy_eval_path", d.policy_eval_path)
         if not d.policy_path and d.policy_source == "jsonl":
-            raise common.ConfigError("config key 'data.policy_path': data source 'jsonl' needs a file: "
+            raise config.ConfigError("config key 'data.policy_path': data source 'jsonl' needs a file: "
                                      "set --data.policy_path=FILE")
     preflight.check_range("data.eval_frac", d.eval_frac, 0, 1, hi_open=True)
     for name in ("max_problems", "max_per_problem", "mutants_per_task"):
         preflight.check_min(f"data.{name}", getattr(d, name), 0)
     preflight.check_min("data.exec_timeout", d.exec_timeout, 0, strict=True)
     preflight.check_min("data.max_seq_len", d.max_seq_len, 2)
-    if cfg.resume:
-        common.check_resume(common.find_checkpoint(cfg.resume, cfg.train.out_dir), run_config(cfg))
 
 
 def main(argv):
-    cfg = common.parse_config(Config, argv, ignore=RHO1_ONLY_KEYS)
+    cfg = config.parse_config(Config, argv, ignore=RHO1_ONLY_KEYS)
     if cfg.resume is True:
         cfg.resume = "latest"
     if cfg.resume and cfg.stages == "both":
@@ -854,4 +882,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run_main(main, sys.argv[1:])
+    config.run_main(main, sys.argv[1:])

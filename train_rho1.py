@@ -21,16 +21,19 @@ The algorithm (docs/design.md §4-§5):
 from __future__ import annotations
 
 import copy
+import functools
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 import common
 import data
 import mtp
-from support import metrics, model_io, preflight, tracking, viz
+from support import config, metrics, model_io, preflight, tracking, viz
 
 
 @dataclass
@@ -93,7 +96,7 @@ RESUME_KEYS = ("model.policy", "model.n_heads", "model.head_discount", "model.re
 
 def check_config(cfg: Config, world: int):
     """Every value and path of the run, checked before anything heavy loads: a mistake stops the
-    run in seconds with one line naming the key and the fix (common.run_main, exit status 2)."""
+    run in seconds with one line naming the key and the fix (config.run_main, exit status 2)."""
     common.check_train(cfg.train, world, cfg.resume, cfg.dry_run)
     common.check_policy(cfg.model, cfg.train)
     if cfg.model.reference:
@@ -102,7 +105,7 @@ def check_config(cfg: Config, world: int):
                                        preflight.spec_vocab_size(cfg.model.policy), cfg.model.policy)
     preflight.check_range("rho1.ratio", cfg.rho1.ratio, 0, 1, lo_open=True)
     if cfg.model.head_target == "head0" and cfg.train.heads_only_steps < cfg.train.max_steps:
-        raise common.ConfigError("config key 'model.head_target': head0 distils heads 1..n-1 toward head 0, which "
+        raise config.ConfigError("config key 'model.head_target': head0 distils heads 1..n-1 toward head 0, which "
                                  "must not move: set --train.heads_only_steps to max_steps (or more)")
     preflight.check_min("rho1.temperature", cfg.rho1.temperature, 0, strict=True)
     d = cfg.data
@@ -112,40 +115,135 @@ def check_config(cfg: Config, world: int):
         if path:
             preflight.check_file(key, path)
         elif source == "jsonl" and not d.path:
-            raise common.ConfigError(f"config key {key!r}: data source 'jsonl' needs a file: set --{key}=FILE")
+            raise config.ConfigError(f"config key {key!r}: data source 'jsonl' needs a file: set --{key}=FILE")
     if cfg.resume:
         common.check_resume(common.find_checkpoint(cfg.resume, cfg.train.out_dir),
                             common.run_config("rho1", cfg, RESUME_KEYS))
 
 
 def main(argv):
-    cfg = common.parse_config(Config, argv, ignore=CRITIC_ONLY_KEYS)
+    cfg = config.parse_config(Config, argv, ignore=CRITIC_ONLY_KEYS)
     if cfg.resume is True:
         cfg.resume = "latest"
     check_config(cfg, common.world_size())
 
-    # ---- processes and devices -------------------------------------------------------------
-    # torchrun sets WORLD_SIZE; then every rank holds a shard of every block (FSDP2).
+    # ---- processes and devices: torchrun sets WORLD_SIZE; then every rank holds a shard of every block (FSDP2)
     dist = common.init_distributed(cfg.train.device)
-    rank, world, device, master = dist.rank, dist.world, dist.device, dist.rank == 0
-    dtype = common.pick_dtype(cfg.train.dtype, device)
+    dtype = common.pick_dtype(cfg.train.dtype, dist.device)
     torch.manual_seed(cfg.train.seed)
-    say = print if master else (lambda *a, **k: None)
+    say = print if dist.rank == 0 else (lambda *a, **k: None)
 
-    # ---- data, read first: a bad file stops the run before the models load ------------------
+    # ---- data, read first: a bad file stops the run before the models load ----
     examples, skipped = data.load_examples(cfg.data.source, cfg.data.path or None, cfg.data.split,
                                            cfg.data.skip_bad_rows)
     eval_examples, _ = data.load_examples(cfg.data.eval_source or cfg.data.source,
                                           (cfg.data.eval_path or cfg.data.path) or None,
                                           cfg.data.eval_split, cfg.data.skip_bad_rows)
 
-    # ---- models ----------------------------------------------------------------------------
-    # Master weights stay fp32; compute runs in `dtype` (autocast on one device, FSDP's mixed
-    # precision under torchrun), as mixed-precision training is meant to.
+    # ---- the policy (n heads) and the frozen reference, on their devices ----
+    s, tok, sizes = load_models(cfg, dist, dtype, say)
+    run_cfg = common.run_config("rho1", cfg, RESUME_KEYS, vocab_size=s.model.config.vocab_size)  # kept with every checkpoint
+
+    # ---- data, tokenized ----
+    train_set, counts = data.tokenize_examples(tok, examples, cfg.data.max_seq_len)
+    eval_set, _ = data.tokenize_examples(tok, eval_examples[: cfg.data.eval_limit or None], cfg.data.max_seq_len)
+    counts["skipped_bad_rows"] = skipped
+    say(f"data: {counts} | held-out: {len(eval_set)} examples")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def batches_of(step):  # step s of the run: a deterministic function of (seed, step) -- data.step_batches
+        return data.step_batches(train_set, step, cfg.train.global_batch, cfg.train.micro_batch,
+                                 cfg.train.seed, dist.rank, dist.world, pad_id)
+
+    def evaluate():
+        return common.heldout_ce(s.model, data.eval_batches(eval_set, cfg.train.micro_batch, dist.rank, dist.world,
+                                                            pad_id), dist.device, s.amp, s.chunk, dist.group,
+                                 progress=dist.rank == 0)
+
+    optimizer, schedule = common.adamw_cosine(
+        s.model.parameters(), cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
+        cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio, dist.device)
+    if cfg.dry_run:  # everything loaded, one forward/backward, then stop
+        dry_run(s, batches_of(0), sizes, dtype, say)
+        return common.shutdown(dist)
+    start_step, tracker = start_run(cfg, s, dist, optimizer, schedule, run_cfg, sizes, counts, say)
+    tracker.weight_pages = (functools.partial(weight_pages, s, tok, data.collate(eval_set[:cfg.mlflow.weight_pages],
+                                                                                pad_id))
+                            if eval_set and s.ref is not None else None)  # ratio 1: nothing to show
+
+    # ---- train ----
+    if start_step == 0:  # where the heads start: the baseline every held-out number compares to
+        common.report_heldout(evaluate(), 0, dist, tracker)
+    s.model.train()
+    bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=dist.rank != 0, dynamic_ncols=True)
+    speed = metrics.Throughput()
+    stop = common.StopSignal("train_rho1.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
+    for step in range(start_step, cfg.train.max_steps):
+        batches = batches_of(step)
+        denom = denominators(s, batches)  # Σ m·w per head over the whole optimizer batch, before any forward
+        stats = metrics.HeadStats(s.model.n_heads, dist.device)
+        shuffler = common.step_generator(cfg.train.seed, step, dist.rank) if cfg.rho1.shuffle else None
+        for batch in batches:
+            loss, ce, correct, coef, valid, w, ref_ce = micro_step(s, batch, denom, shuffler)
+            # FSDP averages gradients over ranks; our loss is already normalised by the global
+            # Σ m·w, so each rank's gradient is a partial *sum*: undo the average.
+            (loss * dist.world).backward()
+            excess = (ce - ref_ce) * valid if s.ref is not None else None  # Rho-1's score, for the metrics
+            stats.add(coef, ce, correct, valid, w, kept=(w > 0) & valid.bool(),
+                      **({"excess": excess, "excess_kept": excess * (w > 0)} if excess is not None else {}))
+        if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
+            common.drop_base_grads(s.model)
+        total_loss = stats.reduce(dist.group)
+        grad_norm = common.optimizer_step(s.model, optimizer, schedule, total_loss, cfg.train.grad_clip, f"step {step}")
+        speed.step_done(sum(int(b["n_tokens"]) for b in batches) * dist.world)
+
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
+            log_step(stats, step, grad_norm, schedule, speed, bar, tracker)
+        bar.update()
+        if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
+            common.report_heldout(evaluate(), step + 1, dist, tracker)
+        if common.every(step, cfg.train.save_every, cfg.train.max_steps):
+            common.save_checkpoint(cfg.train.out_dir, step + 1, s.model, optimizer, schedule, cfg.train.keep_last,
+                                   run_cfg)
+        if stop.requested(dist):  # all ranks agree; the checkpoint is written below
+            break
+    bar.close()
+    common.exit_if_stopped(stop, cfg.train.out_dir, step + 1, s.model, optimizer, schedule, cfg.train.keep_last,
+                           run_cfg, dist, tracker)
+
+    # ---- final held-out loss and consolidated export ----
+    if speed.run_rate():
+        say(f"throughput {speed.run_rate():.0f} tokens/s after the first step, "
+            f"peak memory {common.peak_memory_gb(dist.device):.2f} GB (rank 0)")
+    common.finish_training(s.model, tok, cfg.train.out_dir, dist, evaluate(), tracker, cfg.train.max_steps,
+                           "train_rho1.py")
+    stop.restore()
+
+
+# --------------------------------------------------------------------------------------------
+# The steps main() names
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """What every micro-step needs: the policy, the frozen reference (None when it decides
+    nothing: ratio 1, hard), the config, the process group and device, autocast, the heads' λ_k
+    and the loss's chunk size."""
+    cfg: Config
+    model: mtp.MTPModel
+    ref: mtp.MTPModel | None
+    dist: common.Dist
+    amp: typing.ContextManager
+    lambdas: torch.Tensor
+    chunk: int | None
+
+
+def load_models(cfg: Config, dist: common.Dist, dtype, say) -> tuple[Setup, typing.Any, dict]:
+    """The policy (an MTP model, master weights fp32: compute in `dtype` through autocast on one
+    device, FSDP's mixed precision under torchrun) and the reference, on their devices. -> (Setup,
+    tokenizer, parameter counts)."""
     model, tok = common.load_policy(cfg.model.policy, cfg.model.n_heads, cfg.model.tokenizer,
                                     cfg.train.sequential_heads)
-    base, n_heads = model.base, model.n_heads
-    run_cfg = common.run_config("rho1", cfg, RESUME_KEYS, vocab_size=model.config.vocab_size)  # kept with every checkpoint
     # The reference: another model with the same tokenizer, or (by default) a frozen copy of
     # the policy's starting point -- then excess loss measures what training has not yet learned.
     # At ratio 1 in hard mode every valid token is kept (plain MTP, next-token, a head warm-up):
@@ -153,17 +251,16 @@ def main(argv):
     # micro-step for a number only the excess-loss metrics would show.
     ref_spec = cfg.model.reference or cfg.model.policy
     uses_ref = cfg.rho1.ratio < 1 or cfg.rho1.mode != "hard"
-    if not uses_ref:
-        ref = None
-        if cfg.model.reference:
-            say(f"rho1.ratio=1 (hard) keeps every token: model.reference {cfg.model.reference} is not used")
-    elif cfg.model.reference:
+    ref = None
+    if not uses_ref and cfg.model.reference:
+        say(f"rho1.ratio=1 (hard) keeps every token: model.reference {cfg.model.reference} is not used")
+    elif uses_ref and cfg.model.reference:
         preflight.check_random_init_vocab("model.reference", ref_spec, model.config.vocab_size, cfg.model.policy)
         ref, ref_tok = model_io.load_model_and_tokenizer(ref_spec, dtype=torch.float32)
         if ref_tok is not None:
             model_io.check_same_tokenizer(tok, ref_tok, cfg.model.policy, ref_spec)
-    else:
-        ref = copy.deepcopy(base)  # before training touches it
+    elif uses_ref:
+        ref = copy.deepcopy(model.base)  # before training touches it
     if cfg.model.grad_checkpointing:
         common.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
     if cfg.train.heads_only_steps >= cfg.train.max_steps:
@@ -172,172 +269,110 @@ def main(argv):
         # trunk only for drop_base_grads to discard it, and AdamW never holds the base.
         model.base.requires_grad_(False)
     ref = mtp.MTPModel(ref.requires_grad_(False).eval(), 1) if uses_ref else None
-    n_params = sum(p.numel() for p in model.parameters())
-    n_ref = sum(p.numel() for p in ref.parameters()) if uses_ref else 0
+    sizes = {"n_params": sum(p.numel() for p in model.parameters()),
+             "n_ref_params": sum(p.numel() for p in ref.parameters()) if uses_ref else 0}
     model, ref = common.prepare_for_training(model, ref, dist, dtype, compile=cfg.train.compile)
-    amp = common.autocast(device, dtype, dist)
-    lambdas = mtp.head_lambdas(n_heads, cfg.model.head_discount).to(device)
-    chunk = cfg.train.chunk_size or None
+    lambdas = mtp.head_lambdas(model.n_heads, cfg.model.head_discount).to(dist.device)
+    return (Setup(cfg, model, ref, dist, common.autocast(dist.device, dtype, dist), lambdas,
+                  cfg.train.chunk_size or None), tok, sizes)
 
-    # ---- data: tokenized -------------------------------------------------------------------
-    train_set, counts = data.tokenize_examples(tok, examples, cfg.data.max_seq_len)
-    eval_set, _ = data.tokenize_examples(tok, eval_examples[: cfg.data.eval_limit or None], cfg.data.max_seq_len)
-    counts["skipped_bad_rows"] = skipped
-    say(f"data: {counts} | held-out: {len(eval_set)} examples")
-    micro_steps = cfg.train.global_batch // (cfg.train.micro_batch * world)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    # ---- optimizer and schedule ------------------------------------------------------------
-    optimizer, schedule = common.adamw_cosine(
-        model.parameters(), cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
-        cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio, device)
+def micro_step(s: Setup, batch, denom, shuffler=None):
+    """One micro-batch: reference CE -> policy forward -> Rho-1 weights -> loss (docs/design.md §5).
+    -> (loss, and per (head, position): the policy's CE, whether its argmax was right, the loss
+    coefficients, the valid mask, Rho-1's weights, the reference's CE of the same target)."""
+    n_heads, device, cfg = s.model.n_heads, s.dist.device, s.cfg
+    ids = batch["input_ids"].to(device)
+    mask = batch["loss_mask"].to(device)
+    targets = mtp.align_to_heads(ids, n_heads)
+    valid = mtp.align_to_heads(mask, n_heads)
+    # the unembeddings run only where a completion token is the target (per head, for the
+    # sequential heads: mtp.MTPModel._sequential_loss)
+    target_rows = [r.to(device) for r in mtp.head_rows(batch["loss_mask"], n_heads)]
+    chosen = torch.zeros(valid.shape, device=device)  # Rho-1's weights, filled head by head below
+    with s.amp:
+        ref_ce = None
+        if s.ref is not None:
+            ref_rows = mtp.loss_rows(batch["loss_mask"], 1).to(device)
+            ref_ce = mtp.align_to_heads(mtp.reference_token_ce(s.ref, ids, s.chunk, ref_rows), n_heads)
 
-    # ---- one micro-batch: reference CE -> policy forward -> Rho-1 weights -> loss ----------
-    def micro_step(batch, denom, shuffler=None):
-        ids = batch["input_ids"].to(device)
-        mask = batch["loss_mask"].to(device)
-        targets = mtp.align_to_heads(ids, n_heads)
-        valid = mtp.align_to_heads(mask, n_heads)
-        # the unembeddings run only where a completion token is the target (per head, for the
-        # sequential heads: mtp.MTPModel._sequential_loss)
-        rows = [r.to(device) for r in mtp.head_rows(batch["loss_mask"], n_heads)]
-        picked = {}
-        with amp:
-            ref_ce = None
-            if uses_ref:
-                ref_rows = mtp.loss_rows(batch["loss_mask"], 1).to(device)
-                ref_ce = mtp.align_to_heads(mtp.reference_token_ce(ref, ids, chunk, ref_rows), n_heads)
+        def rho1_coefficients(ce, head=None):  # ce: the policy's own per-(head, position) CE, detached
+            # Sequential heads call this once per head (head=k, ce [1, B, T]): the selection is
+            # per head and its denominators are counts known before the step, so head k needs
+            # only its own CE (docs/design.md §5).
+            ks = slice(None) if head is None else slice(head, head + 1)
+            if s.ref is not None:
+                w = mtp.rho1_weights(ce - ref_ce[ks], valid[ks], cfg.rho1.ratio, cfg.rho1.mode,
+                                     cfg.rho1.temperature, s.dist.group)
+            else:  # ratio 1, hard: what rho1_weights returns then (tests/test_mtp.py::test_rho1_ratio_one_is_uniform_mtp)
+                w = valid[ks].float()
+            if shuffler is not None:  # control: same weights per head, random tokens
+                w = mtp.shuffle_weights(w, valid[ks], shuffler)
+            chosen[ks] = w
+            return mtp.loss_coefficients(w, valid[ks], denom[ks], s.lambdas[ks])
 
-            def rho1_coef(ce, head=None):  # ce: the policy's own per-(head, position) CE, detached
-                # Sequential heads call this once per head (head=k, ce [1, B, T]): the selection is
-                # per head and its denominators are counts known before the step, so head k needs
-                # only its own CE (docs/design.md §5).
-                ks = slice(None) if head is None else slice(head, head + 1)
-                if uses_ref:
-                    w = mtp.rho1_weights(ce - ref_ce[ks], valid[ks], cfg.rho1.ratio, cfg.rho1.mode,
-                                         cfg.rho1.temperature, dist.group)
-                else:  # ratio 1, hard: what rho1_weights returns then (tests/test_mtp.py::test_rho1_ratio_one_is_uniform_mtp)
-                    w = valid[ks].float()
-                if shuffler is not None:  # control: same weights per head, random tokens
-                    w = mtp.shuffle_weights(w, valid[ks], shuffler)
-                if "w" not in picked:  # (setdefault would allocate on every call)
-                    picked["w"] = torch.zeros(valid.shape, device=device)
-                picked["w"][ks] = w
-                return mtp.loss_coefficients(w, valid[ks], denom[ks], lambdas[ks])
+        # In one process the hard selection keeps a number of pairs known on the host, so
+        # the loss can skip the dropped ones (with several ranks each rank's share varies).
+        n_kept = None
+        if s.dist.world == 1 and cfg.rho1.mode == "hard":
+            n_valid = mtp.align_to_heads(batch["loss_mask"], n_heads).flatten(1).sum(1)
+            n_kept = mtp.selected_count(n_valid, cfg.rho1.ratio).tolist()  # per head
+        loss, ce, correct, coef = s.model(ids, targets, coef_fn=rho1_coefficients, chunk_size=s.chunk,
+                                          rows=target_rows, n_nonzero=n_kept,
+                                          head0_targets=cfg.model.head_target == "head0")
+    return loss, ce, correct, coef, valid, chosen, ref_ce
 
-            # In one process the hard selection keeps a number of pairs known on the host, so
-            # the loss can skip the dropped ones (with several ranks each rank's share varies).
-            n_kept = None
-            if world == 1 and cfg.rho1.mode == "hard":
-                n_valid = mtp.align_to_heads(batch["loss_mask"], n_heads).flatten(1).sum(1)
-                n_kept = mtp.selected_count(n_valid, cfg.rho1.ratio).tolist()  # per head
-            loss, ce, correct, coef = model(ids, targets, coef_fn=rho1_coef, chunk_size=chunk,
-                                            rows=rows, n_nonzero=n_kept,
-                                            head0_targets=cfg.model.head_target == "head0")
-        return loss, ce, correct, coef, valid, picked["w"], ref_ce
 
-    # Σ m·w per head over the whole optimizer batch, known before any forward: top-ρ keeps
-    # exactly ceil(ρ·n_valid) tokens of every micro-step's pool, and the soft weights have mean
-    # 1 over valid tokens. So the global normaliser costs one all-reduce of token counts.
-    def denominators(batches):
-        n_valid = torch.stack([mtp.align_to_heads(b["loss_mask"], n_heads).flatten(1).sum(1)
-                               for b in batches]).to(device)  # [micro_steps, n_heads]
-        n_valid = mtp.all_reduce(n_valid, "sum", dist.group)
-        if cfg.rho1.mode == "hard":
-            return mtp.selected_count(n_valid, cfg.rho1.ratio).sum(0).float()
-        return n_valid.sum(0).float()
+def denominators(s: Setup, batches) -> torch.Tensor:
+    """Σ m·w per head over the whole optimizer batch, known before any forward: top-ρ keeps
+    exactly ceil(ρ·n_valid) tokens of every micro-step's pool, and the soft weights have mean 1
+    over valid tokens. So the global normaliser costs one all-reduce of token counts."""
+    n_heads = s.model.n_heads
+    n_valid = torch.stack([mtp.align_to_heads(b["loss_mask"], n_heads).flatten(1).sum(1)
+                           for b in batches]).to(s.dist.device)  # [micro_steps, n_heads]
+    n_valid = mtp.all_reduce(n_valid, "sum", s.dist.group)
+    if s.cfg.rho1.mode == "hard":
+        return mtp.selected_count(n_valid, s.cfg.rho1.ratio).sum(0).float()
+    return n_valid.sum(0).float()
 
-    def evaluate():
-        return common.heldout_ce(model, data.eval_batches(eval_set, cfg.train.micro_batch, rank, world, pad_id),
-                                 device, amp, chunk, dist.group)
 
-    # ---- dry run: everything loaded, one forward/backward, then stop -----------------------
-    if cfg.dry_run:
-        batches = data.step_batches(train_set, 0, cfg.train.global_batch, cfg.train.micro_batch,
-                                    cfg.train.seed, rank, world, pad_id)
-        loss, *_ = micro_step(batches[0], denominators(batches[:1]))
-        (loss * world).backward()
-        say(f"dry run: policy {n_params / 1e6:.1f}M params ({n_heads} heads), reference "
-            f"{n_ref / 1e6:.1f}M, device {device} {dtype}, world {world}, micro-steps/step "
-            f"{micro_steps}, loss {loss.item():.4f}, peak memory {common.peak_memory_gb(device):.2f} GB")
-        common.shutdown(dist)
-        return
+def dry_run(s: Setup, batches, sizes: dict, dtype, say):
+    """--dry_run: one forward/backward of the first micro-batch, and the sizes."""
+    loss, *_ = micro_step(s, batches[0], denominators(s, batches[:1]))
+    (loss * s.dist.world).backward()
+    micro_steps = s.cfg.train.global_batch // (s.cfg.train.micro_batch * s.dist.world)
+    say(f"dry run: policy {sizes['n_params'] / 1e6:.1f}M params ({s.model.n_heads} heads), reference "
+        f"{sizes['n_ref_params'] / 1e6:.1f}M, device {s.dist.device} {dtype}, world {s.dist.world}, micro-steps/step "
+        f"{micro_steps}, loss {loss.item():.4f}, peak memory {common.peak_memory_gb(s.dist.device):.2f} GB")
 
-    # ---- resume and tracking ---------------------------------------------------------------
+
+def start_run(cfg: Config, s: Setup, dist, optimizer, schedule, run_cfg, sizes, counts, say):
+    """Resume from a checkpoint (or clear an earlier run with --overwrite) and start the MLflow
+    run. -> (the step to start from, the tracker)."""
     start_step = 0
     if cfg.resume:
-        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, model, optimizer, schedule, run_cfg)
+        start_step = common.load_checkpoint(cfg.resume, cfg.train.out_dir, s.model, optimizer, schedule, run_cfg)
         say(f"resumed from step {start_step}")
     elif cfg.train.overwrite:
         common.clear_earlier_run(cfg.train.out_dir, dist)
-    run = tracking.start_mlflow(cfg.mlflow, cfg, master, resume_step=start_step)
-    run.log_params({"n_params": n_params, "n_ref_params": n_ref, "world_size": world,
-                    **{f"data.{k}": v for k, v in counts.items()}})
-    run.set_model_tags(base_model=cfg.model.policy, n_heads=n_heads, steps=cfg.train.max_steps,
-                       weighting=f"rho1 ratio={cfg.rho1.ratio} mode={cfg.rho1.mode}",
-                       data=f"{cfg.data.source}:{cfg.data.path or 'built-in'}:{cfg.data.split}")
-
-    def weight_pages(step):  # Rho-1's choice on a few fixed held-out examples, drawn by viz.py
-        shown = data.collate(eval_set[:cfg.mlflow.weight_pages], pad_id)
-        model.eval()
-        with torch.no_grad():
-            _, ce, _, _, valid, w, ref_ce = micro_step(shown, denominators([shown]))
-        model.train()
-        return viz.rho1_page(tok, shown, ce, ref_ce, w, valid, cfg.rho1.mode, f"train_rho1.py, step {step}")
-    run.weight_pages = weight_pages if eval_set and uses_ref else None  # ratio 1: nothing to show
-
-    # ---- train -----------------------------------------------------------------------------
-    from tqdm import tqdm
-    if start_step == 0:  # where the heads start: the baseline every held-out number compares to
-        common.report_heldout(evaluate(), 0, dist, run)
-    model.train()
-    bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=not master, dynamic_ncols=True)
-    speed = metrics.Throughput()
-    stop = common.StopSignal("train_rho1.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
-    for step in range(start_step, cfg.train.max_steps):
-        batches = data.step_batches(train_set, step, cfg.train.global_batch, cfg.train.micro_batch,
-                                    cfg.train.seed, rank, world, pad_id)
-        denom = denominators(batches)
-        stats = metrics.HeadStats(n_heads, device)
-        shuffler = common.step_generator(cfg.train.seed, step, rank) if cfg.rho1.shuffle else None
-        for batch in batches:
-            loss, ce, correct, coef, valid, w, ref_ce = micro_step(batch, denom, shuffler)
-            # FSDP averages gradients over ranks; our loss is already normalised by the global
-            # Σ m·w, so each rank's gradient is a partial *sum*: undo the average.
-            (loss * world).backward()
-            excess = {}
-            if uses_ref:
-                excess["excess"] = (ce - ref_ce) * valid
-                excess["excess_kept"] = excess["excess"] * (w > 0)
-            stats.add(coef, ce, correct, valid, w, kept=(w > 0) & valid.bool(), **excess)
-        if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
-            common.drop_base_grads(model)
-        total_loss = stats.reduce(dist.group)
-        grad_norm = common.optimizer_step(model, optimizer, schedule, total_loss, cfg.train.grad_clip, f"step {step}")
-        speed.step_done(sum(int(b["n_tokens"]) for b in batches) * world)
-
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-            log_step(stats, step, grad_norm, schedule, speed, bar, run)
-        bar.update()
-        if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
-            common.report_heldout(evaluate(), step + 1, dist, run)
-        if common.every(step, cfg.train.save_every, cfg.train.max_steps):
-            common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last, run_cfg)
-        if stop.requested(dist):  # all ranks agree; the checkpoint is written below
-            break
-    bar.close()
-    common.exit_if_stopped(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last,
-                           run_cfg, dist, run)
-
-    # ---- final held-out loss and consolidated export ----------------------------------------
-    if speed.run_rate():
-        say(f"throughput {speed.run_rate():.0f} tokens/s after the first step, "
-            f"peak memory {common.peak_memory_gb(device):.2f} GB (rank 0)")
-    common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), run, cfg.train.max_steps, "train_rho1.py")
-    stop.restore()
+    tracker = tracking.start_mlflow(cfg.mlflow, cfg, dist.rank == 0, resume_step=start_step)
+    tracker.log_params({**sizes, "world_size": dist.world, **{f"data.{k}": v for k, v in counts.items()}})
+    tracker.set_model_tags(base_model=cfg.model.policy, n_heads=s.model.n_heads, steps=cfg.train.max_steps,
+                           weighting=f"rho1 ratio={cfg.rho1.ratio} mode={cfg.rho1.mode}",
+                           data=f"{cfg.data.source}:{cfg.data.path or 'built-in'}:{cfg.data.split}")
+    return start_step, tracker
 
 
-def log_step(stats: metrics.HeadStats, step, grad_norm, schedule, speed: metrics.Throughput, bar, run):
+def weight_pages(s: Setup, tok, shown: dict, step: int) -> dict:
+    """Rho-1's choice on a few fixed held-out examples (`shown`, one batch), drawn by viz.py."""
+    s.model.eval()
+    with torch.no_grad():
+        _, ce, _, _, valid, w, ref_ce = micro_step(s, shown, denominators(s, [shown]))
+    s.model.train()
+    return viz.rho1_page(tok, shown, ce, ref_ce, w, valid, s.cfg.rho1.mode, f"train_rho1.py, step {step}")
+
+
+def log_step(stats: metrics.HeadStats, step, grad_norm, schedule, speed: metrics.Throughput, bar, tracker):
     """Per-head loss, CE, accuracy and weights (metrics.HeadStats), plus Rho-1's own numbers: the
     fraction of tokens kept, and the mean excess loss of all valid and of the kept tokens."""
     tok_s = speed.rate()
@@ -349,8 +384,8 @@ def log_step(stats: metrics.HeadStats, step, grad_norm, schedule, speed: metrics
         if excess is not None:
             m |= {f"head{k}/excess_all": excess[k],
                   f"head{k}/excess_selected": float(stats.sums["excess_kept"][k].cpu() / kept[k])}
-    metrics.log_metrics(m, step, run, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
+    metrics.log_metrics(m, step, tracker, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
 
 
 if __name__ == "__main__":
-    common.run_main(main, sys.argv[1:])
+    config.run_main(main, sys.argv[1:])

@@ -216,7 +216,7 @@ def _hub_errors(spec: str):
 
 class TokenizerMismatch(ValueError):
     """Two models that must share a tokenizer do not: the user's configuration, not a bug (the
-    scripts print it as one line, common.run_main)."""
+    scripts print it as one line, config.run_main)."""
     user_error = True
 
 

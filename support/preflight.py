@@ -1,8 +1,8 @@
 """
 preflight.py — the checks every script runs on its config before anything heavy loads: a bad
-value or path is one line naming the key and the fix (common.run_main prints it, exit status 2),
+value or path is one line naming the key and the fix (config.run_main prints it, exit status 2),
 in seconds, instead of a traceback after the model has loaded. Each script's check_config(cfg,
-world) calls these right after common.parse_config; common.check_train and common.check_policy
+world) calls these right after config.parse_config; common.check_train and common.check_policy
 hold the checks of the sections both training scripts share.
 """
 from __future__ import annotations
@@ -10,10 +10,7 @@ from __future__ import annotations
 import os
 
 from support import model_io
-
-
-class ConfigError(ValueError):
-    """A bad config value, key or combination: the user's to fix (one line, exit status 2)."""
+from support.config import ConfigError
 
 
 def check_min(key: str, value, minimum, strict: bool = False):

@@ -161,7 +161,7 @@ class Contamination:
 
     def check(self, name: str, body: str, fn, doc: str) -> tuple[list[dict], list[str], dict | None]:
         """-> (overlaps [{"benchmark", "kind", "score"}], benchmark ids sharing only the name,
-        the largest code overlap {"benchmark", "score", "shared"} or None)."""
+        the largest code overlap {"benchmark", "score", "ngrams"} or None)."""
         hits = []
         for bid, bname in self.bodies.get(body_key(body, fn), []):
             hits.append({"benchmark": bid, "kind": "name+body" if bname == name else "body", "score": 1.0})
@@ -175,7 +175,7 @@ class Contamination:
             if c >= self.code_frac * self.code_size[bid] and c >= self.code_min:
                 hits.append({"benchmark": bid, "kind": "code", "score": frac})
             elif best is None or frac > best["score"]:
-                best = {"benchmark": bid, "score": frac, "shared": c}
+                best = {"benchmark": bid, "score": frac, "ngrams": c}
         for bid in sorted({b for g in _ngrams(_words(doc), self.text_n) for b in self.text_index.get(g, ())}):
             hits.append({"benchmark": bid, "kind": "docstring", "score": 1.0})
         name_only = [] if hits or name.startswith("__") else sorted(set(self.names.get(name, [])))
@@ -337,7 +337,7 @@ def build(roots, benchmarks: list[dict], methods, min_doc, min_body_lines, max_b
         ex["split"] = split_of(ex["id"], valid_frac)
         pool.append(ex)
     # the closest code overlaps that were not enough to drop the function: for a human to judge
-    counts["closest_code_overlaps"] = sorted(near, key=lambda r: (-r["score"], -r["shared"], r["id"]))[:10]
+    counts["closest_code_overlaps"] = sorted(near, key=lambda r: (-r["score"], -r["ngrams"], r["id"]))[:10]
     counts["filtered_total"] = sum(counts["filtered"].values())
     counts["kept"] = len(pool)
     counts["kept_train"] = sum(ex["split"] == "train" for ex in pool)

@@ -31,7 +31,8 @@ class MlflowConfig:                  # the `mlflow:` section of every script's c
                                      # to S3 themselves); "" = the server's choice (beside a sqlite:/// file)
     register: bool = True            # log the final export as the run's artifact `final`, register a model version
     registered_model: str = ""       # the registry's name for it; "" = the experiment's name
-    log_artifacts_max_mb: float = 1024.0  # a larger export is referenced by its path (weights not uploaded)
+    log_artifacts_max_mb: float = 1024.0  # a larger export is referenced by its path (weights not uploaded); in
+                                     # a local store (./mlruns) every export is
     weight_pages: int = 3            # held-out examples drawn as token-weight pages (viz.py) at every held-out eval
 
 
@@ -231,19 +232,24 @@ class Tracker:
 
     def log_export(self, path: str):
         """The consolidated export as the run's artifact `final`, registered as a new version of
-        mlflow.registered_model (source runs:/RUN_ID/final) with the model tags. Above
-        mlflow.log_artifacts_max_mb only the small files are uploaded, plus export_ref.json naming
-        where the weights (*.safetensors) are; eval.py then loads them from that path."""
+        mlflow.registered_model (source runs:/RUN_ID/final) with the model tags. The weights
+        (*.safetensors) are registered where they lie -- only the small files are uploaded, plus
+        export_ref.json naming the export's path, which eval.py then loads from -- when the
+        artifact store is a local directory (a copy would only double the disk: 557 MB per 135M
+        run, under ./mlruns) or the export is above mlflow.log_artifacts_max_mb; a remote store
+        (a tracking server, S3) gets the whole export."""
         if not (self.active and self.cfg.register):
             return
         import shutil
         import socket
         import tempfile
+        from urllib.parse import urlsplit
 
         import mlflow
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
         src, tmp = path, None
-        if size > self.cfg.log_artifacts_max_mb * 2 ** 20:
+        local_store = urlsplit(mlflow.get_artifact_uri()).scheme in ("", "file")
+        if local_store or size > self.cfg.log_artifacts_max_mb * 2 ** 20:
             tmp = tempfile.mkdtemp(prefix="wmtp-export-")
             src = os.path.join(tmp, "final")
             shutil.copytree(path, src, ignore=shutil.ignore_patterns("*.safetensors"))

@@ -12,11 +12,10 @@ import pytest
 import torch
 from conftest import char_tokenizer, tiny_model_json
 
-import common
 import data
 import mtp
 import train_critic
-from support import model_io
+from support import config, model_io
 
 
 def _tok(model_json):
@@ -561,17 +560,17 @@ def test_stage_two_head_warm_up_keeps_the_base_model(toy_run, tmp_path):
 
 def test_config_errors(toy_run):
     _, model_json, _ = toy_run
-    with pytest.raises(common.ConfigError, match="needs critic.value_model"):
+    with pytest.raises(config.ConfigError, match="needs critic.value_model"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=policy"])
-    with pytest.raises(common.ConfigError, match="'stages'"):
+    with pytest.raises(config.ConfigError, match="'stages'"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=critic"])
-    with pytest.raises(common.ConfigError, match="resume continues stage 2"):
+    with pytest.raises(config.ConfigError, match="resume continues stage 2"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=value", "--resume"])
     # bare --resume (README): stage 2 continues with the value model stage 1 saved in value.out_dir
     with pytest.raises(FileNotFoundError, match="not a value-model directory"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--resume",
                            "--value.out_dir=/nonexistent/value", "--data.policy_source=jsonl", "--data.policy_path=x"])
-    with pytest.raises(common.ConfigError, match="'value.loss'"):
+    with pytest.raises(config.ConfigError, match="'value.loss'"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--value.loss=huber"])
     with pytest.raises(FileNotFoundError, match="not a value-model directory"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=policy", "--critic.value_model=/nonexistent",

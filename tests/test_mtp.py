@@ -7,7 +7,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 import common
 import mtp
-from support import model_io
+from support import config, model_io
 
 
 @pytest.mark.parametrize("make", [tiny_llama, lambda **kw: tiny_llama(tie=True, **kw), tiny_gpt2],
@@ -261,7 +261,7 @@ def test_load_policy_keeps_the_trained_heads_of_a_wmtp_export(tmp_path):
     loaded, _ = common.load_policy(str(tmp_path / "ckpt"), 3)
     x = torch.randint(0, 99, (2, 6))
     torch.testing.assert_close(loaded.hidden_states(x, use_cache=False)[0], model.hidden_states(x, use_cache=False)[0])
-    with pytest.raises(common.ConfigError, match="'model.n_heads' is 2 but .* has n_heads=3"):
+    with pytest.raises(config.ConfigError, match="'model.n_heads' is 2 but .* has n_heads=3"):
         common.load_policy(str(tmp_path / "ckpt"), 2)
 
 

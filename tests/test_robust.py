@@ -30,11 +30,11 @@ import eval as ev
 import mtp
 import train_critic
 import train_rho1
-from support import model_io
+from support import config, model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-USER_ERRORS = (common.ConfigError, FileNotFoundError, data.DataError)
+USER_ERRORS = (config.ConfigError, FileNotFoundError, data.DataError)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def no_model_load(monkeypatch):
     """Loading any model fails the test: the check under test must come before."""
     def trap(*a, **k):
         raise AssertionError("a model was loaded before the config error")
-    for obj, name in ((common, "load_policy"), (mtp, "load_model_and_tokenizer"), (mtp, "load_consolidated")):
+    for obj, name in ((common, "load_policy"), (model_io, "load_model_and_tokenizer"), (model_io, "load_consolidated")):
         monkeypatch.setattr(obj, name, trap)
 
 
@@ -133,7 +133,7 @@ def test_bad_paths_are_refused_before_loading(setup, no_model_load, tmp_path, mo
         ([out, f"--data.path={tmp_path / 'missing.jsonl'}"], "'data.path': file .*missing.jsonl' does not exist"),
         ([out, f"--data.eval_path={tmp_path / 'missing.jsonl'}"], "'data.eval_path': file .* does not exist"),
         ([out, "--data.path=", "--data.eval_path="], "'data.path': data source 'jsonl' needs a file"),
-        ([out, "--resume"], "--resume: no complete checkpoint under"),
+        ([out, "--resume"], "--resume: nothing to resume in .*: no complete checkpoint under"),
         ([out, f"--resume={tmp_path}"], "is not a complete checkpoint"),
         ([out, "--resume", "--overwrite"], "--resume continues the run in out_dir and --overwrite would delete it"),
     ]:
@@ -217,6 +217,8 @@ def test_critic_checks(setup, no_model_load, tmp_path):
         ([f"--data.reward_model={tmp_path / 'nope'}"], "'data.reward_model': .*no such file"),
         (["--stages=policy", f"--critic.value_model={tmp_path}"], "'critic.value_model': .* is not a value-model directory"),
         ([f"--value.out_dir={tmp / 'model.json'}"], "'value.out_dir': .* is a file"),
+        # a directory that never ran: that, not the value model stage 1 would have written
+        (["--resume"], r"--resume: nothing to resume in .*/o: no complete checkpoint"),
     ]:
         refused(train_critic.main, base + args, match)
     # stage 1 would replace an earlier value model
@@ -253,8 +255,8 @@ def test_parse_errors_are_one_line_config_errors(setup, tmp_path):
                         ([cfg, "--max_steps=ten"], "'train.max_steps': expected int"),
                         ([cfg, "--lr=fast"], "'train.lr': expected float"),
                         ([str(tmp_path / "missing.yaml")], "config file .* does not exist")]:
-        with pytest.raises(common.ConfigError, match=match) as e:
-            common.parse_config(train_rho1.Config, argv)
+        with pytest.raises(config.ConfigError, match=match) as e:
+            config.parse_config(train_rho1.Config, argv)
         assert "\n" not in str(e.value)
 
 
@@ -262,10 +264,10 @@ def test_a_number_for_a_string_key_is_its_text():
     # `speculate.py --batch_sizes=8` (one batch size) reads as the int 8; it was refused as
     # "expected str". A string key takes a number's text; a bool is still refused.
     from tools import speculate
-    cfg = common.parse_config(speculate.SpeculateConfig, ["m", "--batch_sizes=8", "--out=7"], positional="model")
+    cfg = config.parse_config(speculate.SpeculateConfig, ["m", "--batch_sizes=8", "--out=7"], positional="model")
     assert (cfg.batch_sizes, cfg.out) == ("8", "7")
-    with pytest.raises(common.ConfigError, match="'batch_sizes'"):
-        common.parse_config(speculate.SpeculateConfig, ["m", "--batch_sizes=true"], positional="model")
+    with pytest.raises(config.ConfigError, match="'batch_sizes'"):
+        config.parse_config(speculate.SpeculateConfig, ["m", "--batch_sizes=true"], positional="model")
 
 
 @pytest.mark.parametrize("script, args, match", [
@@ -299,11 +301,11 @@ def test_fresh_run_refuses_an_earlier_runs_out_dir_unless_overwrite(setup, tmp_p
     args = [cfg, f"--out_dir={out}", "--max_steps=2"]
     (out / "final").mkdir(parents=True)
     (out / "final" / "old").write_text("the earlier run's export")
-    with pytest.raises(common.ConfigError, match=r"holds an earlier run \(final/\); continue it with --resume, "
+    with pytest.raises(config.ConfigError, match=r"holds an earlier run \(final/\); continue it with --resume, "
                                                  r"choose a new directory .*, or replace it with --overwrite"):
         train_rho1.main(args)
     (out / "checkpoints" / "step_00000050").mkdir(parents=True)  # an earlier, longer run's checkpoint
-    with pytest.raises(common.ConfigError, match=r"checkpoints/step_00000050, final/"):
+    with pytest.raises(config.ConfigError, match=r"checkpoints/step_00000050, final/"):
         train_rho1.main(args)
     train_rho1.main(args + ["--dry_run"])  # a dry run writes nothing: allowed
     assert (out / "final" / "old").exists()
@@ -320,7 +322,7 @@ def test_resume_refuses_another_model_or_loss(setup, tmp_path, no_model_load):
     ckpt = out / "checkpoints" / "step_00000002"
     ckpt.mkdir(parents=True)
     (ckpt / ".metadata").write_text("")
-    run_cfg = common.run_config("rho1", common.parse_config(train_rho1.Config, [cfg]), train_rho1.RESUME_KEYS,
+    run_cfg = common.run_config("rho1", config.parse_config(train_rho1.Config, [cfg]), train_rho1.RESUME_KEYS,
                                 vocab_size=128)
     (ckpt / common.RUN_CONFIG).write_text(json.dumps(run_cfg))
     args = [cfg, f"--out_dir={out}", "--resume"]
@@ -333,13 +335,30 @@ def test_resume_refuses_another_model_or_loss(setup, tmp_path, no_model_load):
                          ([f"--model.reference={cfg.replace('run.yaml', 'model.json')}"], "model.reference")]:
         refused(train_rho1.main, args + extra, match)
     # the vocabulary is known once the model has loaded: checked then (load_checkpoint)
-    with pytest.raises(common.ConfigError, match="vocab_size: 128 in the checkpoint, 32000 now"):
+    with pytest.raises(config.ConfigError, match="vocab_size: 128 in the checkpoint, 32000 now"):
         common.check_resume(str(ckpt), run_cfg | {"identity": run_cfg["identity"] | {"vocab_size": 32000}})
     # a checkpoint of the other weighting
-    critic_cfg = train_critic.run_config(common.parse_config(train_critic.Config, [
+    critic_cfg = train_critic.run_config(config.parse_config(train_critic.Config, [
         f"--model.policy={run_cfg['config']['model.policy']}", f"--model.tokenizer={run_cfg['config']['model.tokenizer']}"]))
-    with pytest.raises(common.ConfigError, match="weighting: 'rho1' in the checkpoint, 'critic' now"):
+    with pytest.raises(config.ConfigError, match="weighting: 'rho1' in the checkpoint, 'critic' now"):
         common.check_resume(str(ckpt), critic_cfg)
+
+
+def test_resume_with_another_schedule_says_so(setup, tmp_path, capsys):
+    """A longer run continued from a checkpoint is a use, but its learning rate then follows the
+    new schedule: one line says which keys changed."""
+    _, cfg = setup
+    ckpt = tmp_path / "step_00000002"
+    ckpt.mkdir()
+    run_cfg = common.run_config("rho1", config.parse_config(train_rho1.Config, [cfg]), train_rho1.RESUME_KEYS)
+    (ckpt / common.RUN_CONFIG).write_text(json.dumps(run_cfg))
+    common.check_resume(str(ckpt), run_cfg)
+    assert "learning-rate schedule" not in capsys.readouterr().err
+    longer = common.run_config("rho1", config.parse_config(train_rho1.Config, [cfg, "--max_steps=10"]),
+                               train_rho1.RESUME_KEYS)
+    common.check_resume(str(ckpt), longer)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.max_steps=10 (the checkpoint's run had 8)" in err, err
 
 
 def test_real_checkpoint_carries_its_config_and_refuses_a_mismatch(setup, tmp_path):
@@ -380,7 +399,7 @@ def slow(*a, **k):  # every step announced and slowed down, so that a signal lan
     return real(*a, **k)
 data.step_batches = slow
 import common, train_rho1
-common.run_main(train_rho1.main, sys.argv[1:])
+config.run_main(train_rho1.main, sys.argv[1:])
 """
 
 

@@ -26,7 +26,7 @@ from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 import common
 import data
 import mtp
-from support import model_io, tracking, viz
+from support import config, model_io, tracking, viz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "wmtp"
@@ -146,8 +146,8 @@ def train(cfg, *args, env, timeout=400):
 def trained(stack, tmp_path_factory):
     """A run against the shared server: the tracking URI from MLFLOW_TRACKING_URI (the MLflow
     convention), the client without any S3 credentials (artifacts go through the server)."""
-    tmp = tmp_path_factory.mktemp("shared")
-    cfg = tiny_config(tmp, experiment="shared", run_name="tiny", registered_model="tiny-wmtp")
+    tmp = tmp_path_factory.mktemp("stack")
+    cfg = tiny_config(tmp, experiment="stack", run_name="tiny", registered_model="tiny-wmtp")
     p, _ = train(cfg, env=clean_env(MLFLOW_TRACKING_URI=stack["uri"]))
     return tmp, p
 
@@ -158,7 +158,7 @@ def test_run_on_a_shared_server_with_s3_artifacts(stack, trained):
     from mlflow import MlflowClient
     tmp, p = trained
     client = MlflowClient(stack["uri"])
-    (run,) = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("stack").experiment_id])
     run_id = run.info.run_id
     assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
     assert run.data.params["rho1.ratio"] == "0.7" and run.data.params["model.n_heads"] == "2"
@@ -201,7 +201,7 @@ def test_eval_on_a_registered_version(stack, trained, tmp_path):
     results = json.load(open(out / "results.json"))
     assert results["n_problems"] == 2 and results["n_heads"] == 2 and results["model"] == "models:/tiny-wmtp/1"
     client = MlflowClient(stack["uri"])
-    (train_run,) = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+    (train_run,) = client.search_runs([client.get_experiment_by_name("stack").experiment_id])
     (run,) = client.search_runs([client.get_experiment_by_name("wmtp-eval").experiment_id])
     assert run.data.tags["training_run_id"] == train_run.info.run_id
     assert run.data.metrics["pass_at_1"] == results["pass@1"]
@@ -225,9 +225,11 @@ def test_artifacts_straight_to_s3(stack, tmp_path):
     assert client.get_model_version("direct", "1").source == f"runs:/{run.info.run_id}/final"
 
 
-def test_large_export_is_registered_by_reference(tmp_path):
-    """Above mlflow.log_artifacts_max_mb the weights stay where they are: the run's `final` holds
-    the small files and export_ref.json, and models:/NAME/1 resolves to the export's path."""
+@pytest.mark.parametrize("max_mb", [0.001, 1024.0], ids=["above-the-limit", "local-store"])
+def test_large_export_is_registered_by_reference(tmp_path, max_mb):
+    """Above mlflow.log_artifacts_max_mb, and always in a local store (a copy under ./mlruns would
+    only double the disk), the weights stay where they are: the run's `final` holds the small
+    files and export_ref.json, and models:/NAME/1 resolves to the export's path."""
     import mlflow
     old_uri = mlflow.get_tracking_uri()
     export = tmp_path / "out" / "final"
@@ -236,9 +238,9 @@ def test_large_export_is_registered_by_reference(tmp_path):
     (export / "tokenizer.json").write_text("{}")
     (export / "model.safetensors").write_bytes(bytes(4096))
     mcfg = tracking.MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="big",
-                               log_artifacts_max_mb=0.001)
+                                 artifact_location=(tmp_path / "mlruns").as_uri(), log_artifacts_max_mb=max_mb)
     try:
-        run = tracking.start_mlflow(mcfg, common.parse_config(common.TrainConfig, []), True, local_dir=str(export.parent))
+        run = tracking.start_mlflow(mcfg, config.parse_config(common.TrainConfig, []), True, local_dir=str(export.parent))
         run.set_model_tags(n_heads=2)
         run.log_export(str(export))
         run.end()
@@ -246,6 +248,7 @@ def test_large_export_is_registered_by_reference(tmp_path):
         assert {a.path for a in client.list_artifacts(run.run_id, "final")} == {
             "final/export_ref.json", "final/tokenizer.json", f"final/{model_io.MTP_CONFIG}"}
         assert client.get_model_version("big", "1").tags == {"n_heads": "2"}
+        assert not list((tmp_path / "mlruns").rglob("*.safetensors"))  # nothing copied
         with tracking.mlflow_model("models:/big/1", mcfg) as path:
             assert path == str(export)
         export.rename(tmp_path / "moved")
@@ -293,7 +296,7 @@ def test_silent_server_costs_one_bounded_wait(tmp_path, monkeypatch, capsys):
         mcfg = tracking.MlflowConfig(tracking_uri=f"http://127.0.0.1:{silent.getsockname()[1]}", experiment="x")
         t0 = time.time()
         try:
-            run = tracking.start_mlflow(mcfg, common.parse_config(common.TrainConfig, []), True, local_dir=str(tmp_path))
+            run = tracking.start_mlflow(mcfg, config.parse_config(common.TrainConfig, []), True, local_dir=str(tmp_path))
             for step in range(5):
                 run.log_metrics({"loss": 1.0 / (step + 1)}, step)
             run.log_export(str(tmp_path))

@@ -8,10 +8,9 @@ import sys
 import pytest
 from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 
-import common
 import mtp
 import train_rho1
-from support import model_io
+from support import config, model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,20 +55,20 @@ def test_training_reduces_loss_and_logs_to_mlflow(tiny_run):
 
 def test_unknown_and_bad_keys_are_named(tiny_run):
     _, cfg = tiny_run
-    with pytest.raises(common.ConfigError, match="unknown config key 'train.max_stepz'"):
+    with pytest.raises(config.ConfigError, match="unknown config key 'train.max_stepz'"):
         train_rho1.main([cfg, "--train.max_stepz=3"])
-    with pytest.raises(common.ConfigError, match="unknown config key 'bogus'"):
+    with pytest.raises(config.ConfigError, match="unknown config key 'bogus'"):
         train_rho1.main([cfg, "--bogus=1"])
-    with pytest.raises(common.ConfigError, match="'train.lr': expected float"):
+    with pytest.raises(config.ConfigError, match="'train.lr': expected float"):
         train_rho1.main([cfg, "--lr=fast"])
-    with pytest.raises(common.ConfigError, match="'rho1.ratio'"):
+    with pytest.raises(config.ConfigError, match="'rho1.ratio'"):
         train_rho1.main([cfg, "--rho1.ratio=1.5"])
-    with pytest.raises(common.ConfigError, match="does not exist"):
+    with pytest.raises(config.ConfigError, match="does not exist"):
         train_rho1.main(["nope.yaml"])
 
 
 def test_config_overrides():
-    c = common.parse_config(train_rho1.Config, ["--max_steps=3", "--rho1.mode=soft", "--dry_run",
+    c = config.parse_config(train_rho1.Config, ["--max_steps=3", "--rho1.mode=soft", "--dry_run",
                                              "--lr=5e-5", "--model.n_heads=1"])
     assert (c.train.max_steps, c.rho1.mode, c.dry_run, c.train.lr, c.model.n_heads) == (3, "soft", True, 5e-5, 1)
 
@@ -123,7 +122,7 @@ def test_head_warm_up_leaves_the_base_model_untouched(tiny_run):
     joint = run(1)  # warm-up ends after step 1: the base trains in steps 2 and 3
     assert not torch.equal(joint.base.state_dict()["model.layers.0.mlp.up_proj.weight"],
                            before["model.layers.0.mlp.up_proj.weight"])
-    with pytest.raises(common.ConfigError, match="heads_only_steps"):
+    with pytest.raises(config.ConfigError, match="heads_only_steps"):
         train_rho1.main(base_args + ["--heads_only_steps=2", "--model.n_heads=1"])
 
 

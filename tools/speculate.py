@@ -31,14 +31,14 @@ Read top to bottom:
      one JSONL row {prompt, completion, source, kind} per continuation, for `data.source=jsonl`.
   2. `calibrate`: which nodes a tree of drafts should have. Decode held-out training prompts
      verifying a wide tree (8x4x2, 104 drafts) and count, per node, the forwards that kept it;
-     the nodes by that count are the best tree of every size (`sampling.calibrated_tree`:
+     the nodes by that count are the best tree of every size (`speculative.calibrated_tree`:
      Medusa's tree construction, counted exactly). Then each --calib_sizes tree is timed
      against plain decoding and the best predicted speed-up is recorded as tree.json's "best".
      Written as tree.json, used as tree.json:N (tree.json alone: the best size).
-  3. `measure`: every HumanEval problem decoded plainly and speculatively by sampling.decode_rows
+  3. `measure`: every HumanEval problem decoded plainly and speculatively by speculative.decode_rows
      (the same loop, cache, CUDA graphs and host checks; speculative=False is its one-token
      case) at each batch size, once per drafting shape (`--trees`: the chain, or trees of each
-     head's top tokens, `sampling.draft_tree`): tokens per forward, acceptance per head,
+     head's top tokens, `speculative.draft_tree`): tokens per forward, acceptance per head,
      wall-clock speed-up, completions that differ; and whether the base weights equal the
      original model's.
   4. `forward_cost`: the time of one forward at batch 1 -- plain, and each tree's verify -- on a
@@ -60,8 +60,8 @@ import torch
 import common
 import data
 import eval as ev
-from decoding import sampling
-from support import preflight
+from decoding import sampling, speculative
+from support import config, preflight
 
 
 @dataclass
@@ -133,7 +133,7 @@ def training_prompts(cfg: SpeculateConfig) -> list[tuple[str, str, list[str]]]:
             out += [("mbpp", ex["prompt"], stop_strings("mbpp"))
                     for ex in data.load_examples("mbpp", cfg.mbpp_path or None, "train")[0]]
         else:
-            raise common.ConfigError(f"config key 'sources': unknown source {source!r}; stdlib, mbpp")
+            raise config.ConfigError(f"config key 'sources': unknown source {source!r}; stdlib, mbpp")
     return out[:cfg.limit or None]
 
 
@@ -182,7 +182,7 @@ def distill_data(cfg: SpeculateConfig):
 
 def calibrate(cfg: SpeculateConfig) -> dict:
     """Decode the held-out prompts greedily, verifying the wide --calib_tree, and write its nodes
-    ordered by the forwards that kept them (`sampling.calibrated_tree`), with the tokens per
+    ordered by the forwards that kept them (`speculative.calibrated_tree`), with the tokens per
     forward each size of tree would have had. Prompts of the training sources, not HumanEval:
     the tree is chosen on what the heads were trained for, and measured on what they were not."""
     device = common.pick_device(cfg.device)
@@ -190,16 +190,16 @@ def calibrate(cfg: SpeculateConfig) -> dict:
     rows = [r for r in data.read_jsonl(cfg.calib_path) if isinstance(r, dict) and r.get("prompt")]
     prompts = list(dict.fromkeys((r["prompt"], r.get("source", "")) for r in rows))[:cfg.calib_limit or None]
     if not prompts:
-        raise common.ConfigError(f"config key 'calib_path': no rows with a 'prompt' in {cfg.calib_path}")
+        raise config.ConfigError(f"config key 'calib_path': no rows with a 'prompt' in {cfg.calib_path}")
     model, tok = ev.load_model(cfg.model, device, dtype)
     eos_ids = sampling.eos_token_ids(model, tok)
     wide = parse_trees(cfg.calib_tree, model.n_heads)[cfg.calib_tree.strip()] or (1,) * (model.n_heads - 1)
     ids = [tok(p).input_ids for p, _ in prompts]
     t0 = time.time()
-    _, st = sampling.decode_rows(model, tok, ids, cfg.max_new_tokens, [stop_strings(s) for _, s in prompts], eos_ids,
+    _, st = speculative.decode_rows(model, tok, ids, cfg.max_new_tokens, [stop_strings(s) for _, s in prompts], eos_ids,
                                  tree=wide, batch_size=cfg.calib_batch, pick_blas=cfg.pick_blas,
                                  parallel_heads=cfg.parallel_heads)
-    order = sampling.calibrated_tree(wide, st["node_hits"])
+    order = speculative.calibrated_tree(wide, st["node_hits"])
     F = max(st["verify_forwards"], 1)
     expected = {str(size): round(counted_tpf(order, size, F), 4)
                 for size in (1, 2, 4, 8, 10, 15, 16, 20, 30, 32, 40, 60, 64) if size <= len(order)}
@@ -233,7 +233,7 @@ def counted_tpf(order, size: int, forwards: int) -> float:
 def ms_per_forward(model, tok, prompts, max_new, eos_ids, cfg, speculative, tree, **kw) -> tuple[float, dict]:
     """Batch-1 decoding of `prompts` (no stop strings) after an untimed warm-up on the first
     (kernel choice, graph capture) -> (ms per forward, prefills excluded; its stats)."""
-    run = functools.partial(sampling.decode_rows, model, tok, speculative=speculative, tree=tree,
+    run = functools.partial(speculative.decode_rows, model, tok, speculative=speculative, tree=tree,
                             check_every=cfg.check_every, pick_blas=cfg.pick_blas,
                             parallel_heads=cfg.parallel_heads, compile=cfg.compile, **kw)
     run(prompts[:1], 16, [], eos_ids)
@@ -297,7 +297,7 @@ def measure(cfg: SpeculateConfig):
     def run(speculative, bs, idx=None, tree=None):
         ps = prompts if idx is None else [prompts[i] for i in idx]
         ss = stops if idx is None else [stops[i] for i in idx]
-        return sampling.decode_rows(model, tok, ps, cfg.max_new_tokens, ss, eos_ids, speculative=speculative,
+        return speculative.decode_rows(model, tok, ps, cfg.max_new_tokens, ss, eos_ids, speculative=speculative,
                                     batch_size=bs, check_every=cfg.check_every, tree=tree, compile=cfg.compile,
                                     pick_blas=cfg.pick_blas, parallel_heads=cfg.parallel_heads)
 
@@ -370,7 +370,7 @@ def forward_cost(cfg: SpeculateConfig) -> dict:
         if cfg.kernels and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:  # CUDA graphs, as measured (the profiler sees inside them)
-                sampling.decode_rows(model, tok, prompts[:1], 40, [], eos_ids, speculative=speculative, tree=tree,
+                speculative.decode_rows(model, tok, prompts[:1], 40, [], eos_ids, speculative=speculative, tree=tree,
                                      check_every=cfg.check_every, pick_blas=cfg.pick_blas,
                                      parallel_heads=cfg.parallel_heads, compile=cfg.compile)
                 torch.cuda.synchronize()
@@ -381,15 +381,15 @@ def forward_cost(cfg: SpeculateConfig) -> dict:
 
 def parse_trees(spec: str, n_heads: int | None = None) -> dict:
     """--trees=chain,3x2x1 -> {"chain": None, "3x2x1": (3, 2, 1)}: the drafts each speculative run
-    verifies (`sampling.draft_tree`: head d's top widths[d-1] under every node of depth d-1)."""
+    verifies (`speculative.draft_tree`: head d's top widths[d-1] under every node of depth d-1)."""
     trees = {}
     for name in (x.strip() for x in spec.split(",") if x.strip()):
         try:
-            trees[name] = sampling.parse_tree(name, n_heads)
+            trees[name] = speculative.parse_tree(name, n_heads)
         except ValueError as e:
-            raise common.ConfigError(f"trees: {e}") from None
+            raise config.ConfigError(f"trees: {e}") from None
     if not trees:
-        raise common.ConfigError("trees: empty; use chain, widths like 3x2x1 or tree.json:N")
+        raise config.ConfigError("trees: empty; use chain, widths like 3x2x1 or tree.json:N")
     return trees
 
 
@@ -415,9 +415,9 @@ def speculative_stats(ps, ss, plain, spec, problems) -> dict:
 
 
 def main(argv):
-    cfg = common.parse_config(SpeculateConfig, argv, positional="model")
+    cfg = config.parse_config(SpeculateConfig, argv, positional="model")
     if not cfg.model:
-        raise common.ConfigError("no model: python speculate.py MODEL --stage=data|calibrate|measure|cost [--key=value ...]")
+        raise config.ConfigError("no model: python speculate.py MODEL --stage=data|calibrate|measure|cost [--key=value ...]")
     preflight.check_model_spec("model", cfg.model)
     if cfg.base:
         preflight.check_model_spec("base", cfg.base)
@@ -430,7 +430,7 @@ def main(argv):
         preflight.check_min("calib_batch", cfg.calib_batch, 1)
         preflight.check_min("calib_limit", cfg.calib_limit, 0)
         if not all(x.strip().isdigit() and int(x) >= 1 for x in cfg.calib_sizes.split(",") if x.strip()):
-            raise common.ConfigError(f"config key 'calib_sizes': whole numbers >= 1 like 4,8,16; got {cfg.calib_sizes!r}")
+            raise config.ConfigError(f"config key 'calib_sizes': whole numbers >= 1 like 4,8,16; got {cfg.calib_sizes!r}")
         parse_trees(cfg.calib_tree)
     if cfg.stage in ("measure", "cost"):
         parse_trees(cfg.trees)  # the syntax (and tree files) now; the depth once the model's heads are known
@@ -439,7 +439,7 @@ def main(argv):
     preflight.check_min("batch_size", cfg.batch_size, 1)
     preflight.check_range("eval_frac", cfg.eval_frac, 0, 1)
     if cfg.blas not in ("", "cublas", "cublaslt"):
-        raise common.ConfigError(f"config key 'blas': one of '', cublas, cublaslt; got {cfg.blas!r}")
+        raise config.ConfigError(f"config key 'blas': one of '', cublas, cublaslt; got {cfg.blas!r}")
     if not cfg.out:
         cfg.out = {"data": "out/draft/distill.jsonl", "calibrate": "out/draft/tree.json",
                    "measure": "out/draft/measure.json", "cost": "out/draft/cost.json"}[cfg.stage]
@@ -448,4 +448,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run_main(main, sys.argv[1:])
+    config.run_main(main, sys.argv[1:])
