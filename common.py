@@ -339,7 +339,7 @@ def drop_base_grads(model):
     entirely (no update, no weight decay, no moment update), so the base model -- embeddings,
     trunk, head 0, final norm, unembedding -- stays bit for bit what it was, and its moments
     start clean when warm-up ends. Why: fresh heads start far from their targets (CE ~12 on
-    SmolLM2, issue 2's demo) and, trained jointly from step 0, their large gradients pull the
+    SmolLM2, the head warm-up demo of docs/training.md) and, trained jointly from step 0, their large gradients pull the
     shared trunk and unembedding away from next-token prediction (head 0's held-out CE 1.44 ->
     2.52 in that demo). Medusa (Cai et al. 2024, §2.2.2) trains its heads on a frozen backbone
     before joint training for the same reason. The trunk's backward still runs (its gradients

@@ -42,7 +42,8 @@ import torch
 import common
 import data
 import mtp
-from decoding import sampling, speculative
+from decoding import sampling
+from decoding.speculative import decode_rows, parse_tree
 from support import config, model_io, preflight, sandbox, tracking
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class EvalConfig:
     speculative: bool = False        # greedy decoding drafted by the MTP heads, timed against plain greedy
     spec_tree: str = "chain"         # --speculative's drafts: chain (one per head), a tree's widths (6x3x2) or a
                                      # calibrated tree's first N drafts (out/draft/tree.json:10, speculate.py)
-                                     # (head d's top w_d under every node of depth d-1; README "Heads that draft")
+                                     # (head d's top w_d under every node of depth d-1; docs/drafting.md)
     workers: int = 0                 # programs run in parallel (0 = one per CPU core)
     timeout: float = 10.0            # seconds per program (CodeContests: the problem's own limit, per test)
     memory_mb: int = 2048            # address-space limit per program
@@ -213,14 +214,14 @@ def parse_args(argv=None) -> EvalConfig:
             print(f"greedy decoding: all samples would be identical, using n_samples=1 (not {args.n_samples})")
         args.n_samples, args.temperature = 1, 0.0
     try:
-        speculative.parse_tree(args.spec_tree)
+        parse_tree(args.spec_tree)
     except ValueError as err:
         raise config.ConfigError(f"config key 'spec_tree': {err}") from None
     if args.speculative and args.dtype == "auto":
         # Speculative greedy equals plain greedy only as far as the two compute the same logits.
         # They run different shapes (an n-token block vs one token), so bf16 rounds them
         # differently and near-ties flip: on an H100, 15 of 32 HumanEval completions of a
-        # 135M model diverged somewhere in bf16, none in fp32 (README). --dtype=bfloat16 still
+        # 135M model diverged somewhere in bf16, none in fp32 (docs/evaluation.md). --dtype=bfloat16 still
         # works, for speed, with that caveat.
         args.dtype = "float32"
     if [k for k in args.k if k > args.n_samples] and k_given:
@@ -268,7 +269,7 @@ def main(argv=None):
     if args.speculative and model.n_heads == 1:
         print("--speculative with a 1-head model: there is nothing to draft, expect a speed-up of ~1")
     try:
-        spec_tree = speculative.parse_tree(args.spec_tree, model.n_heads if args.speculative else None)
+        spec_tree = parse_tree(args.spec_tree, model.n_heads if args.speculative else None)
     except ValueError as err:
         raise config.ConfigError(f"config key 'spec_tree': {err}") from None
     python = sandbox.sandbox_python(sandbox.DROP_PRIVILEGES, args.sandbox_python or None)  # probe once, before the threads
@@ -333,8 +334,8 @@ def generate_speculative(args, model, tok, problems, mine, tree) -> tuple[list[d
     batch = args.batch_size or 1
 
     def decode(speculative, n=None):
-        return speculative.decode_rows(model, tok, prompts[:n], args.max_new_tokens, stops[:n], eos_ids,
-                                    speculative=speculative, batch_size=batch, tree=tree)
+        return decode_rows(model, tok, prompts[:n], args.max_new_tokens, stops[:n], eos_ids,
+                           speculative=speculative, batch_size=batch, tree=tree)
     decode(False, batch), decode(True, batch)  # untimed warm-up of both (lazy init, kernel choice, CUDA graphs)
     t0 = time.time()
     plain, plain_stats = decode(False)

@@ -397,7 +397,7 @@ def tokenize_labelled_data(cfg, tok, rows, counts, dist):
     if dist.rank == 0:
         print(f"labelled data: {counts}")
     # What survives max_seq_len decides what the value model can learn. In the comparison run
-    # (README "Does weighting help?") MBPP's 3-shot prompts made 1,848 of 2,992 samples too long
+    # (docs/results.md) MBPP's 3-shot prompts made 1,848 of 2,992 samples too long
     # at 768 tokens, and the 99 held-out examples left held no passing one (AUC undefined).
     positives = {name: sum(x[2] >= 0.5 for x in part) for name, part in (("train", train_items), ("held-out", eval_items))}
     if positives["train"] in (0, len(train_items)):

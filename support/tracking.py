@@ -2,12 +2,12 @@
 tracking.py — MLflow for the training scripts and eval.py: a run that never stops or stalls the
 work it tracks, the model registry, S3 artifacts, `models:/` and `runs:/` model specs.
 
-    run = tracking.start_mlflow(cfg.mlflow, cfg, master)   # a Tracker (a no-op off rank 0)
-    run.log_metrics({...}, step); run.log_export(final_dir); run.end()
+    tracker = tracking.start_mlflow(cfg.mlflow, cfg, master)   # a Tracker (a no-op off rank 0)
+    tracker.log_metrics({...}, step); tracker.log_export(final_dir); tracker.end()
     with tracking.mlflow_model("models:/wmtp/1", cfg.mlflow) as path: ...   # eval.py
-    python -c "import tracking; tracking.replay_offline('out/run/mlflow_offline.jsonl')"
+    python -c "from support import tracking; tracking.replay_offline('out/run/mlflow_offline.jsonl')"
 
-README "Tracking with MLflow" has the shared-server set-up (tracking server + S3).
+docs/mlflow.md has the shared-server set-up (tracking server + S3).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from support import model_io
 
 
 @dataclasses.dataclass
-class MlflowConfig:                  # the `mlflow:` section of every script's config; README "Tracking with MLflow"
+class MlflowConfig:                  # the `mlflow:` section of every script's config (docs/mlflow.md)
     enabled: bool = True             # false: no MLflow at all (every call is a no-op)
     tracking_uri: str = ""           # "" = $MLFLOW_TRACKING_URI, else MLflow's default local store (./mlflow.db)
     experiment: str = "wmtp"         # MLflow experiment the run is logged under
@@ -328,7 +328,7 @@ class Tracker:
 def replay_offline(path: str, tracking_uri: str = "") -> str:
     """Send what a Tracker kept offline (`path`: a mlflow_offline.jsonl) to MLflow once it works
     again -- into the run it had started, or a new run of its experiment -> the run id:
-        python -c "import common; tracking.replay_offline('out/rho1/mlflow_offline.jsonl')"
+        python -c "from support import tracking; tracking.replay_offline('out/rho1/mlflow_offline.jsonl')"
     """
     import mlflow
     from mlflow.entities import Metric, Param, RunTag

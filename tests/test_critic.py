@@ -566,7 +566,7 @@ def test_config_errors(toy_run):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=critic"])
     with pytest.raises(config.ConfigError, match="resume continues stage 2"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=value", "--resume"])
-    # bare --resume (README): stage 2 continues with the value model stage 1 saved in value.out_dir
+    # bare --resume (docs/multi-gpu.md): stage 2 continues with the value model stage 1 saved in value.out_dir
     with pytest.raises(FileNotFoundError, match="not a value-model directory"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--resume",
                            "--value.out_dir=/nonexistent/value", "--data.policy_source=jsonl", "--data.policy_path=x"])

@@ -1,6 +1,6 @@
 """FSDP2 under torchrun (gloo, CPU) against the single-process run, and exact resume.
 
-Properties that must hold (issue 3):
+Properties that must hold:
   1. 2 processes with micro_batch b == 1 process with micro_batch 2b on the same global batch
      (fp32): same per-step losses, Rho-1 selection included, and the same final weights.
   2. N steps straight == N/2 steps + SIGKILL + --resume (on another number of ranks) + N/2.

@@ -1,4 +1,4 @@
-"""Heads that draft (issue 14): the KL-to-head-0 loss against a naive float64 computation;
+"""Heads that draft: the KL-to-head-0 loss against a naive float64 computation;
 heads-only self-distillation leaves the base state dict identical; speculate.py's measurement
 end to end on a tiny checkpoint."""
 import json
@@ -48,7 +48,7 @@ def test_head0_distill_loss_and_gradients_equal_naive_float64(chunk):
 def test_head0_targets_reach_the_models_loss(tmp_path, sequential):
     """MTPModel's loss with head0_targets is head 0's CE plus each head's KL to head 0 (computed
     here from the full logits), on both head paths. A regression test: with sequential heads on
-    (the default since issue 15) head0_targets was dropped, and --model.head_target=head0
+    (the default) head0_targets was dropped, and --model.head_target=head0
     silently trained on the data's tokens (the GPU run's acceptance matched the tokens run's)."""
     torch.manual_seed(0)
     base, _ = model_io.load_model_and_tokenizer(tiny_model_json(tmp_path / "model.json"))

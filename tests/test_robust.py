@@ -1,4 +1,4 @@
-"""Failing early and clearly, surviving preemption, never resuming into the wrong model (issue 16).
+"""Failing early and clearly, surviving preemption, never resuming into the wrong model.
 
   - Every config value and path is checked before anything heavy loads: the error names the key
     and comes in seconds (the model loaders are replaced by a trap here, so a check that comes

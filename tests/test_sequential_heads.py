@@ -1,4 +1,4 @@
-"""Meta's sequential heads (issue 15): the heads run forward *and backward* one at a time inside
+"""Meta's sequential heads: the heads run forward *and backward* one at a time inside
 the loss's forward (mtp.MTPModel._sequential_loss). Same loss, same gradients as the all-heads
 path, in float64 -- with fixed (critic) coefficients, Rho-1's per-head coefficient function,
 selected rows only, gradient accumulation over micro-batches, a scaled backward, checkpointing."""

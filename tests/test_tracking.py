@@ -1,4 +1,4 @@
-"""MLflow the way a team uses it (issue 17): a real `mlflow server` (SQLite backend) whose artifacts
+"""MLflow the way a team uses it: a real `mlflow server` (SQLite backend) whose artifacts
 live on an S3 API server (moto's standalone server), both started here on 127.0.0.1 free ports
 and killed at the end; the model registry; eval.py on `models:/NAME/VERSION`; a tracking server
 that is closed, silent or killed mid-run (training goes on, warns once, keeps its metrics); and

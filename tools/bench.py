@@ -35,7 +35,7 @@ two Liger variants are reported as missing and the rest runs.
 
 --linear times one fp32 `F.linear` of 1-64 rows at SmolLM2-135M's matrix shapes (`--rows=1,4,...`), inside
 a CUDA graph, by each path `linear_pick` chooses from (cuBLAS, cuBLASLt, one GEMV per row),
-against PyTorch's default in the same run: the shapes of a speculative verify block (issue 14).
+against PyTorch's default in the same run: the shapes of a speculative verify block (docs/drafting.md).
 
 --generate measures sampling instead (see `generate_bench`): generated tokens/s of eval.py's
 slot decoder against Hugging Face's `model.generate` on the same prompts, batch, sampling
@@ -664,7 +664,8 @@ def train_bench(args, argv):
 
 
 def goals(rows):
-    """Issue 15's goals for one setting, as lines that say whether each holds."""
+    """The speed and memory goals against the peers for one setting (docs/benchmarks.md), as lines
+    that say whether each holds."""
     def check(what, a, b, key, op, bound):
         if a not in rows or b not in rows:
             return f"  goal {what}: not measured"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Does weighting an MTP fine-tune help? The whole matrix on one machine, its jobs spread round-robin
-# over its GPUs (README "Does weighting help?").
+# over its GPUs (docs/results.md).
 #
 #   bash tools/compare_arms.sh BASE_MODEL            # e.g. a local HF dir of SmolLM2-135M-Instruct
 #   SEEDS="1 2 3" STEPS=200 N=10 bash tools/compare_arms.sh BASE_MODEL
-#   MAX_NEW=384 GEN_BATCH=256 bash tools/compare_arms.sh SMOLLM2_DIR                # the README's run
+#   MAX_NEW=384 GEN_BATCH=256 bash tools/compare_arms.sh SMOLLM2_DIR                # the run of docs/results.md
 #   RUN=out/n200 ARMS=ntp SEEDS=1 N=200 K=1,10,100 TASKS=humaneval bash tools/compare_arms.sh SMOLLM2_DIR
 #
 # Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Heads that draft (issue 14), on one GPU in ~13 minutes: self-distillation data -> heads-only
+# Heads that draft (docs/drafting.md), on one GPU in ~14 minutes: self-distillation data -> heads-only
 # training (the base frozen) -> which tree of drafts to verify (calibrated on held-out training
 # prompts) -> full-HumanEval self-speculative vs plain greedy decoding, fp32, batch 1 and 8, one
-# JSON with every number (README "Heads that draft").
+# JSON with every number.
 #
 #   bash tools/draft_heads.sh BASE_MODEL                   # a local HF dir of SmolLM2-135M-Instruct
 #   HEAD_TARGET=head0 bash tools/draft_heads.sh BASE_MODEL  # KL to head 0 instead of hard tokens
@@ -13,9 +13,9 @@
 set -euo pipefail
 BASE=${1:?usage: bash tools/draft_heads.sh BASE_MODEL (a local HF dir)}
 RUN=${RUN:-out/draft}
-DATA=${DATA:-.gpu/data}                   # stdlib_train.jsonl (data.source=stdlib exported), mbpp.jsonl
+DATA=${DATA:-.gpu/data}                   # stdlib_train.jsonl (data.source=stdlib exported), if there
 STDLIB=${STDLIB:-$DATA/stdlib_train.jsonl}
-MBPP=${MBPP:-$DATA/mbpp.jsonl}
+MBPP=${MBPP:-data/mbpp.jsonl}
 SAMPLED=${SAMPLED:-3}                     # sampled continuations per prompt (plus one greedy)
 STEPS=${STEPS:-800}
 HEAD_TARGET=${HEAD_TARGET:-tokens}

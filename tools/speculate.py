@@ -14,7 +14,7 @@ self-speculative decoding against plain decoding.
     #    same run, batch 1 and 8
     python -m tools.speculate out/draft_heads/final --stage=measure --base=MODEL \\
         --trees=chain,3x2x1,out/draft/tree.json:10,out/draft/tree.json:32 --out=out/draft/measure.json
-    # where a forward's time goes: ms per forward, plain vs each verify, batch 1 (README's profile);
+    # where a forward's time goes: ms per forward, plain vs each verify, batch 1 (docs/drafting.md's profile);
     # --pick_blas=false: PyTorch's own cuBLAS choice instead of linear_pick's; --parallel_heads=false:
     # the last block and the heads one by one
     python -m tools.speculate out/draft_heads/final --stage=cost --trees=chain,2x2x1,3x2x1,6x3x2 --kernels
@@ -60,7 +60,8 @@ import torch
 import common
 import data
 import eval as ev
-from decoding import sampling, speculative
+from decoding import sampling
+from decoding.speculative import calibrated_tree, decode_rows, parse_tree
 from support import config, preflight
 
 
@@ -196,10 +197,10 @@ def calibrate(cfg: SpeculateConfig) -> dict:
     wide = parse_trees(cfg.calib_tree, model.n_heads)[cfg.calib_tree.strip()] or (1,) * (model.n_heads - 1)
     ids = [tok(p).input_ids for p, _ in prompts]
     t0 = time.time()
-    _, st = speculative.decode_rows(model, tok, ids, cfg.max_new_tokens, [stop_strings(s) for _, s in prompts], eos_ids,
-                                 tree=wide, batch_size=cfg.calib_batch, pick_blas=cfg.pick_blas,
-                                 parallel_heads=cfg.parallel_heads)
-    order = speculative.calibrated_tree(wide, st["node_hits"])
+    _, st = decode_rows(model, tok, ids, cfg.max_new_tokens, [stop_strings(s) for _, s in prompts], eos_ids,
+                        tree=wide, batch_size=cfg.calib_batch, pick_blas=cfg.pick_blas,
+                        parallel_heads=cfg.parallel_heads)
+    order = calibrated_tree(wide, st["node_hits"])
     F = max(st["verify_forwards"], 1)
     expected = {str(size): round(counted_tpf(order, size, F), 4)
                 for size in (1, 2, 4, 8, 10, 15, 16, 20, 30, 32, 40, 60, 64) if size <= len(order)}
@@ -233,7 +234,7 @@ def counted_tpf(order, size: int, forwards: int) -> float:
 def ms_per_forward(model, tok, prompts, max_new, eos_ids, cfg, speculative, tree, **kw) -> tuple[float, dict]:
     """Batch-1 decoding of `prompts` (no stop strings) after an untimed warm-up on the first
     (kernel choice, graph capture) -> (ms per forward, prefills excluded; its stats)."""
-    run = functools.partial(speculative.decode_rows, model, tok, speculative=speculative, tree=tree,
+    run = functools.partial(decode_rows, model, tok, speculative=speculative, tree=tree,
                             check_every=cfg.check_every, pick_blas=cfg.pick_blas,
                             parallel_heads=cfg.parallel_heads, compile=cfg.compile, **kw)
     run(prompts[:1], 16, [], eos_ids)
@@ -297,9 +298,9 @@ def measure(cfg: SpeculateConfig):
     def run(speculative, bs, idx=None, tree=None):
         ps = prompts if idx is None else [prompts[i] for i in idx]
         ss = stops if idx is None else [stops[i] for i in idx]
-        return speculative.decode_rows(model, tok, ps, cfg.max_new_tokens, ss, eos_ids, speculative=speculative,
-                                    batch_size=bs, check_every=cfg.check_every, tree=tree, compile=cfg.compile,
-                                    pick_blas=cfg.pick_blas, parallel_heads=cfg.parallel_heads)
+        return decode_rows(model, tok, ps, cfg.max_new_tokens, ss, eos_ids, speculative=speculative,
+                           batch_size=bs, check_every=cfg.check_every, tree=tree, compile=cfg.compile,
+                           pick_blas=cfg.pick_blas, parallel_heads=cfg.parallel_heads)
 
     texts = {}
     for bs in [int(b) for b in cfg.batch_sizes.split(",") if b.strip()]:
@@ -370,9 +371,9 @@ def forward_cost(cfg: SpeculateConfig) -> dict:
         if cfg.kernels and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:  # CUDA graphs, as measured (the profiler sees inside them)
-                speculative.decode_rows(model, tok, prompts[:1], 40, [], eos_ids, speculative=speculative, tree=tree,
-                                     check_every=cfg.check_every, pick_blas=cfg.pick_blas,
-                                     parallel_heads=cfg.parallel_heads, compile=cfg.compile)
+                decode_rows(model, tok, prompts[:1], 40, [], eos_ids, speculative=speculative, tree=tree,
+                            check_every=cfg.check_every, pick_blas=cfg.pick_blas,
+                            parallel_heads=cfg.parallel_heads, compile=cfg.compile)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70))
     write_json(cfg.out, result)
@@ -385,7 +386,7 @@ def parse_trees(spec: str, n_heads: int | None = None) -> dict:
     trees = {}
     for name in (x.strip() for x in spec.split(",") if x.strip()):
         try:
-            trees[name] = speculative.parse_tree(name, n_heads)
+            trees[name] = parse_tree(name, n_heads)
         except ValueError as e:
             raise config.ConfigError(f"trees: {e}") from None
     if not trees:
@@ -417,7 +418,7 @@ def speculative_stats(ps, ss, plain, spec, problems) -> dict:
 def main(argv):
     cfg = config.parse_config(SpeculateConfig, argv, positional="model")
     if not cfg.model:
-        raise config.ConfigError("no model: python speculate.py MODEL --stage=data|calibrate|measure|cost [--key=value ...]")
+        raise config.ConfigError("no model: python -m tools.speculate MODEL --stage=data|calibrate|measure|cost [--key=value ...]")
     preflight.check_model_spec("model", cfg.model)
     if cfg.base:
         preflight.check_model_spec("base", cfg.base)
