@@ -125,8 +125,9 @@ def clear_earlier_run(out_dir: str, dist):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
 
 
-def check_policy(m, t: TrainConfig):
-    """The `model` section both training scripts share: policy, tokenizer, n_heads, head_discount."""
+def check_policy(m, t: TrainConfig, world: int = 1):
+    """The `model` section both training scripts share: policy, tokenizer, n_heads, head_discount,
+    which layers train."""
     preflight.check_model_spec("model.policy", m.policy)
     if m.tokenizer:
         preflight.check_model_spec("model.tokenizer", m.tokenizer, kind="tokenizer")
@@ -138,6 +139,10 @@ def check_policy(m, t: TrainConfig):
     if t.heads_only_steps and m.n_heads == 1:
         raise ConfigError("config key 'train.heads_only_steps': a 1-head model has no heads to warm up; "
                           "set --train.heads_only_steps=0 or --model.n_heads=2 or more")
+    preflight.check_min("model.train_layers", m.train_layers, 0)
+    if m.frozen_in_compute_dtype and world > 1:
+        raise ConfigError("config key 'model.frozen_in_compute_dtype' is for one process: FSDP2 shards a block's "
+                          "weights together, in one dtype; its mixed precision already computes in train.dtype")
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +234,28 @@ def enable_grad_checkpointing(model: mtp.MTPModel, heads: bool = False):
     for head in model.extra_heads if heads else []:
         head.gradient_checkpointing = True
         head._gradient_checkpointing_func = model._last_block._gradient_checkpointing_func
+
+
+def train_top_only(model: mtp.MTPModel, train_layers: int, frozen_dtype=None):
+    """model.train_layers: fine-tune the top of the model only -- the last `train_layers` blocks of
+    the base (head 0 is the last), every extra head, the final norm and the unembedding -- and
+    freeze the embeddings and the blocks below them. The frozen part needs no gradient, no AdamW
+    states and no backward below the lowest trained block; with `frozen_dtype` (the compute
+    dtype) it is also held in that dtype rather than fp32, since it is never updated (autocast
+    ran its matmuls in it anyway). A 1.3B Llama with 4 heads and train_layers=8 keeps 0.62B of
+    its 1.5B parameters trained: 10 GB of fp32 weights, gradients and AdamW states instead of
+    24 (configs/m3.yaml). Tied embeddings train with the unembedding they are."""
+    if train_layers <= 0:
+        return
+    _, blocks, _ = mtp.find_blocks(model.base)
+    if train_layers > len(blocks):
+        raise ConfigError(f"config key 'model.train_layers' is {train_layers} but the policy has {len(blocks)} blocks")
+    trained = {id(p) for m in [*list(blocks)[-train_layers:], *model.extra_heads, model._norm,
+                               model.base.get_output_embeddings()] for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+        if id(p) not in trained and frozen_dtype is not None:
+            p.data = p.data.to(frozen_dtype)
 
 
 def prepare_for_training(model, ref, dist: Dist, dtype, compile=False):
@@ -326,11 +353,19 @@ def adamw_cosine(params, lr, weight_decay, betas, warmup, total, min_ratio, devi
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=lr, betas=betas,  # fused kernels on GPUs, and on the CPU of a single process
-        fused=device.type == "cuda" or (device.type == "cpu" and not torch.distributed.is_initialized()))
+        lr=lr, betas=betas, fused=fused_adamw(device))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
     return optimizer, schedule
+
+
+def fused_adamw(device) -> bool:
+    """AdamW's fused kernel (one launch for all parameters instead of a loop over them): on CUDA,
+    on MPS from torch 2.4 (where it arrived; fp32 parameters, as ours are), and on the CPU of a
+    single process."""
+    if device.type == "mps":
+        return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+    return device.type == "cuda" or (device.type == "cpu" and not torch.distributed.is_initialized())
 
 
 def drop_base_grads(model):
@@ -360,10 +395,12 @@ def optimizer_step(model, optimizer, schedule, loss: torch.Tensor, max_norm: flo
     diverging step must not reach the weights, so we stop before the update (the last
     checkpoint stays good) and say where it happened. Returns the gradient norm before clipping."""
     grad_norm = clip_grad_norm(model, max_norm)
+    record_memory(grad_norm.device)
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         raise FloatingPointError(f"{where}: non-finite loss ({loss.item()}) or grad norm "
                                  f"({grad_norm.item()}); weights not updated")
     optimizer.step()
+    record_memory(grad_norm.device)
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -393,13 +430,71 @@ def heldout_ce(model, batches, device, amp, chunk_size, group, progress: bool = 
     return (tot[0] / tot[1].clamp_min(1)).tolist()
 
 
+_mps_peak = 0  # bytes: MPS keeps no peak of its own, so record_memory samples it
+
+
+def record_memory(device):
+    """On MPS, sample what the driver holds into the run's peak (optimizer_step calls it at the
+    step's fullest points: all gradients alive, then the optimizer's states too)."""
+    global _mps_peak
+    if device.type == "mps":
+        _mps_peak = max(_mps_peak, torch.mps.driver_allocated_memory())
+
+
 def peak_memory_gb(device) -> float:
+    """The process's peak memory on `device`: CUDA's allocator peak; on MPS the largest sample of
+    the driver's allocation (record_memory); on the CPU the peak resident set, which getrusage
+    reports in KiB on Linux and in bytes on macOS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2 ** 30
-    import resource  # CPU: the process's peak resident set
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        record_memory(device)
+        return _mps_peak / 2 ** 30
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
+
+
+def memory_report(device, trained: nn.Module, optimizer, frozen: dict) -> str:
+    """Where a step's memory goes, for --dry_run: the trained model's weights, its gradients, the
+    optimizer's states (exact, from the tensors after one step), each frozen model (reference,
+    value model), and the rest of the measured peak -- activations, the loss's chunks, the
+    allocator's slack (on the CPU also the interpreter and libraries)."""
+    def gb(tensors):
+        return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors) / 2 ** 30
+    parts = {"weights": gb(trained.parameters()),
+             "gradients": gb(p for p in trained.parameters() if p.requires_grad),  # one per trained weight
+             "optimizer states": gb(t for st in optimizer.state.values() for t in st.values()
+                                    if torch.is_tensor(t) and t.dim() > 0)}
+    parts |= {name: gb(m.parameters()) for name, m in frozen.items() if m is not None}
+    peak = peak_memory_gb(device)
+    rest = peak - sum(parts.values())
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+    return (f"memory (GB, this rank): {shown}; activations and the rest {max(rest, 0):.2f} = peak {peak:.2f} "
+            f"measured on {device.type}" + (" (peak resident set: the interpreter and libraries included)"
+                                            if device.type == "cpu" else ""))
+
+
+def dry_run_checkpoint(out_dir, step, model, optimizer, schedule, run_cfg, dist):
+    """--dry_run's proof that checkpoints work: the step's checkpoint written by the code a real
+    run uses (into out_dir/.dry_run/), read back into the live model and optimizer, the step and
+    a parameter checked, then deleted (out_dir too, if the dry run created it)."""
+    import shutil
+    scratch = os.path.join(out_dir, ".dry_run")
+    created = not os.path.exists(out_dir)
+    probe = next(p for p in model.parameters() if p.requires_grad)
+    before = (probe.to_local() if hasattr(probe, "to_local") else probe).detach().clone()
+    save_checkpoint(scratch, step, model, optimizer, schedule, keep_last=1, run_cfg=run_cfg)
+    with torch.no_grad():
+        probe.mul_(0)  # so that reading it back must restore it
+    loaded = load_checkpoint("latest", scratch, model, optimizer, schedule, run_cfg)
+    after = (probe.to_local() if hasattr(probe, "to_local") else probe).detach()
+    if loaded != step or not torch.equal(before, after):
+        raise RuntimeError(f"dry run: the checkpoint did not read back (step {loaded} of {step})")
+    if dist.group is not None:
+        torch.distributed.barrier()
+    if dist.rank == 0:
+        shutil.rmtree(out_dir if created else scratch, ignore_errors=True)
 
 
 def _ckpt_dirs(out_dir):

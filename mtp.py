@@ -30,6 +30,7 @@ Conventions used everywhere below (B = batch, T = sequence length, n = number of
 from __future__ import annotations
 
 import copy
+import fractions
 import typing
 
 import torch
@@ -335,14 +336,14 @@ class MTPModel(nn.Module):
                         hk.detach(), W.detach(), y, ck, chunk_size, grad_W, need_W=grad_W is not None)
                 else:  # Rho-1: this head's CE first (no gradient), its coefficients, then the loss
                     _, ce_k, correct_k, _, _ = _fused_linear_ce(hk.detach(), W.detach(), y, None, chunk_size)
-                    ce_full = ce_k if r is None else torch.zeros(B * T, device=z.device, dtype=acc).index_copy(0, r, ce_k)
+                    ce_full = ce_k if r is None else torch.zeros(B * T, device=z.device, dtype=acc).index_put_((r,), ce_k)
                     c_full = coef_fn(ce_full.view(1, B, T), head=k)[0].detach()
                     ck = c_full.reshape(-1) if r is None else c_full.reshape(-1)[r]
                     if counts is not None:  # only the pairs with a nonzero coefficient
                         picked = torch.topk((ck != 0).float(), counts[k], sorted=False).indices
                         loss_k, _, _, g, _ = _fused_linear_ce(hk.detach()[picked], W.detach(), y[picked],
                                                               ck[picked], chunk_size, grad_W, grad_W is not None)
-                        grad_h = torch.zeros_like(hk).index_copy_(0, picked, g)
+                        grad_h = torch.zeros_like(hk).index_put_((picked,), g)
                     else:
                         loss_k, _, _, grad_h, _ = _fused_linear_ce(hk.detach(), W.detach(), y, ck, chunk_size,
                                                                    grad_W, grad_W is not None)
@@ -608,8 +609,9 @@ def weighted_ce(hiddens, W, targets, coef, chunk_size=None, rows=None):
         h, y, c = h[rows], y[rows], c[rows]
     loss, ce, correct = _WeightedLinearCE.apply(h, W, y, c, chunk_size)
     if rows is not None:
-        ce = torch.zeros(targets.numel(), device=ce.device, dtype=ce.dtype).index_copy_(0, rows, ce)
-        correct = torch.zeros(targets.numel(), device=ce.device, dtype=torch.bool).index_copy_(0, rows, correct)
+        # index_put_, not index_copy_: the latter has no MPS kernel before torch 2.8 (tests/test_mps_rules.py)
+        ce = torch.zeros(targets.numel(), device=ce.device, dtype=ce.dtype).index_put_((rows,), ce)
+        correct = torch.zeros(targets.numel(), device=ce.device, dtype=torch.bool).index_put_((rows,), correct)
     return loss, ce.view(targets.shape), correct.view(targets.shape)
 
 
@@ -634,8 +636,8 @@ def head0_distill_loss(hiddens, W, targets, coef, chunk_size=None, rows=None):
         loss_k, kl, agree = _WeightedLinearCE.apply(flat[rk], W, targets.reshape(-1)[rk], coef.reshape(-1)[rk],
                                                     chunk_size or default_chunk_size(W.shape[0]), teacher)
         loss = loss + loss_k
-        ce = ce.reshape(-1).index_copy(0, rk, kl.to(ce.dtype)).view(ce.shape)
-        correct = correct.reshape(-1).index_copy(0, rk, agree).view(correct.shape)
+        ce = ce.reshape(-1).index_put((rk,), kl.to(ce.dtype)).view(ce.shape)
+        correct = correct.reshape(-1).index_put((rk,), agree).view(correct.shape)
     return loss, ce, correct
 
 
@@ -675,8 +677,13 @@ def reference_token_ce(ref: MTPModel, input_ids, chunk_size=None, rows=None):
 
 
 def selected_count(n_valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """How many of n_valid tokens the top-ρ selection keeps: ceil(ρ·n) (at least one if any)."""
-    return torch.ceil(n_valid.double() * ratio - 1e-9).clamp(min=0).to(torch.long).minimum(n_valid.long())
+    """How many of n_valid tokens the top-ρ selection keeps: ceil(ρ·n) (at least one if any).
+    Exact, in integers on the device: ρ as the fraction p/q it was written as (0.7 = 7/10), so
+    ceil(ρ·n) = (n·p + q − 1) // q -- no float64, which MPS does not have, and no float32
+    rounding of ρ·n."""
+    p, q = fractions.Fraction(ratio).limit_denominator(1_000_000).as_integer_ratio()
+    n = n_valid.long()
+    return ((n * p + (q - 1)) // q).clamp(min=0).minimum(n)
 
 
 def rho1_weights(excess, valid, ratio, mode="hard", temperature=1.0, group=None):

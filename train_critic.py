@@ -3,7 +3,7 @@ train_critic.py — a value model, then multi-token-prediction fine-tuning with 
 weights, top to bottom.
 
     python train_critic.py configs/tiny_critic.yaml               # offline CPU demo (SmolLM2-135M), both stages
-    python train_critic.py configs/tiny_critic.yaml --dry_run     # load, one fwd/bwd per stage, exit
+    python train_critic.py configs/tiny_critic.yaml --dry_run     # each stage's step 1, a checkpoint round trip, memory
     python train_critic.py configs/tiny_critic.yaml --stages=value                  # stage 1 only
     python train_critic.py configs/tiny_critic.yaml --stages=policy --critic.value_model=out/tiny_critic/value
     python train_critic.py configs/m3.yaml                        # Apple silicon (MPS); the M3 config serves both scripts
@@ -37,6 +37,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +55,9 @@ class ModelConfig:
     n_heads: int = 4                 # MTP heads; 1 = plain next-token fine-tuning
     head_discount: float = 1.0       # λ_k = head_discount**k (1 = Meta's uniform heads)
     tokenizer: str = ""              # "" = the policy's own; needed for a random-init policy (.json)
+    train_layers: int = 0            # 0 = train everything; N = only the last N blocks (head 0 is the last), the extra
+                                     # heads, the final norm and the unembedding: the rest is frozen (common.train_top_only)
+    frozen_in_compute_dtype: bool = False  # hold the frozen weights in train.dtype (bf16), not fp32 (one process only)
     grad_checkpointing: bool = False # recompute the trunk's block activations in backward (memory for ~30% compute)
     checkpoint_heads: bool = False   # with grad_checkpointing: the MTP heads too
 
@@ -118,7 +122,8 @@ class Config:
     train: common.TrainConfig = field(default_factory=lambda: common.TrainConfig(out_dir="out/critic"))
     # runs are named <run_name>/value and <run_name>/policy
     mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-critic"))
-    dry_run: bool = False            # load everything, one forward/backward per stage, print sizes, exit
+    dry_run: bool = False            # each stage's real step 1 and its metrics, stage 2's checkpoint written and
+                                     # read back, the memory they take; nothing kept
     resume: str | bool = ""          # continue stage 2 ("latest" or a checkpoint path); needs --stages=policy
 
 
@@ -340,15 +345,17 @@ def rank_pairs(passed: torch.Tensor, problem: torch.Tensor) -> torch.Tensor:
 def binary_auc(scores, labels) -> float:
     """Area under the ROC curve = P(score of a random positive > score of a random negative),
     ties counting 1/2: the Mann–Whitney U statistic, (R₊ − n₊(n₊+1)/2) / (n₊ n₋), with R₊ the
-    sum of the positives' ranks (tied scores get their average rank). NaN with one class."""
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
-    y = torch.as_tensor(labels).flatten().cpu() >= 0.5
+    sum of the positives' ranks (tied scores get their average rank). NaN with one class.
+    On the host, in NumPy's float64 (tensors are moved off the device first: MPS has no float64)."""
+    def host(x):
+        return np.asarray(x.detach().float().cpu() if torch.is_tensor(x) else x, dtype=np.float64).ravel()
+    s, y = host(scores), host(labels) >= 0.5
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()                # 1-based rank of each distinct value's last copy
-    avg_rank = (ends - (counts.double() - 1) / 2)[inverse]
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)                        # 1-based rank of each distinct value's last copy
+    avg_rank = (ends - (counts - 1) / 2)[inverse]
     return float((avg_rank[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -478,8 +485,8 @@ def evaluate_value(value_model, eval_items, micro_batch, amp, dist, pad_id) -> d
 
 
 def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, label_counts):
-    """Stage 1 -> the trained value model, frozen, on the device (None after a dry run's one step
-    is still returned, untrained, for stage 2's dry tracker)."""
+    """Stage 1 -> the trained value model, frozen, on the device (after --dry_run's one real step:
+    that model, for stage 2's dry run; nothing written)."""
     v, device, world = cfg.value, dist.device, dist.world
     say = print if dist.rank == 0 else (lambda *a, **k: None)
     amp = common.autocast(device, dtype, dist)
@@ -498,25 +505,20 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
         value_model.parameters(), v.lr, v.weight_decay, (cfg.train.beta1, cfg.train.beta2),
         v.warmup_steps, v.max_steps, cfg.train.min_lr_ratio, device)
 
-    if cfg.dry_run:
-        batches = data.step_batches(train_items, 0, v.global_batch, v.micro_batch, cfg.train.seed, dist.rank, world, pad_id)
-        loss, _ = value_loss(value_model, batches[0], value_denominators(batches[:1], device, dist.group), v, amp, device)
-        (loss * world).backward()
-        say(f"dry tracker, stage 1: value model {sum(p.numel() for p in value_model.parameters()) / 1e6:.1f}M "
-            f"params ({n_trainable / 1e6:.3f}M trained), loss {loss.item():.4f}")
-        return value_model.requires_grad_(False).eval()
-
-    if cfg.train.overwrite and os.path.isfile(os.path.join(v.out_dir, VALUE_CONFIG)) and dist.rank == 0:
-        import shutil
-        print(f"--overwrite: deleting the earlier value model {v.out_dir}")
-        shutil.rmtree(v.out_dir)
-    tracker = tracking.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg,
-                              dist.rank == 0, local_dir=v.out_dir, tags={"stage": "value"})
-    tracker.log_params({"value.n_trainable": n_trainable, "world_size": world,
-                    **{f"labels.{k}": x for k, x in label_counts.items()}})
+    last_step = 1 if cfg.dry_run else v.max_steps  # --dry_run: the real step 1, its metrics, nothing written
+    tracker = tracking.Tracker()
+    if not cfg.dry_run:
+        if cfg.train.overwrite and os.path.isfile(os.path.join(v.out_dir, VALUE_CONFIG)) and dist.rank == 0:
+            import shutil
+            print(f"--overwrite: deleting the earlier value model {v.out_dir}")
+            shutil.rmtree(v.out_dir)
+        tracker = tracking.start_mlflow(replace(cfg.mlflow, run_name=f"{cfg.mlflow.run_name or 'critic'}/value"), cfg,
+                                        dist.rank == 0, local_dir=v.out_dir, tags={"stage": "value"})
+        tracker.log_params({"value.n_trainable": n_trainable, "world_size": world,
+                            **{f"labels.{k}": x for k, x in label_counts.items()}})
     value_model.train()
-    bar = tqdm(total=v.max_steps, disable=dist.rank != 0, dynamic_ncols=True, desc="stage 1 (value)")
-    for step in range(v.max_steps):
+    bar = tqdm(total=last_step, disable=dist.rank != 0, dynamic_ncols=True, desc="stage 1 (value)")
+    for step in range(last_step):
         batches = data.step_batches(train_items, step, v.global_batch, v.micro_batch, cfg.train.seed,
                                     dist.rank, world, pad_id, by_problem=v.rank_weight > 0)
         denom = value_denominators(batches, device, dist.group)
@@ -529,12 +531,17 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
         grad_norm = common.optimizer_step(value_model, optimizer, schedule, stats[0], v.grad_clip, f"stage 1 step {step}")
         logged = {"value/loss": float(stats[0]), "value/bce": float(stats[1] / denom[0]),
                   "value/lr": schedule.get_last_lr()[0], "value/grad_norm": float(grad_norm)}
-        if common.every(step, v.eval_every, v.max_steps):
+        if common.every(step, v.eval_every, last_step):
             logged |= evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
             say(f"\nstage 1 step {step + 1}: held-out {logged}")
         metrics.log_metrics(logged, step, tracker, bar, bce=f"{logged['value/bce']:.4f}")
         bar.update()
     bar.close()
+    if cfg.dry_run:
+        say(f"dry run, stage 1: step 1 done (loss {logged['value/loss']:.4f}); value model "
+            f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.1f}M params ({n_trainable / 1e6:.3f}M trained)")
+        say(common.memory_report(device, value_model, optimizer, {}))
+        return value_model.requires_grad_(False).eval()
     held_out = evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
     say(f"stage 1 final held-out: {held_out}")
     common.export_consolidated(value_model, tok, v.out_dir, dist, save=save_value_model, extra={
@@ -657,22 +664,18 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
         return data.step_batches(policy_set, step, cfg.train.global_batch, cfg.train.micro_batch,
                                  cfg.train.seed, dist.rank, world, pad_id)
 
-    if cfg.dry_run:
-        batches = batches_of(0)
-        weights, denom, wstats = step_weights(batches[:1])
-        loss, *_ = micro_step(batches[0], weights[0], denom)
-        (loss * world).backward()
-        return say_dry_run(cfg, model, dist, dtype, loss, wstats, say)
-    start_step, tracker = start_policy_run(cfg, model, dist, optimizer, schedule, run_cfg, len(policy_set), say)
+    # --dry_run: the real step 1 below, its metrics, a checkpoint written and read back, the memory
+    start_step, tracker = (0, tracking.Tracker()) if cfg.dry_run else start_policy_run(
+        cfg, model, dist, optimizer, schedule, run_cfg, len(policy_set), say)
+    last_step = 1 if cfg.dry_run else cfg.train.max_steps
     tracker.weight_pages = (functools.partial(weight_pages, cfg, value_model, tok, data.collate(
         policy_eval[:cfg.mlflow.weight_pages], pad_id), n_heads, amp, device, dist.group) if policy_eval else None)
 
     model.train()
-    bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=dist.rank != 0, dynamic_ncols=True,
-               desc="stage 2 (policy)")
+    bar = tqdm(initial=start_step, total=last_step, disable=dist.rank != 0, dynamic_ncols=True, desc="stage 2 (policy)")
     speed = metrics.Throughput()
     stop = common.StopSignal("train_critic.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
-    for step in range(start_step, cfg.train.max_steps):
+    for step in range(start_step, last_step):
         batches = batches_of(step)
         shuffler = common.step_generator(cfg.train.seed, step, dist.rank) if c.shuffle else None
         weights, denom, wstats = step_weights(batches, shuffler)
@@ -687,16 +690,19 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
         grad_norm = common.optimizer_step(model, optimizer, schedule, total_loss, cfg.train.grad_clip, f"step {step}")
         speed.step_done(sum(int(b["n_tokens"]) for b in batches) * world)
 
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == last_step:
             log_policy_step(stats, wstats, step, grad_norm, schedule, speed, bar, tracker)
         bar.update()
-        if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
+        if common.every(step, cfg.train.eval_every, last_step):
             common.report_heldout(evaluate(), step + 1, dist, tracker)
-        if common.every(step, cfg.train.save_every, cfg.train.max_steps):
+        if common.every(step, cfg.train.save_every, last_step):
             common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last, run_cfg)
         if stop.requested(dist):  # all ranks agree; the checkpoint is written below
             break
     bar.close()
+    if cfg.dry_run:
+        common.dry_run_checkpoint(cfg.train.out_dir, 1, model, optimizer, schedule, run_cfg, dist)
+        return say_dry_run(cfg, model, dist, dtype, total_loss, wstats, optimizer, value_model, say)
     common.exit_if_stopped(stop, cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last,
                            run_cfg, dist, tracker)
     common.finish_training(model, tok, cfg.train.out_dir, dist, evaluate(), tracker, cfg.train.max_steps,
@@ -718,12 +724,14 @@ def policy_micro_step(model, batch, w, denom, lambdas, amp, chunk):
     return loss, ce, correct, coef, valid, w
 
 
-def say_dry_run(cfg, model, dist, dtype, loss, wstats, say):
+def say_dry_run(cfg, model, dist, dtype, loss, wstats, optimizer, value_model, say):
+    """--dry_run's report on stage 2, after its one real step and the checkpoint round trip."""
     micro_steps = cfg.train.global_batch // (cfg.train.micro_batch * dist.world)
-    say(f"dry run, stage 2: policy {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params "
-        f"({model.n_heads} heads), device {dist.device} {dtype}, world {dist.world}, micro-steps/step {micro_steps}, "
-        f"loss {loss.item():.4f}, weights mean {wstats['weights/mean']:.3f} max {wstats['weights/max']:.3f}, "
-        f"peak memory {common.peak_memory_gb(dist.device):.2f} GB")
+    say(f"dry run, stage 2: step 1 done (loss {loss.item():.4f}, weights mean {wstats['weights/mean']:.3f} max "
+        f"{wstats['weights/max']:.3f}, metrics logged), checkpoint written and read back; policy "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params ({model.n_heads} heads), device "
+        f"{dist.device} {dtype}, world {dist.world}, micro-steps/step {micro_steps}")
+    say(common.memory_report(dist.device, model, optimizer, {"value model": value_model}))
 
 
 def start_policy_run(cfg, model, dist, optimizer, schedule, run_cfg, n_examples, say):
@@ -781,7 +789,7 @@ def check_config(cfg: Config, world: int):
         raise config.ConfigError("--stages=policy needs critic.value_model (a directory written by stage 1)")
     stage1, stage2 = cfg.stages in ("both", "value"), cfg.stages in ("both", "policy")
     common.check_train(cfg.train, world, cfg.resume, cfg.dry_run, writes=stage2)
-    common.check_policy(cfg.model, cfg.train)
+    common.check_policy(cfg.model, cfg.train, world)
     c, d, v = cfg.critic, cfg.data, cfg.value
     if cfg.stages == "policy" and not os.path.isfile(os.path.join(c.value_model, VALUE_CONFIG)):
         raise FileNotFoundError(f"config key 'critic.value_model': {c.value_model!r} is not a value-model directory "
@@ -869,12 +877,18 @@ def main(argv):
         say(f"value model {cfg.critic.value_model}: held-out {vmeta.get('heldout')}")
 
     # ---- stage 2 ---------------------------------------------------------------------------
+    common.train_top_only(model, cfg.model.train_layers, dtype if cfg.model.frozen_in_compute_dtype else None)
     if cfg.model.grad_checkpointing:
         common.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
     # A value model loaded from disk is put on the device (sharded under torchrun) beside the
     # policy; one that stage 1 just trained is already there.
     loaded = value_model if cfg.stages == "policy" else None
     model, loaded = common.prepare_for_training(model, loaded, dist, dtype, compile=cfg.train.compile)
+    if loaded is None and dist.group is None:
+        # The value model stage 1 just trained (fp32 master weights) is only read from now on:
+        # it scores in the compute dtype, as a loaded one or the Rho-1 reference does (a 1.3B
+        # value model: 5.4 GB in fp32, 2.7 in bf16 -- a Mac's memory).
+        value_model = value_model.to(dtype)
     value_model = loaded or value_model
     policy_set, policy_eval = policy_data(cfg, tok, train_items, eval_items, policy_examples)
     train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_eval, argv)

@@ -2,7 +2,7 @@
 train_rho1.py — multi-token-prediction fine-tuning with Rho-1 token weights, top to bottom.
 
     python train_rho1.py configs/tiny.yaml                    # offline CPU demo (SmolLM2-135M)
-    python train_rho1.py configs/tiny.yaml --dry_run          # load, one fwd/bwd, print sizes, exit
+    python train_rho1.py configs/tiny.yaml --dry_run          # step 1, a checkpoint round trip, the memory; exit
     python train_rho1.py configs/tiny.yaml --max_steps=3      # any config key: --key=value
     python train_rho1.py configs/tiny.yaml --overwrite        # replace the earlier run in out_dir
     python train_rho1.py configs/m3.yaml                      # Apple silicon (MPS)
@@ -43,6 +43,9 @@ class ModelConfig:
     head_discount: float = 1.0       # λ_k = head_discount**k (1 = Meta's uniform heads)
     reference: str = ""              # Rho-1 reference model (same tokenizer); "" = the policy's base model
     tokenizer: str = ""              # "" = the policy's own; needed for a random-init policy (.json)
+    train_layers: int = 0            # 0 = train everything; N = only the last N blocks (head 0 is the last), the extra
+                                     # heads, the final norm and the unembedding: the rest is frozen (common.train_top_only)
+    frozen_in_compute_dtype: bool = False  # hold the frozen weights in train.dtype (bf16), not fp32 (one process only)
     grad_checkpointing: bool = False # recompute the trunk's block activations in backward (memory for ~30% compute)
     checkpoint_heads: bool = False   # with grad_checkpointing: the MTP heads too (bench.py: pays off at small vocab)
     head_target: Literal["tokens", "head0"] = "tokens"  # heads 1..n-1 learn the data's tokens, or head 0's
@@ -77,7 +80,8 @@ class Config:
     train: common.TrainConfig = field(default_factory=lambda: common.TrainConfig(out_dir="out/rho1"))
     rho1: Rho1Config = field(default_factory=Rho1Config)
     mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-rho1"))
-    dry_run: bool = False            # load everything, one forward/backward, print sizes, exit
+    dry_run: bool = False            # the real step 1 and its metrics, a checkpoint written and read back, the
+                                     # memory it takes (weights, gradients, optimizer, activations); nothing kept
     resume: str | bool = ""          # "" = fresh run; "latest"/true = newest checkpoint in out_dir; or a path
 
 
@@ -98,7 +102,7 @@ def check_config(cfg: Config, world: int):
     """Every value and path of the run, checked before anything heavy loads: a mistake stops the
     run in seconds with one line naming the key and the fix (config.run_main, exit status 2)."""
     common.check_train(cfg.train, world, cfg.resume, cfg.dry_run)
-    common.check_policy(cfg.model, cfg.train)
+    common.check_policy(cfg.model, cfg.train, world)
     if cfg.model.reference:
         preflight.check_model_spec("model.reference", cfg.model.reference)
         preflight.check_random_init_vocab("model.reference", cfg.model.reference,
@@ -163,22 +167,23 @@ def main(argv):
     optimizer, schedule = common.adamw_cosine(
         s.model.parameters(), cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
         cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio, dist.device)
-    if cfg.dry_run:  # everything loaded, one forward/backward, then stop
-        dry_run(s, batches_of(0), sizes, dtype, say)
-        return common.shutdown(dist)
-    start_step, tracker = start_run(cfg, s, dist, optimizer, schedule, run_cfg, sizes, counts, say)
+    # --dry_run: the real step 1 below -- all its micro-batches, the update, its metrics -- then a
+    # checkpoint written and read back and the memory it took; nothing is tracked or exported.
+    start_step, tracker = (0, tracking.Tracker()) if cfg.dry_run else start_run(
+        cfg, s, dist, optimizer, schedule, run_cfg, sizes, counts, say)
+    last_step = 1 if cfg.dry_run else cfg.train.max_steps
     tracker.weight_pages = (functools.partial(weight_pages, s, tok, data.collate(eval_set[:cfg.mlflow.weight_pages],
                                                                                 pad_id))
                             if eval_set and s.ref is not None else None)  # ratio 1: nothing to show
 
     # ---- train ----
-    if start_step == 0:  # where the heads start: the baseline every held-out number compares to
+    if start_step == 0 and not cfg.dry_run:  # where the heads start: what every held-out number compares to
         common.report_heldout(evaluate(), 0, dist, tracker)
     s.model.train()
-    bar = tqdm(initial=start_step, total=cfg.train.max_steps, disable=dist.rank != 0, dynamic_ncols=True)
+    bar = tqdm(initial=start_step, total=last_step, disable=dist.rank != 0, dynamic_ncols=True)
     speed = metrics.Throughput()
     stop = common.StopSignal("train_rho1.py", argv)  # SIGTERM / SIGINT: end the step, checkpoint, exit
-    for step in range(start_step, cfg.train.max_steps):
+    for step in range(start_step, last_step):
         batches = batches_of(step)
         denom = denominators(s, batches)  # Σ m·w per head over the whole optimizer batch, before any forward
         stats = metrics.HeadStats(s.model.n_heads, dist.device)
@@ -197,17 +202,19 @@ def main(argv):
         grad_norm = common.optimizer_step(s.model, optimizer, schedule, total_loss, cfg.train.grad_clip, f"step {step}")
         speed.step_done(sum(int(b["n_tokens"]) for b in batches) * dist.world)
 
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == last_step:
             log_step(stats, step, grad_norm, schedule, speed, bar, tracker)
         bar.update()
-        if common.every(step, cfg.train.eval_every, cfg.train.max_steps):
+        if common.every(step, cfg.train.eval_every, last_step):
             common.report_heldout(evaluate(), step + 1, dist, tracker)
-        if common.every(step, cfg.train.save_every, cfg.train.max_steps):
+        if common.every(step, cfg.train.save_every, last_step):
             common.save_checkpoint(cfg.train.out_dir, step + 1, s.model, optimizer, schedule, cfg.train.keep_last,
                                    run_cfg)
         if stop.requested(dist):  # all ranks agree; the checkpoint is written below
             break
     bar.close()
+    if cfg.dry_run:
+        return dry_run_end(s, sizes, optimizer, schedule, run_cfg, stats, dtype, say)
     common.exit_if_stopped(stop, cfg.train.out_dir, step + 1, s.model, optimizer, schedule, cfg.train.keep_last,
                            run_cfg, dist, tracker)
 
@@ -261,6 +268,7 @@ def load_models(cfg: Config, dist: common.Dist, dtype, say) -> tuple[Setup, typi
             model_io.check_same_tokenizer(tok, ref_tok, cfg.model.policy, ref_spec)
     elif uses_ref:
         ref = copy.deepcopy(model.base)  # before training touches it
+    common.train_top_only(model, cfg.model.train_layers, dtype if cfg.model.frozen_in_compute_dtype else None)
     if cfg.model.grad_checkpointing:
         common.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
     if cfg.train.heads_only_steps >= cfg.train.max_steps:
@@ -336,14 +344,17 @@ def denominators(s: Setup, batches) -> torch.Tensor:
     return n_valid.sum(0).float()
 
 
-def dry_run(s: Setup, batches, sizes: dict, dtype, say):
-    """--dry_run: one forward/backward of the first micro-batch, and the sizes."""
-    loss, *_ = micro_step(s, batches[0], denominators(s, batches[:1]))
-    (loss * s.dist.world).backward()
+def dry_run_end(s: Setup, sizes: dict, optimizer, schedule, run_cfg, stats, dtype, say):
+    """--dry_run, after its one real step: the checkpoint round trip, then what the run is and
+    where its memory goes."""
+    common.dry_run_checkpoint(s.cfg.train.out_dir, 1, s.model, optimizer, schedule, run_cfg, s.dist)
     micro_steps = s.cfg.train.global_batch // (s.cfg.train.micro_batch * s.dist.world)
-    say(f"dry run: policy {sizes['n_params'] / 1e6:.1f}M params ({s.model.n_heads} heads), reference "
-        f"{sizes['n_ref_params'] / 1e6:.1f}M, device {s.dist.device} {dtype}, world {s.dist.world}, micro-steps/step "
-        f"{micro_steps}, loss {loss.item():.4f}, peak memory {common.peak_memory_gb(s.dist.device):.2f} GB")
+    say(f"dry run: step 1 done (loss {stats.sums['loss'].sum().item():.4f}, metrics logged), checkpoint written and "
+        f"read back; policy {sizes['n_params'] / 1e6:.1f}M params ({s.model.n_heads} heads), reference "
+        f"{sizes['n_ref_params'] / 1e6:.1f}M, device {s.dist.device} {dtype}, world {s.dist.world}, "
+        f"micro-steps/step {micro_steps}")
+    say(common.memory_report(s.dist.device, s.model, optimizer, {"reference": s.ref}))
+    common.shutdown(s.dist)
 
 
 def start_run(cfg: Config, s: Setup, dist, optimizer, schedule, run_cfg, sizes, counts, say):
@@ -377,13 +388,13 @@ def log_step(stats: metrics.HeadStats, step, grad_norm, schedule, speed: metrics
     fraction of tokens kept, and the mean excess loss of all valid and of the kept tokens."""
     tok_s = speed.rate()
     m = stats.metrics() | {"lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
-    kept = stats.sums["kept"].double().cpu().clamp_min(1)
+    kept = stats.sums["kept"].tolist()  # host-side arithmetic in Python floats (MPS has no float64)
     excess = stats.per_valid("excess") if "excess" in stats.sums else None  # (no reference at ratio 1)
+    excess_kept = stats.sums["excess_kept"].tolist() if excess is not None else None
     for k, frac in enumerate(stats.per_valid("kept")):
         m[f"head{k}/selected_frac"] = frac
         if excess is not None:
-            m |= {f"head{k}/excess_all": excess[k],
-                  f"head{k}/excess_selected": float(stats.sums["excess_kept"][k].cpu() / kept[k])}
+            m |= {f"head{k}/excess_all": excess[k], f"head{k}/excess_selected": excess_kept[k] / max(kept[k], 1.0)}
     metrics.log_metrics(m, step, tracker, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
 
 

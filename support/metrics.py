@@ -18,7 +18,7 @@ class HeadStats:
 
     def __init__(self, n_heads: int, device: torch.device):
         self.n_heads = n_heads
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.dtype = torch.float32  # sums of per-token float32 values over one step; and MPS has no float64
         self.sums: dict[str, torch.Tensor] = {}
         self.w_min = torch.full((n_heads,), torch.inf, device=device)
         self.w_max = torch.full((n_heads,), -torch.inf, device=device)
@@ -48,16 +48,17 @@ class HeadStats:
         return (self.sums[name] / self.sums["valid"].clamp_min(1)).tolist()
 
     def metrics(self) -> dict[str, float]:
-        s = {k: v.double().cpu() for k, v in self.sums.items()}
-        n = s["valid"].clamp_min(1)
-        w_mean = s["w"] / n
-        w_std = (s["w2"] / n - w_mean ** 2).clamp_min(0).sqrt()
-        out = {"loss": float(s["loss"].sum())}
+        """The step's numbers (after reduce), as Python floats: the sums come to the host first and
+        the arithmetic is done there, in float64 (on the device it could not be: MPS has none)."""
+        s = {k: v.tolist() for k, v in self.sums.items()}
+        w_min, w_max = self.w_min.tolist(), self.w_max.tolist()
+        out = {"loss": sum(s["loss"])}
         for k in range(self.n_heads):
-            out |= {f"head{k}/loss": float(s["loss"][k]), f"head{k}/ce": float(s["ce"][k] / n[k]),
-                    f"head{k}/acc": float(s["correct"][k] / n[k]), f"head{k}/w_mean": float(w_mean[k]),
-                    f"head{k}/w_std": float(w_std[k]), f"head{k}/w_min": float(self.w_min[k]),
-                    f"head{k}/w_max": float(self.w_max[k])}
+            n = max(s["valid"][k], 1.0)
+            w_mean = s["w"][k] / n
+            out |= {f"head{k}/loss": s["loss"][k], f"head{k}/ce": s["ce"][k] / n, f"head{k}/acc": s["correct"][k] / n,
+                    f"head{k}/w_mean": w_mean, f"head{k}/w_std": max(s["w2"][k] / n - w_mean ** 2, 0.0) ** 0.5,
+                    f"head{k}/w_min": w_min[k], f"head{k}/w_max": w_max[k]}
         return out
 
 

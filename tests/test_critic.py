@@ -589,7 +589,9 @@ def test_dry_run_cli(toy_run, tmp_path):
               f"--value.out_dir={tmp_path / 'v'}", f"--train.out_dir={tmp_path / 'o'}"]
     out = subprocess.run(base_args + ["--dry_run"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "dry run, stage 1: value model" in out.stdout and "dry run, stage 2: policy" in out.stdout
+    assert "dry run, stage 1: step 1 done" in out.stdout and "dry run, stage 2: step 1 done" in out.stdout
+    assert "checkpoint written and read back" in out.stdout and "value model" in out.stdout.split("stage 2")[-1]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "v").exists()  # a dry run keeps nothing
     bad = subprocess.run(base_args + ["--critic.bta=2"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "critic.bta" in bad.stderr
 
@@ -611,8 +613,8 @@ def test_demo_config_dry_run(tmp_path):
                           f"--value.out_dir={tmp_path / 'value'}", f"--train.out_dir={tmp_path / 'out'}"],
                          cwd=repo, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "dry run, stage 1: value model 134.5M params" in out.stdout
-    assert "dry run, stage 2: policy" in out.stdout and "(4 heads)" in out.stdout
+    assert "dry run, stage 1: step 1 done" in out.stdout and "value model 134.5M params" in out.stdout
+    assert "dry run, stage 2: step 1 done" in out.stdout and "(4 heads)" in out.stdout
     assert (tmp_path / "labels" / "mbpp_train_mutants3_seed1337_first10.jsonl").exists()
 
 

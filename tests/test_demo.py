@@ -18,7 +18,7 @@ def test_demo_config_dry_run_and_three_steps(tmp_path):
               f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     dry = subprocess.run(base_args + ["--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "dry run: policy" in dry.stdout and "(4 heads)" in dry.stdout
+    assert "dry run: step 1 done" in dry.stdout and "(4 heads)" in dry.stdout and "memory (GB, this rank)" in dry.stdout
     run = subprocess.run(base_args + ["--max_steps=3", "--eval_limit=8"], cwd=REPO,
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]

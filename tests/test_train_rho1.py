@@ -8,9 +8,10 @@ import sys
 import pytest
 from conftest import char_tokenizer, counting_jsonl, tiny_model_json
 
+import common
 import mtp
 import train_rho1
-from support import config, model_io
+from support import config, metrics, model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,10 +81,27 @@ def test_dry_run_cli(tiny_run):
     out = subprocess.run([sys.executable, os.path.join(REPO, "train_rho1.py"), cfg, "--dry_run"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "dry run: policy" in out.stdout and "peak memory" in out.stdout
+    assert "dry run: step 1 done" in out.stdout and "checkpoint written and read back" in out.stdout
+    for part in ("weights", "gradients", "optimizer states", "reference", "activations and the rest", "peak"):
+        assert part in out.stdout, part
     bad = subprocess.run([sys.executable, os.path.join(REPO, "train_rho1.py"), cfg, "--max_stepz=3"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "max_stepz" in bad.stderr
+
+
+def test_dry_run_is_the_real_first_step(tiny_run, tmp_path, monkeypatch):
+    """A dry run that passes means step 1 passes: it runs the optimizer step, the step's metrics
+    and a checkpoint round trip, keeps nothing, and fails where step 1 would."""
+    _, cfg = tiny_run
+    steps = []
+    real_step = common.optimizer_step
+    monkeypatch.setattr(common, "optimizer_step", lambda *a, **k: steps.append(a[-1]) or real_step(*a, **k))
+    out = tmp_path / "fresh"
+    train_rho1.main([cfg, "--dry_run", f"--out_dir={out}", "--mlflow.enabled=false"])
+    assert steps == ["step 0"] and not out.exists()  # one update; the scratch checkpoint is gone
+    monkeypatch.setattr(metrics.HeadStats, "metrics", lambda self: 1 / 0)  # a bug in the step's metrics
+    with pytest.raises(ZeroDivisionError):
+        train_rho1.main([cfg, "--dry_run", f"--out_dir={out}", "--mlflow.enabled=false"])
 
 
 def test_non_finite_loss_stops_before_the_update(tiny_run):
