@@ -127,3 +127,135 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "| rho1 | HumanEval" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         compare.main([f"--arms=ntp={tmp_path}/nothing-*/results.json", "--mlflow.enabled=false"])
+
+
+# --------------------------------------------------------------------------------------------
+# --plot: the forest plot
+# --------------------------------------------------------------------------------------------
+
+MTP = [counts(20 + s, [q * 0.55 for q in EASY]) for s in (1, 2, 3)]  # 3 seeds, a little below ntp
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _tree(root, arms, heldout=True):
+    """results.json files of `arms` ({name: (table, CE offset)}) under root/NAME-sS/{humaneval,mbpp}/,
+    each beside its checkpoint's mtp_config.json (with held-out CE per head when `heldout`)."""
+    for name, (table, ce) in arms.items():
+        for s, row in enumerate(table):
+            run = root / f"{name}-s{s}"
+            _write(run / "final" / "mtp_config.json",
+                   {"n_heads": 2} | ({"heldout_ce": [1.0 + ce + 0.01 * s, 2.0]} if heldout else {}))
+            _write(run / "humaneval" / "results.json", _results("HumanEval", row, str(run / "final")))
+            _write(run / "mbpp" / "results.json", _results("MBPP", row[::-1], str(run / "final")))
+    return " ".join(f"{name}={root}/{name}-s*" for name in arms)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures main draws (forest_figure, spied on)."""
+    figs, real = [], compare.forest_figure
+    monkeypatch.setattr(compare, "forest_figure", lambda *a, **kw: figs.append(real(*a, **kw)) or figs[-1])
+    return figs
+
+
+def _rows(ax):
+    """The y-axis row names, top to bottom (also of panels that hide them to share the first's)."""
+    return list(ax.yaxis.get_major_formatter().format_ticks(ax.get_yticks()))
+
+
+def _points(ax):
+    """x of the plotted points (the round markers), top row first."""
+    return [float(line.get_xdata()[0]) for line in ax.lines if line.get_marker() == "o"]
+
+
+def test_plot_writes_a_forest_png(tmp_path, drawn, capsys):
+    arms = _tree(tmp_path, {"rho1": (RHO1, -0.05), "ntp": (NTP, 0.0), "mtp": (MTP, 0.02)})
+    png = tmp_path / "fig" / "forest.png"
+    rows = compare.main([f"--arms={arms}", "--ref=ntp", "--B=300", f"--out={tmp_path}/t.md", f"--plot={png}",
+                         "--mlflow.enabled=false"])
+    assert len(rows) == 6 and f"wrote {png}" in capsys.readouterr().out
+    data = png.read_bytes()
+    assert data[:8] == PNG and 20_000 < len(data) < 2_000_000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width == 9 * 150 and 600 < height < 2000  # 9 in at 150 dpi; two rows of panels
+
+    (fig,) = drawn
+    *tasks, ce = fig.axes
+    assert [ax.get_title().split(" · ")[0] for ax in tasks] == ["HumanEval", "MBPP"]
+    for ax, task in zip(tasks, ("HumanEval", "MBPP")):
+        # exactly the arms other than the reference, in the table's order, top to bottom
+        assert _rows(ax) == ["rho1", "mtp"]
+        assert ax.get_xlabel() == "Δ pass@1 vs ntp (pp)"
+        diffs = {r["arm"]: 100 * r["diff@1"] for r in rows if r["task"] == task and r["arm"] != "ntp"}
+        assert _points(ax) == pytest.approx([diffs["rho1"], diffs["mtp"]])
+    assert [t.get_text() for t in tasks[0].get_yticklabels()] == _rows(ce) == ["rho1", "mtp"]
+    assert ce.get_xlabel().startswith("Δ head-0 held-out CE vs ntp")
+    # the differences of the table's held-out CE (head 0, mean over seeds): about -0.05 and +0.02
+    by_arm = {r["arm"]: r["heldout_ce"][0] for r in rows}
+    assert _points(ce) == pytest.approx([by_arm["rho1"] - by_arm["ntp"], by_arm["mtp"] - by_arm["ntp"]])
+    title = fig.get_suptitle()
+    assert "95% percentile bootstrap" in title and "seeds (runs) per arm: rho1 3, ntp 2, mtp 3" in title
+    assert "40 problems" in tasks[0].get_title()
+    assert any("python -m tools.compare" in t.get_text() and "--plot=" in t.get_text() for t in fig.texts)
+
+
+def test_plot_without_heldout_ce_or_pass_at_1_in_k(tmp_path, drawn):
+    """No held-out CE: one row of panels; --k without 1 still plots the table's Δpass@1."""
+    arms = _tree(tmp_path, {"ntp": (NTP, 0.0), "rho1": (RHO1, 0.0)}, heldout=False)
+    png = tmp_path / "forest.png"
+    compare.main([f"--arms={arms}", "--k=10", "--B=300", f"--out={tmp_path}/t.md", f"--plot={png}",
+                  "--mlflow.enabled=false"])
+    assert png.read_bytes()[:8] == PNG
+    (fig,) = drawn
+    assert len(fig.axes) == 2 and all(ax.get_xlabel().startswith("Δ pass@1") for ax in fig.axes)
+    rows = compare.summarize([compare.load_arm("ntp", f"{tmp_path}/ntp-s*"),
+                              compare.load_arm("rho1", f"{tmp_path}/rho1-s*")], "ntp", [1, 10], B=300)
+    assert _points(fig.axes[0]) == pytest.approx([100 * rows[2]["diff@1"]])
+
+
+def test_heldout_differences():
+    ce = lambda *xs: [[x, 9.0] for x in xs]  # noqa: E731  head 0 = x
+    arms = [{"name": "ntp", "heldout": ce(1.0, 1.2)}, {"name": "a", "heldout": ce(0.9, 0.95, 1.0)},
+            {"name": "one", "heldout": ce(1.5)}, {"name": "none", "heldout": []}]
+    d = compare.heldout_diffs(arms, "ntp", B=2000)
+    assert set(d) == {"a", "one"}  # not the reference, not an arm without held-out CE
+    assert d["a"]["diff"] == pytest.approx(0.95 - 1.1) and (d["a"]["runs"], d["a"]["ref_runs"]) == (3, 2)
+    lo, hi = d["a"]["ci"]
+    assert -0.3 <= lo < d["a"]["diff"] < hi <= 0.0  # resampled means lie within the extremes: 0.9-1.2, 1.0-1.0
+    assert d["one"]["diff"] == pytest.approx(0.4) and d["one"]["ci"] is None  # one checkpoint: no interval
+    assert compare.heldout_diffs(arms, "ntp", B=2000) == d  # seeded
+    assert compare.heldout_diffs(arms, "none", B=2000) == {}
+
+
+@pytest.mark.parametrize("arms, ref, why", [
+    ("ntp=nothing/* rho1=nothing/*", "", "--ref is empty"),
+    ("ntp=nothing/* rho1=nothing/*", "rho2", "no arm is named 'rho2'"),
+    ("ntp=nothing/*", "ntp", "no arm besides it"),
+])
+def test_plot_needs_a_reference_arm(tmp_path, capsys, arms, ref, why):
+    """The plot shows differences: without a reference arm (or with nothing to compare to it) it is
+    refused in one line, before any results.json is read (the globs here match nothing)."""
+    args = [f"--arms={arms}", f"--ref={ref}", f"--plot={tmp_path}/p.png", "--mlflow.enabled=false"]
+    with pytest.raises(compare.config.ConfigError, match=why) as e:
+        compare.main(args)
+    assert "\n" not in str(e.value) and "plot" in str(e.value)
+    with pytest.raises(SystemExit) as exit_:
+        compare.config.run_main(compare.main, args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and why in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_is_logged_to_mlflow(tmp_path, monkeypatch):
+    """The PNG goes where the markdown and JSON go: the compare run's artifacts."""
+    import contextlib
+    import types
+    logged = []
+    fake = types.ModuleType("mlflow")
+    fake.set_tracking_uri = fake.set_experiment = fake.log_params = fake.log_metrics = lambda *a, **kw: None
+    fake.start_run = lambda **kw: contextlib.nullcontext()
+    fake.log_artifact = logged.append
+    monkeypatch.setitem(__import__("sys").modules, "mlflow", fake)
+    arms = _tree(tmp_path, {"ntp": (NTP, 0.0), "rho1": (RHO1, 0.0)})
+    compare.main([f"--arms={arms}", "--B=200", f"--out={tmp_path}/t.md", f"--plot={tmp_path}/p.png"])
+    assert logged == [f"{tmp_path}/t.md", f"{tmp_path}/t.json", f"{tmp_path}/p.png"]

@@ -21,8 +21,9 @@ eval.py. Runs are grouped by their `task` (humaneval, mbpp, ...), giving one row
     mtp_config.json, or a heldout.json beside it), and self-speculative tokens per forward
     (results.json files of `eval.py --speculative` runs in the arm; they do not enter pass@k).
 
-Prints the table, writes it as markdown (--out) with a JSON twin (same name, .json), and logs an
-MLflow run (metrics, the markdown as an artifact) unless --mlflow.enabled=false or MLflow is not installed.
+Prints the table, writes it as markdown (--out) with a JSON twin (same name, .json), optionally a
+forest plot of the differences (--plot=PATH.png), and logs an MLflow run (metrics, the markdown and
+plot as artifacts) unless --mlflow.enabled=false or MLflow is not installed.
 The bootstrap is seeded per (arm, task) cell, so a cell's interval does not change when arms are
 added or reordered.
 """
@@ -32,7 +33,9 @@ import glob
 import json
 import math
 import os
+import shlex
 import sys
+import textwrap
 import zlib
 from dataclasses import dataclass, field
 
@@ -187,6 +190,31 @@ def summarize(arms: list[dict], ref: str | None, ks: list[int], B: int = 5000, s
     return rows
 
 
+def heldout_diffs(arms: list[dict], ref: str, B: int = 5000, seed: int = 0, level: float = 0.95,
+                  head: int = 0) -> dict[str, dict]:
+    """Held-out CE of head `head`, each arm minus `ref` -> {arm: {"diff", "ci", "runs", "ref_runs"}}
+    for the arms (not `ref`) where both have it. The difference is that of summarize's `heldout_ce`
+    (the mean over an arm's checkpoints, i.e. training seeds); the interval resamples each arm's
+    checkpoints independently (different training runs: nothing to pair), as the pass@k bootstrap
+    resamples runs -- there are no problems here. "ci" is None when either arm has one checkpoint
+    (no seed-to-seed variation to resample)."""
+    by_name = {a["name"]: a for a in arms}
+    base = [h[head] for h in by_name.get(ref, {}).get("heldout", []) if len(h) > head]
+    out = {}
+    for arm in arms:
+        xs = [h[head] for h in arm["heldout"] if len(h) > head]
+        if arm["name"] == ref or not xs or not base:
+            continue
+        a, r = np.array(xs), np.array(base)
+        d = {"diff": float(a.mean() - r.mean()), "ci": None, "runs": len(a), "ref_runs": len(r)}
+        if len(a) > 1 and len(r) > 1:
+            rng = cell_rng(seed, arm["name"], ref, f"heldout_ce[{head}]")
+            ca, cr = resample_counts(rng, len(a), B), resample_counts(rng, len(r), B)
+            d["ci"] = interval(ca @ a / len(a) - cr @ r / len(r), level)
+        out[arm["name"]] = d
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
@@ -220,7 +248,99 @@ def markdown(rows: list[dict], ks: list[int], ref: str | None, level: float) -> 
     return "\n".join(lines) + "\n"
 
 
-def log_mlflow(rows, args, md_path, json_path):
+def _forest_panel(ax, names: list[str], cells: dict, scale: float, better: int, xlabel: str, title: str,
+                  fmt: str, missing: str):
+    """One forest panel: a row per name (top to bottom), a point at cells[name]["diff"] * scale with its
+    interval cells[name]["ci"] (None: no interval); filled when the interval excludes 0 (blue when
+    the sign is `better`, red when not), hollow grey when it includes 0 or there is none."""
+    ax.axvline(0, color="0.35", lw=0.9, zorder=1)
+    for y, name in enumerate(names):
+        c = cells.get(name)
+        if c is None:
+            ax.text(0, y, f"  {missing}", va="center", ha="left", fontsize=7, color="0.45")
+            continue
+        d, ci = c["diff"] * scale, c.get("ci")
+        lo, hi = (ci[0] * scale, ci[1] * scale) if ci else (d, d)
+        excludes = ci is not None and (lo > 0 or hi < 0)
+        colour = ("tab:blue" if d * better > 0 else "tab:red") if excludes else "0.45"
+        if ci:
+            ax.plot([lo, hi], [y, y], color=colour, lw=1.8, solid_capstyle="butt", zorder=2)
+            ax.plot([lo, hi], [y, y], "|", color=colour, ms=7, zorder=2)
+        ax.plot([d], [y], "o", ms=6.5, zorder=3, markeredgecolor=colour, markeredgewidth=1.4,
+                markerfacecolor=colour if excludes else "white")
+        label = f"{d:{fmt}}" + (f"  [{lo:{fmt}}, {hi:{fmt}}]" if ci else "  (1 seed: no interval)")
+        ax.annotate(label, (d, y), xytext=(0, 6.5), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=6.5, color="0.2")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(len(names) - 0.45, -0.75)  # first arm on top; room above it for its label
+    lo, hi = ax.get_xlim()
+    lo, hi = min(lo, 0), max(hi, 0)
+    pad = 0.15 * max(hi - lo, 1e-9)  # room for the value labels, which are centred on their points
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7.5)
+    ax.grid(axis="x", color="0.9", lw=0.6, zorder=0)
+    ax.set_axisbelow(True)
+
+
+def forest_figure(rows: list[dict], ref: str, level: float, B: int, heldout: dict | None = None,
+                  caption: str = ""):
+    """The forest plot of summarize's rows (a matplotlib Figure, Agg canvas): one panel per task with a
+    row per arm other than `ref` -- Δpass@1 vs `ref` in points with its paired bootstrap interval --
+    and, when `heldout` (heldout_diffs) has any arm, a panel below spanning them all with Δ head-0
+    held-out CE vs `ref` (one value per checkpoint, so the same for every task)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    arms = list(dict.fromkeys(r["arm"] for r in rows if r["arm"] != ref))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    n = max(len(arms), 1)
+    h1 = 2.2 + 0.35 * n
+    h2 = 1.5 + 0.35 * n if heldout else 0.0
+    fig = Figure(figsize=(9, h1 + h2), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2 if heldout else 1, len(tasks), height_ratios=[h1, h2] if heldout else None)
+    pc = f"{round(100 * level)}%"
+    for j, task in enumerate(tasks):
+        ax = fig.add_subplot(grid[0, j])
+        cells = {r["arm"]: {"diff": r["diff@1"], "ci": r["diff@1_ci"]}
+                 for r in rows if r["task"] == task and r["arm"] != ref and r.get("diff@1") is not None}
+        paired = sorted({r["paired_problems"] for r in rows if r["task"] == task and "paired_problems" in r})
+        probs = "–".join(map(str, dict.fromkeys(paired[:1] + paired[-1:]))) if paired else "0"
+        _forest_panel(ax, arms, cells, 100, +1, f"Δ pass@1 vs {ref} (pp)", f"{task} · {probs} problems", "+.1f",
+                      "no runs on this task")
+        if j:
+            ax.tick_params(labelleft=False)
+    if heldout:
+        ax = fig.add_subplot(grid[1, :])
+        _forest_panel(ax, arms, heldout, 1, -1, f"Δ head-0 held-out CE vs {ref} (nats; lower is better)",
+                      "held-out CE, head 0: one value per training run, not per task; the interval resamples seeds",
+                      "+.3f", "no held-out CE")
+    seeds = {}
+    for r in rows:
+        seeds.setdefault(r["arm"], set()).add(r["runs"])
+    seeds_txt = ", ".join(f"{a} {min(s)}" + (f"–{max(s)}" if len(s) > 1 else "") for a, s in seeds.items())
+    fig.suptitle(f"Difference to {ref} with {pc} percentile bootstrap intervals (B = {B} resamples of seeds and "
+                 f"problems; pass@1 paired by problem)\nseeds (runs) per arm: {seeds_txt}", fontsize=9)
+    legend = [Line2D([], [], ls="", marker="o", color="tab:blue", label=f"{pc} interval excludes 0, better"),
+              Line2D([], [], ls="", marker="o", color="tab:red", label=f"{pc} interval excludes 0, worse"),
+              Line2D([], [], ls="", marker="o", markerfacecolor="white", markeredgecolor="0.45",
+                     label=f"{pc} interval includes 0 (or none)")]
+    # below what the layout engine arranges: a strip with the key, and the command under it
+    lines = textwrap.wrap(caption, 150)
+    cap = (len(lines) * 6.5 * 1.35 + 4) / (72 * (h1 + h2)) if lines else 0.0
+    strip = cap + 16 / (72 * (h1 + h2))
+    fig.get_layout_engine().set(rect=(0, strip, 1, 1 - strip))
+    fig.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, cap), ncols=3, fontsize=7, frameon=False,
+               borderaxespad=0.2)
+    if lines:
+        fig.text(0.01, 0.5 * cap, "\n".join(lines), fontsize=6.5, color="0.35", ha="left", va="center")
+    return fig
+
+
+def log_mlflow(rows, args, md_path, json_path, plot_path=None):
     try:
         import mlflow
     except ImportError:
@@ -242,6 +362,8 @@ def log_mlflow(rows, args, md_path, json_path):
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(md_path)
         mlflow.log_artifact(json_path)
+        if plot_path:
+            mlflow.log_artifact(plot_path)
 
 
 @dataclass
@@ -253,6 +375,8 @@ class CompareConfig:
     seed: int = 0                    # the bootstrap's random draws
     level: float = 0.95              # interval coverage
     out: str = "out/compare/compare.md"  # markdown file (JSON beside it)
+    plot: str = ""                   # forest plot PNG: Δpass@1 vs ref with its interval per task and arm,
+                                     #   and Δ head-0 held-out CE where present; needs ref ("" = no plot)
     mlflow: tracking.MlflowConfig = field(default_factory=lambda: tracking.MlflowConfig(experiment="wmtp-compare"))
 
 
@@ -268,6 +392,10 @@ def parse_args(argv=None) -> CompareConfig:
     names = [a.split("=", 1)[0] for a in args.arm]
     if len(set(names)) != len(names):
         raise config.ConfigError(f"config key 'arms': names must be unique, got {names}")
+    if args.plot and (args.ref not in names or len(names) < 2):
+        why = ("--ref is empty" if not args.ref else f"no arm is named {args.ref!r} (arms: {' '.join(names)})"
+               if args.ref not in names else "there is no arm besides it")
+        raise config.ConfigError(f"config key 'plot': the plot shows differences to the reference arm, but {why}")
     try:
         args.k = sorted({int(k) for k in str(args.k).split(",") if k.strip()})
     except ValueError:
@@ -276,6 +404,7 @@ def parse_args(argv=None) -> CompareConfig:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     arms = [load_arm(*a.split("=", 1)) for a in args.arm]
     ref = args.ref or None
@@ -307,8 +436,16 @@ def main(argv=None):
                    "arms": {a["name"]: {t: [r["path"] for r in runs] for t, runs in a["runs"].items()} for a in arms}},
                   f, indent=2)
     print(f"wrote {args.out} and {json_path}")
+    if args.plot:
+        # the cells' draws do not depend on k, so pass@1 alone gives the table's diff@1 when k has no 1
+        prows = rows if 1 in args.k else summarize(arms, ref, [1], args.B, args.seed, args.level)
+        fig = forest_figure(prows, ref, args.level, args.B, heldout_diffs(arms, ref, args.B, args.seed, args.level),
+                            caption="python -m tools.compare " + shlex.join(argv))
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        fig.savefig(args.plot)
+        print(f"wrote {args.plot}")
     if args.mlflow.enabled:
-        log_mlflow(rows, args, args.out, json_path)
+        log_mlflow(rows, args, args.out, json_path, args.plot or None)
     return rows
 
 
