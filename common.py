@@ -754,11 +754,21 @@ def export_consolidated(model, tokenizer, out_dir, dist: Dist, extra=None, save=
     torch.distributed.barrier()
 
 
-def report_heldout(held_out: list[float], step: int, dist: Dist, run: tracking.Tracker | None, label: str = ""):
-    """Print and (rank 0) log the held-out CE of every head at `step`; then the token-weight pages
-    of the run's fixed held-out examples (every rank takes part, see Tracker.draw_weight_pages)."""
+HELDOUT_LOG = "heldout.jsonl"  # out_dir's record of every held-out evaluation: {"step", "heldout_ce"} per line
+
+
+def report_heldout(held_out: list[float], step: int, dist: Dist, run: tracking.Tracker | None, label: str = "",
+                   out_dir: str = ""):
+    """Print and (rank 0) log the held-out CE of every head at `step` -- to MLflow and, with
+    `out_dir`, to its HELDOUT_LOG (the curve over steps, MLflow or not); then the token-weight
+    pages of the run's fixed held-out examples (every rank takes part, Tracker.draw_weight_pages)."""
+    import json
     if dist.rank == 0:
         print(f"\n{label or f'step {step}'} held-out CE per head: {[round(x, 4) for x in held_out]}")
+        if out_dir and held_out:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, HELDOUT_LOG), "w" if step == 0 else "a") as f:  # step 0: a fresh run
+                f.write(json.dumps({"step": step, "heldout_ce": held_out}) + "\n")
     if run is not None:
         run.log_metrics({f"eval/head{k}_ce": x for k, x in enumerate(held_out)}, step)
         run.draw_weight_pages(step)
@@ -770,7 +780,7 @@ def finish_training(model, tok, out_dir, dist: Dist, held_out: list[float], run:
     head, write the consolidated export (all ranks take part; its mtp_config.json names the MLflow
     run), log and register it (Tracker.log_export), close the MLflow run and the process group."""
     run = run if run is not None else tracking.Tracker()
-    report_heldout(held_out, steps, dist, run, label="final")
+    report_heldout(held_out, steps, dist, run, label="final", out_dir=out_dir)
     final_dir = os.path.join(out_dir, "final")
     export_consolidated(model, tok, final_dir, dist, extra={"trained_with": script, "steps": steps,
                                                             "heldout_ce": held_out, **run.link()})

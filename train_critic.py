@@ -694,7 +694,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
             log_policy_step(stats, wstats, step, grad_norm, schedule, speed, bar, tracker)
         bar.update()
         if common.every(step, cfg.train.eval_every, last_step):
-            common.report_heldout(evaluate(), step + 1, dist, tracker)
+            common.report_heldout(evaluate(), step + 1, dist, tracker, out_dir=cfg.train.out_dir)
         if common.every(step, cfg.train.save_every, last_step):
             common.save_checkpoint(cfg.train.out_dir, step + 1, model, optimizer, schedule, cfg.train.keep_last, run_cfg)
         if stop.requested(dist):  # all ranks agree; the checkpoint is written below

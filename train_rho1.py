@@ -178,7 +178,7 @@ def main(argv):
 
     # ---- train ----
     if start_step == 0 and not cfg.dry_run:  # where the heads start: what every held-out number compares to
-        common.report_heldout(evaluate(), 0, dist, tracker)
+        common.report_heldout(evaluate(), 0, dist, tracker, out_dir=cfg.train.out_dir)
     s.model.train()
     bar = tqdm(initial=start_step, total=last_step, disable=dist.rank != 0, dynamic_ncols=True)
     speed = metrics.Throughput()
@@ -206,7 +206,7 @@ def main(argv):
             log_step(stats, step, grad_norm, schedule, speed, bar, tracker)
         bar.update()
         if common.every(step, cfg.train.eval_every, last_step):
-            common.report_heldout(evaluate(), step + 1, dist, tracker)
+            common.report_heldout(evaluate(), step + 1, dist, tracker, out_dir=cfg.train.out_dir)
         if common.every(step, cfg.train.save_every, last_step):
             common.save_checkpoint(cfg.train.out_dir, step + 1, s.model, optimizer, schedule, cfg.train.keep_last,
                                    run_cfg)

@@ -1,4 +1,4 @@
-"""sandbox.py: benchmark solutions pass, wrong ones fail, and hostile programs are
+"""support/sandbox.py (and its fork server, support/sandbox_server.py): benchmark solutions pass, wrong ones fail, and hostile programs are
 contained, reported with their kind, and leave no process or file behind.
 
 Most of the hostile tests need root (the sandbox then runs each program under its own uid, the
@@ -8,19 +8,24 @@ Linux namespaces (the default) and without them (`namespaces=False`, what runs w
 refuses them). The unprivileged path (a user namespace) is tested by running the sandbox as
 `nobody` in a subprocess, which needs root to switch to.
 """
+import ast
 import json
 import os
 import random
 import secrets
+import shutil
 import socket
+import stat
 import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
 
 import data
 import eval as ev
-from support import sandbox
+from support import sandbox, sandbox_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_root = pytest.mark.skipif(not sandbox.DROP_PRIVILEGES, reason="a separate sandbox uid needs root on Linux")
@@ -36,7 +41,7 @@ def sandbox_uids():
 def stray_files():
     """Files in the world-writable directories that belong to a sandbox uid, and scratch dirs."""
     uids, found = sandbox_uids(), []
-    for d in {*sandbox.WORLD_WRITABLE_DIRS, sandbox.tempfile.gettempdir()}:
+    for d in {*sandbox_server.WORLD_WRITABLE_DIRS, tempfile.gettempdir()}:
         if os.path.isdir(d):
             for e in os.scandir(d):
                 st = e.stat(follow_symlinks=False)
@@ -46,22 +51,37 @@ def stray_files():
 
 
 def assert_machine_clean(scratch_before):
-    procs = [p for uid in sandbox_uids() for p in sandbox._processes(uid=uid)]
+    procs = [p for uid in sandbox_uids() for p in sandbox_server.processes(uid=uid)]
     assert procs == [], f"sandbox processes survived: {procs}"
     assert stray_files() == []
-    scratch_now = {e for e in os.listdir(sandbox.tempfile.gettempdir()) if e.startswith(sandbox.scratch_prefix())}
+    scratch_now = {e for e in os.listdir(tempfile.gettempdir()) if e.startswith(sandbox.scratch_prefix())}
     assert scratch_now <= scratch_before, f"scratch directories left: {scratch_now - scratch_before}"
 
 
 @pytest.fixture
 def clean_machine():
-    before = {e for e in os.listdir(sandbox.tempfile.gettempdir()) if e.startswith(sandbox.scratch_prefix())}
+    before = {e for e in os.listdir(tempfile.gettempdir()) if e.startswith(sandbox.scratch_prefix())}
     yield
     assert_machine_clean(before)
 
 
 def toy(completion, **kw):
     return sandbox.check_completion(TOY, completion, **kw)
+
+
+def server_of(slot: int, drop: bool, ns: bool):
+    """The fork server that ran this slot's programs with these settings."""
+    [server] = [s for (sl, _, d, n), s in sandbox._servers.items() if (sl, d, n) == (slot, drop, ns)]
+    return server
+
+
+def leftovers(server) -> set[int]:
+    """What the programs `server` ran left alive, found as the same-uid fallback's sweep finds
+    them: by the server's marker in their environment (every program inherits it), the server's
+    own processes aside. Only this server's: another evaluator on the machine (a second test run,
+    a CI job beside ours, an eval.py) has fork servers and programs of its own, with their own
+    markers, which are not ours to count."""
+    return set(sandbox_server.processes(marker=f"WMTP_SANDBOX={server.marker}")) - set(server.pids())
 
 
 # ---- benchmark solutions ----------------------------------------------------------------
@@ -284,8 +304,7 @@ def test_daemon_that_outlives_its_parent_is_killed(drop, ns, clean_machine):
     time.sleep(1.5)
     assert not os.path.exists(marker)
     if not drop:  # the same-uid fallback finds leftovers by the marker in their environment
-        leftovers = set(sandbox._processes(marker="WMTP_SANDBOX=")) - {os.getpid()} - sandbox._server_pids()
-        assert not leftovers
+        assert not leftovers(server_of(0, drop, ns))
 
 
 def test_parallel_workers_do_not_interfere(clean_machine):
@@ -447,18 +466,56 @@ def test_a_program_that_signals_its_parent_does_not_stop_the_evaluation(drop, ns
 NOBODY = 65534
 
 
+def _open_to_everyone(path: str) -> bool:
+    """Any uid may pass through every directory from / down to `path` (o+x on each)."""
+    path = os.path.realpath(path)
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        if path == os.path.dirname(path):
+            return True
+        path = os.path.dirname(path)
+
+
+@pytest.fixture
+def sandbox_copy_anyone_can_read():
+    """The sandbox's files (support/__init__.py, sandbox.py, sandbox_server.py), copied byte for
+    byte into a directory that any uid can read -> that directory, for sys.path. `nobody` has to
+    import the sandbox and run its fork server as a script, and the checkout itself may be closed
+    to it (a fresh clone in a 0700 temporary directory, a home directory)."""
+    parent = next((d for d in (tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm")
+                   if os.path.isdir(d) and _open_to_everyone(d)), None)
+    if parent is None:
+        pytest.skip("no temporary directory that the uid nobody can reach, to copy the sandbox to")
+    root = tempfile.mkdtemp(prefix="wmtp-nobody-", dir=parent)
+    try:
+        package = os.path.join(root, "support")
+        os.mkdir(package)
+        for d in (root, package):
+            os.chmod(d, 0o755)
+        here = os.path.dirname(os.path.abspath(sandbox.__file__))
+        for f in (os.path.join(here, "__init__.py"), sandbox.__file__, sandbox_server.__file__):
+            dst = os.path.join(package, os.path.basename(f))
+            shutil.copyfile(f, dst)
+            os.chmod(dst, 0o644)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @needs_root
-def test_without_root_a_user_namespace_keeps_the_evaluator_out_of_reach():
-    """The sandbox as an unprivileged user (`nobody`, through the system python3): each program
-    in its own user + PID + network namespace. The killer cannot stop the evaluation, the
-    forger does not pass, the network is gone, and the process cap still holds."""
+def test_without_root_a_user_namespace_keeps_the_evaluator_out_of_reach(sandbox_copy_anyone_can_read):
+    """The sandbox as an unprivileged user (`nobody`, through the system python3, from a copy of
+    its files open to that uid): each program in its own user + PID + network namespace. The
+    killer cannot stop the evaluation, the forger does not pass, the network is gone, and the
+    process cap still holds."""
     python = "/usr/bin/python3"
     if not os.access(python, os.X_OK):
         pytest.skip("no system python3 to run as nobody")
     script = (
         "import json, sys\n"
-        f"sys.path.insert(0, {REPO!r})\n"
-        "import sandbox\n"
+        f"sys.path.insert(0, {sandbox_copy_anyone_can_read!r})\n"
+        "from support import sandbox\n"
         f"TOY = {TOY!r}\n"
         f"jobs = [(TOY, {KILLER!r}), (TOY, 'def f():\\n    return 1\\n'), (TOY, {FORGER!r})] * 2\n"
         "verdicts = sandbox.check_all(jobs, workers=2)\n"
@@ -485,6 +542,17 @@ def test_without_root_a_user_namespace_keeps_the_evaluator_out_of_reach():
 
 
 # ---- the fork server ------------------------------------------------------------------------------
+
+def test_the_fork_server_is_standard_library_only():
+    # It runs as a script (`python -s sandbox_server.py --serve`), in a scrubbed environment, with
+    # the repository off sys.path, possibly under a system python3: nothing of ours can be imported.
+    tree = ast.parse(open(sandbox_server.__file__).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    imported |= set(sandbox_server.PREIMPORTS)
+    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
+    assert {m.split(".")[0] for m in imported} - sys.stdlib_module_names == set()
+
 
 def test_programs_share_no_state_through_the_fork_server(clean_machine):
     # Two programs on one slot: fresh random state each (the parent's seed is not inherited),
@@ -536,12 +604,15 @@ def test_a_killed_fork_server_is_replaced_and_what_it_ran_is_swept(clean_machine
             "server = int(open('/proc/%d/status' % os.getppid()).read().split('PPid:')[1].split()[0])\n"
             "if os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n    os._exit(0)\n"
             "os.kill(server, signal.SIGKILL)\ntime.sleep(30)\n")
+    assert toy("def f():\n    return 1\n", drop_privileges=False, namespaces=False)["passed"]
+    killed = server_of(0, False, False)
     t = time.monotonic()
     v = sandbox.check_completion(TOY, code, drop_privileges=False, namespaces=False)
     assert v["error"] == "runtime_error" and "killed its runner" in v["detail"]
     assert time.monotonic() - t < 10
-    assert not set(sandbox._processes(marker="WMTP_SANDBOX=")) - {os.getpid()} - sandbox._server_pids()
+    assert killed.proc.poll() is not None and not leftovers(killed)  # the daemon was swept by its marker
     assert toy("def f():\n    return 1\n", drop_privileges=False, namespaces=False)["passed"]
+    assert server_of(0, False, False) is not killed and not leftovers(server_of(0, False, False))
 
 
 def _memory_holds(pid: int, needle: bytes) -> bool:
@@ -568,7 +639,7 @@ def test_no_program_data_enters_the_fork_servers_memory(clean_machine):
     run = sandbox.run_program(f"import sys\nprint({secret!r})\nprint(input(), file=sys.stderr)\n",
                               stdin=secret + "\n", slot=5)
     assert run["stdout"].strip() == secret and secret in run["stderr"]
-    [server] = [s for k, s in sandbox._servers.items() if k[0] == 5]
+    server = server_of(5, sandbox.DROP_PRIVILEGES, True)
     try:
         assert not _memory_holds(server.proc.pid, secret.encode())
     except PermissionError:
