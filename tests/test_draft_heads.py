@@ -11,7 +11,7 @@ from test_eval import tiny_checkpoint  # noqa: F401  (a fixture)
 
 import mtp
 import train_rho1
-from decoding import sampling
+from decoding import speculative
 from support import config, model_io
 from tools import speculate
 
@@ -152,7 +152,7 @@ def test_calibrate_then_measure_a_calibrated_tree(tiny_checkpoint, tmp_path):  #
         assert v["predicted_speedup"] == pytest.approx(v["tokens_per_forward"] * v["plain_ms_per_forward"] / v["ms_per_forward"],
                                                        rel=1e-3)
     assert saved["best"] == max(sizes, key=lambda k: sizes[k]["predicted_speedup"])
-    assert sampling.parse_tree(str(tree)) == tuple(tuple(p) for p in saved["nodes"][:int(saved["best"])])
+    assert speculative.parse_tree(str(tree)) == tuple(tuple(p) for p in saved["nodes"][:int(saved["best"])])
     with pytest.raises(config.ConfigError, match="calib_sizes"):
         speculate.main([tiny_checkpoint, "--stage=calibrate", f"--calib_path={calib}", "--calib_sizes=0,4", f"--out={tree}"])
     out = tmp_path / "m.json"

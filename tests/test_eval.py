@@ -13,7 +13,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 import eval as ev
 import mtp
-from decoding import sampling
+from decoding import sampling, speculative
 from support import config, model_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,7 +359,7 @@ def compare_greedy(model, vocab, trials, seed=0, stop=(), eos=()):
         prompt = torch.randint(0, vocab, (1, 1 + trial % 17), generator=g)
         max_new = 1 + (trial * 7) % 70
         plain, _ = sampling.generate(model, TOK, prompt, 1, max_new, 0.0, 1.0, list(stop), set(eos))
-        spec, fwd = sampling.generate_speculative(model, TOK, prompt, max_new, list(stop), set(eos))
+        spec, fwd = speculative.generate_speculative(model, TOK, prompt, max_new, list(stop), set(eos))
         a = sampling.completion_text(TOK, prompt, plain[0], list(stop), set(eos))
         b = sampling.completion_text(TOK, prompt, spec, list(stop), set(eos))
         assert a == b, (trial, plain[0], spec)
@@ -430,7 +430,7 @@ def test_speculative_cache_matches_uncached_forward_for_every_head():
     for trial in range(6):
         calls.clear()
         prompt = torch.randint(0, 5, (1, 3 + trial), generator=g)
-        spec, fwd = sampling.generate_speculative(model, TOK, prompt, 48, [], set())
+        spec, fwd = speculative.generate_speculative(model, TOK, prompt, 48, [], set())
         truth = prompt[0].tolist() + spec  # what greedy decoding produced (== plain greedy)
         assert len(calls) == fwd
         for cached, block, h in calls:
@@ -464,7 +464,7 @@ def test_speculative_after_save_and_load(tiny_checkpoint):
         ids = tok(text, return_tensors="pt").input_ids
         eos, stop = sampling.eos_token_ids(model, tok), ["\ndef"]
         plain, _ = sampling.generate(model, tok, ids, 1, 40, 0.0, 1.0, stop, eos)
-        spec, fwd = sampling.generate_speculative(model, tok, ids, 40, stop, eos)
+        spec, fwd = speculative.generate_speculative(model, tok, ids, 40, stop, eos)
         assert sampling.completion_text(tok, ids, plain[0], stop, eos) == sampling.completion_text(tok, ids, spec, stop, eos)
 
 

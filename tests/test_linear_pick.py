@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from test_eval import TOK, mtp_model
 
-from decoding import linear_pick, sampling
+from decoding import linear_pick, sampling, speculative
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,9 +94,9 @@ def test_decoding_through_the_picked_path_is_still_exact_greedy(on_cpu, monkeypa
     model = mtp_model(vocab, 4, 0.3, dtype=torch.float32)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, vocab, (1 + t % 9,), generator=g).tolist() for t in range(5)]
-    spec, _ = sampling.decode_rows(model, TOK, prompts, 24, [], set(), batch_size=batch_size, tree=tree, pick_blas=True)
+    spec, _ = speculative.decode_rows(model, TOK, prompts, 24, [], set(), batch_size=batch_size, tree=tree, pick_blas=True)
     assert on_cpu["gemv"] > 100  # it was used
-    L = len(sampling.draft_tree(tree or (1, 1, 1))["parent"])
+    L = len(speculative.draft_tree(tree or (1, 1, 1))["parent"])
     # Only the step's shapes were timed (the block, the heads' drafting): never a prefill's, whose
     # new prompt lengths would be timed inside the decoder's timed run.
     assert {key[0] for key in linear_pick._picked} <= {batch_size * L, batch_size * 3}

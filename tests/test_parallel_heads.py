@@ -8,7 +8,7 @@ from test_eval import TOK, mtp_model
 from test_speculative import SPARSE, random_prompts, reference_tree_forwards
 
 import mtp
-from decoding import parallel_heads, sampling
+from decoding import parallel_heads, sampling, speculative
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,11 +52,11 @@ def test_decoding_through_it_equals_plain_greedy_and_the_reference(tree, batch_s
     vocab, max_new = 11, 30
     model = mtp_model(vocab, 4, 0.3)
     prompts = random_prompts(vocab, 5, seed=4)
-    spec, st = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), batch_size=batch_size, tree=tree,
+    spec, st = speculative.decode_rows(model, TOK, prompts, max_new, [], set(), batch_size=batch_size, tree=tree,
                                     parallel_heads=True)
-    plain, _ = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), speculative=False, batch_size=batch_size)
+    plain, _ = speculative.decode_rows(model, TOK, prompts, max_new, [], set(), speculative=False, batch_size=batch_size)
     assert spec == plain
-    nodes = sampling.draft_tree(tree if tree is not None else (1, 1, 1))["nodes"]
+    nodes = speculative.draft_tree(tree if tree is not None else (1, 1, 1))["nodes"]
     for i, p in enumerate(prompts):
         forwards, tokens, _ = reference_tree_forwards(model, p, max_new, nodes)
         assert tokens == plain[i] and st["forwards"][i] == forwards, i  # the heads' caches are right

@@ -1,4 +1,4 @@
-"""sampling.decode_rows: batched self-speculative decoding. Greedy equals plain greedy row by row
+"""speculative.decode_rows: batched self-speculative decoding. Greedy equals plain greedy row by row
 (any batch size, stops, EOS); speculative sampling draws from plain sampling's distribution
 (a chi-square test against the exact sequence probabilities); plain decoding equals the
 reference sampler."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_eval import TOK, mtp_model
 
-from decoding import sampling
+from decoding import sampling, speculative
 from support import model_io
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,14 +26,14 @@ def test_batched_speculative_greedy_equals_plain_greedy_per_row(vocab, n_heads, 
     greedy decoding of its prompt alone, token for token, and so does the plain decoder."""
     model = mtp_model(vocab, n_heads, noise)
     prompts = random_prompts(vocab, 10)
-    spec, st = sampling.decode_rows(model, TOK, prompts, 40, [], set(), speculative=True, batch_size=batch_size)
-    plain, pst = sampling.decode_rows(model, TOK, prompts, 40, [], set(), speculative=False, batch_size=batch_size)
+    spec, st = speculative.decode_rows(model, TOK, prompts, 40, [], set(), speculative=True, batch_size=batch_size)
+    plain, pst = speculative.decode_rows(model, TOK, prompts, 40, [], set(), speculative=False, batch_size=batch_size)
     for i, (p, s, q) in enumerate(zip(prompts, spec, plain)):
         ref, _ = sampling.generate(model, TOK, torch.tensor([p]), 1, 40, 0.0, 1.0, [], set())
         assert s == ref[0] and q == ref[0]
         # The same drafts as the reference decoder (DynamicCache, cropped): as many forwards. Wrong
         # keys/values in an extra head's cache would change its drafts, not the output.
-        _, ref_fwd = sampling.generate_speculative(model, TOK, torch.tensor([p]), 40, [], set())
+        _, ref_fwd = speculative.generate_speculative(model, TOK, torch.tensor([p]), 40, [], set())
         assert st["forwards"][i] == ref_fwd
     assert pst["forwards"] == [40] * 10 and st["tokens"] == [40] * 10
     assert all(f <= 40 for f in st["forwards"])
@@ -46,7 +46,7 @@ def test_batched_speculative_greedy_with_stops_and_eos():
     model = mtp_model(11, 4, 0.05)
     prompts = random_prompts(11, 12, seed=1)
     stop, eos = [" 3 4"], {7}
-    spec, _ = sampling.decode_rows(model, TOK, prompts, 50, stop, eos, speculative=True, batch_size=5)
+    spec, _ = speculative.decode_rows(model, TOK, prompts, 50, stop, eos, speculative=True, batch_size=5)
     for p, s in zip(prompts, spec):
         ref, _ = sampling.generate(model, TOK, torch.tensor([p]), 1, 50, 0.0, 1.0, stop, eos)
         assert s == ref[0]  # cut at the same token (drafts accepted past a stop are dropped)
@@ -60,7 +60,7 @@ def test_batched_speculative_greedy_with_a_real_tokenizer():
     model = mtp_model(len(tok), 3, 0.02, dtype=torch.float32)
     prompts = [tok(t).input_ids for t in ["def add(a, b):\n", "import math\n\ndef area(r):\n", "x ="]]
     eos, stop = sampling.eos_token_ids(model, tok), ["\ndef"]
-    spec, _ = sampling.decode_rows(model, tok, prompts, 30, stop, eos, speculative=True, batch_size=2)
+    spec, _ = speculative.decode_rows(model, tok, prompts, 30, stop, eos, speculative=True, batch_size=2)
     for p, s in zip(prompts, spec):
         ref, _ = sampling.generate(model, tok, torch.tensor([p]), 1, 30, 0.0, 1.0, stop, eos)
         assert s == ref[0]
@@ -114,7 +114,7 @@ def test_speculative_sampling_has_plain_sampling_distribution(temperature, top_p
     prompt = [1, 3, 0, 2]
     probs = sequence_probs(model, prompt, m, vocab, temperature, top_p)
     keys = [sampling.sample_key(7, i) for i in range(n)]
-    rows, st = sampling.decode_rows(model, TOK, [prompt] * n, m, [], set(), speculative=True,
+    rows, st = speculative.decode_rows(model, TOK, [prompt] * n, m, [], set(), speculative=True,
                                     temperature=temperature, top_p=top_p, keys=keys, batch_size=2000)
     counts = {}
     for r in rows:
@@ -146,7 +146,7 @@ def test_plain_sampling_matches_exact_distribution_too():
     prompt = [4, 4, 1]
     probs = sequence_probs(model, prompt, m, vocab, 1.0, 1.0)
     keys = [sampling.sample_key(3, i) for i in range(n)]
-    rows, _ = sampling.decode_rows(model, TOK, [prompt] * n, m, [], set(), speculative=False,
+    rows, _ = speculative.decode_rows(model, TOK, [prompt] * n, m, [], set(), speculative=False,
                                    temperature=1.0, keys=keys, batch_size=n)
     counts = {}
     for r in rows:
@@ -158,63 +158,63 @@ def test_speculative_sampling_rows_do_not_depend_on_batch_size():
     model = mtp_model(7, 4, 0.3)
     prompts = random_prompts(7, 6, seed=2)
     keys = [sampling.sample_key(5, i) for i in range(6)]
-    a, _ = sampling.decode_rows(model, TOK, prompts, 20, [], set(), temperature=0.8, top_p=0.95, keys=keys, batch_size=1)
-    b, _ = sampling.decode_rows(model, TOK, prompts, 20, [], set(), temperature=0.8, top_p=0.95, keys=keys, batch_size=4)
+    a, _ = speculative.decode_rows(model, TOK, prompts, 20, [], set(), temperature=0.8, top_p=0.95, keys=keys, batch_size=1)
+    b, _ = speculative.decode_rows(model, TOK, prompts, 20, [], set(), temperature=0.8, top_p=0.95, keys=keys, batch_size=4)
     assert a == b
 
 
 def test_draft_tree_tables_by_hand():
     """widths (2, 2): head 1's top 2 under the exact token, head 2's top 2 under each of them."""
-    t = sampling.draft_tree((2, 2))
+    t = speculative.draft_tree((2, 2))
     assert t["parent"] == [0, 0, 0, 1, 1, 2, 2]
     assert t["depth"] == [0, 1, 1, 2, 2, 2, 2]
     assert t["rank"] == [0, 0, 1, 0, 1, 0, 1]
     assert t["path"][5] == [0, 2, 5] and t["path"][1] == [0, 1, 1] and t["path"][0] == [0, 0, 0]
     assert [j for j in range(7) if t["anc"][5][j]] == [0, 2, 5]
-    assert not t["chain"] and sampling.draft_tree((1, 1, 1))["chain"]
+    assert not t["chain"] and speculative.draft_tree((1, 1, 1))["chain"]
 
 
 def test_sparse_tree_tables_by_hand():
     """Nodes by their rank paths, given in any order: numbered depth by depth."""
-    t = sampling.draft_tree([(0, 1, 0), (1,), (0,), (0, 1), (0, 0), (2,)])
+    t = speculative.draft_tree([(0, 1, 0), (1,), (0,), (0, 1), (0, 0), (2,)])
     # 1: (0,)  2: (1,)  3: (2,)  4: (0, 0)  5: (0, 1)  6: (0, 1, 0)
     assert t["parent"] == [0, 0, 0, 0, 1, 1, 5]
     assert t["depth"] == [0, 1, 1, 1, 2, 2, 3] and t["D"] == 3
     assert t["rank"] == [0, 0, 1, 2, 0, 1, 0] and t["top"] == 3
     assert t["path"][6] == [0, 1, 5, 6] and t["path"][3] == [0, 3, 3, 3]
     assert [j for j in range(7) if t["anc"][6][j]] == [0, 1, 5, 6]
-    assert not t["chain"] and sampling.draft_tree([(0,), (0, 0)])["chain"]
+    assert not t["chain"] and speculative.draft_tree([(0,), (0, 0)])["chain"]
     with pytest.raises(ValueError, match="no parent"):
-        sampling.draft_tree([(0,), (1, 0)])
+        speculative.draft_tree([(0,), (1, 0)])
 
 
 def test_calibrated_tree_orders_by_hits_and_stays_a_tree():
     """Hits of the nodes of widths (2, 2) -> nodes by hits, ties to the shallower node; every
     prefix of the list is a tree (a node's parent comes before it)."""
     hits = [100, 40, 30, 30, 5, 12, 1]  # nodes (0,) (1,) (0,0) (0,1) (1,0) (1,1)
-    order = sampling.calibrated_tree((2, 2), hits)
+    order = speculative.calibrated_tree((2, 2), hits)
     assert order == [([0], 40), ([1], 30), ([0, 0], 30), ([1, 0], 12), ([0, 1], 5), ([1, 1], 1)]
     for k in range(1, len(order) + 1):
-        sampling.draft_tree([tuple(p) for p, _ in order[:k]])  # raises if a parent is missing
+        speculative.draft_tree([tuple(p) for p, _ in order[:k]])  # raises if a parent is missing
 
 
 def test_parse_tree_files_and_errors(tmp_path):
     f = tmp_path / "tree.json"
     f.write_text('{"nodes": [[0], [1], [0, 0], [0, 0, 0]], "hits": [9, 5, 4, 1]}')
-    assert sampling.parse_tree(f"{f}:3") == ((0,), (1,), (0, 0))
-    assert sampling.parse_tree(str(f)) == ((0,), (1,), (0, 0), (0, 0, 0))
-    assert sampling.parse_tree("3x2") == (3, 2) and sampling.parse_tree("chain") is None
+    assert speculative.parse_tree(f"{f}:3") == ((0,), (1,), (0, 0))
+    assert speculative.parse_tree(str(f)) == ((0,), (1,), (0, 0), (0, 0, 0))
+    assert speculative.parse_tree("3x2") == (3, 2) and speculative.parse_tree("chain") is None
     with pytest.raises(ValueError, match="needs 4 heads"):
-        sampling.parse_tree(str(f), n_heads=3)
+        speculative.parse_tree(str(f), n_heads=3)
     with pytest.raises(ValueError, match="not a calibrated tree file"):
-        sampling.parse_tree(str(tmp_path / "missing.json:4"))
+        speculative.parse_tree(str(tmp_path / "missing.json:4"))
     with pytest.raises(ValueError, match="whole number"):
-        sampling.parse_tree(f"{f}:x")
+        speculative.parse_tree(f"{f}:x")
     (tmp_path / "empty.json").write_text('{"nodes": []}')
     with pytest.raises(ValueError, match="no nodes"):
-        sampling.parse_tree(str(tmp_path / "empty.json"))
+        speculative.parse_tree(str(tmp_path / "empty.json"))
     with pytest.raises(ValueError, match="neither"):
-        sampling.parse_tree("3by2")
+        speculative.parse_tree("3by2")
 
 
 def reference_tree_forwards(model, prompt, max_new, nodes):
@@ -271,10 +271,10 @@ def test_tree_drafts_equal_plain_greedy_and_a_cacheless_reference(tree, batch_si
     vocab, max_new = 11, 30
     model = mtp_model(vocab, 4, 0.3)
     prompts = random_prompts(vocab, 6, seed=2)
-    spec, st = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), batch_size=batch_size, tree=tree)
-    plain, _ = sampling.decode_rows(model, TOK, prompts, max_new, [], set(), speculative=False, batch_size=batch_size)
+    spec, st = speculative.decode_rows(model, TOK, prompts, max_new, [], set(), batch_size=batch_size, tree=tree)
+    plain, _ = speculative.decode_rows(model, TOK, prompts, max_new, [], set(), speculative=False, batch_size=batch_size)
     assert spec == plain
-    t = sampling.draft_tree(tree)
+    t = speculative.draft_tree(tree)
     nodes = t["nodes"]
     if not isinstance(tree[0], tuple):  # widths: every path of ranks below them
         assert nodes == [p for d in range(1, len(tree) + 1) for p in itertools.product(*map(range, tree[:d]))]
@@ -293,7 +293,7 @@ def test_tree_with_stops_eos_and_wide_first_level():
     model = mtp_model(11, 4, 0.3)
     prompts = random_prompts(11, 9, seed=3)
     stop, eos = [" 3 4"], {7}
-    spec, _ = sampling.decode_rows(model, TOK, prompts, 40, stop, eos, batch_size=4, tree=(6, 2, 2))
+    spec, _ = speculative.decode_rows(model, TOK, prompts, 40, stop, eos, batch_size=4, tree=(6, 2, 2))
     for p, s in zip(prompts, spec):
         ref, _ = sampling.generate(model, TOK, torch.tensor([p]), 1, 40, 0.0, 1.0, stop, eos)
         assert s == ref[0]
@@ -302,9 +302,9 @@ def test_tree_with_stops_eos_and_wide_first_level():
 def test_tree_needs_greedy_and_enough_heads():
     model = mtp_model(11, 3, 0.1)
     with pytest.raises(ValueError, match="greedy"):
-        sampling.decode_rows(model, TOK, [[1, 2]], 5, [], set(), temperature=0.8, tree=(2, 1))
+        speculative.decode_rows(model, TOK, [[1, 2]], 5, [], set(), temperature=0.8, tree=(2, 1))
     with pytest.raises(ValueError, match="needs 4 heads"):
-        sampling.decode_rows(model, TOK, [[1, 2]], 5, [], set(), tree=(2, 1, 1))
+        speculative.decode_rows(model, TOK, [[1, 2]], 5, [], set(), tree=(2, 1, 1))
 
 
 def test_with_graphs_the_captured_step_is_the_compiled_one(monkeypatch):
@@ -323,7 +323,7 @@ def test_with_graphs_the_captured_step_is_the_compiled_one(monkeypatch):
     monkeypatch.setattr(sampling, "_cuda_graph", lambda fn, pools: fn)
     model = mtp_model(11, 4, 0.3)
     prompts = random_prompts(11, 3, seed=5)
-    spec, st = sampling.decode_rows(model, TOK, prompts, 12, [], set(), graphs=True, compile=True, tree=(2, 1))
-    plain, _ = sampling.decode_rows(model, TOK, prompts, 12, [], set(), speculative=False, graphs=False)
+    spec, st = speculative.decode_rows(model, TOK, prompts, 12, [], set(), graphs=True, compile=True, tree=(2, 1))
+    plain, _ = speculative.decode_rows(model, TOK, prompts, 12, [], set(), speculative=False, graphs=False)
     assert spec == plain
     assert len(calls) >= max(st["forwards"]) - 1  # every verify forward ran the compiled step
