@@ -669,7 +669,8 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
         cfg, model, dist, optimizer, schedule, run_cfg, len(policy_set), say)
     last_step = 1 if cfg.dry_run else cfg.train.max_steps
     tracker.weight_pages = (functools.partial(weight_pages, cfg, value_model, tok, data.collate(
-        policy_eval[:cfg.mlflow.weight_pages], pad_id), n_heads, amp, device, dist.group) if policy_eval else None)
+        policy_eval[:cfg.mlflow.weight_pages], pad_id), n_heads, amp, device, dist.group)
+        if policy_eval and cfg.mlflow.weight_pages > 0 else None)
 
     model.train()
     bar = tqdm(initial=start_step, total=last_step, disable=dist.rank != 0, dynamic_ncols=True, desc="stage 2 (policy)")

@@ -174,7 +174,7 @@ def main(argv):
     last_step = 1 if cfg.dry_run else cfg.train.max_steps
     tracker.weight_pages = (functools.partial(weight_pages, s, tok, data.collate(eval_set[:cfg.mlflow.weight_pages],
                                                                                 pad_id))
-                            if eval_set and s.ref is not None else None)  # ratio 1: nothing to show
+                            if eval_set and s.ref is not None and cfg.mlflow.weight_pages > 0 else None)  # ratio 1: nothing to show
 
     # ---- train ----
     if start_step == 0 and not cfg.dry_run:  # where the heads start: what every held-out number compares to

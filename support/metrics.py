@@ -44,8 +44,8 @@ class HeadStats:
         return self.sums["loss"].sum()
 
     def per_valid(self, name: str) -> list[float]:
-        """Σ name / Σ valid per head (after reduce)."""
-        return (self.sums[name] / self.sums["valid"].clamp_min(1)).tolist()
+        """Σ name / Σ valid per head (after reduce), divided on the host in Python floats."""
+        return [x / max(n, 1.0) for x, n in zip(self.sums[name].tolist(), self.sums["valid"].tolist())]
 
     def metrics(self) -> dict[str, float]:
         """The step's numbers (after reduce), as Python floats: the sums come to the host first and

@@ -248,7 +248,8 @@ class Tracker:
         import mlflow
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
         src, tmp = path, None
-        local_store = urlsplit(mlflow.get_artifact_uri()).scheme in ("", "file")
+        active = mlflow.active_run()  # its artifact URI is known locally: no request to a server that may be down
+        local_store = active is not None and urlsplit(active.info.artifact_uri).scheme in ("", "file")
         if local_store or size > self.cfg.log_artifacts_max_mb * 2 ** 20:
             tmp = tempfile.mkdtemp(prefix="wmtp-export-")
             src = os.path.join(tmp, "final")

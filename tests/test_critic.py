@@ -558,7 +558,7 @@ def test_stage_two_head_warm_up_keeps_the_base_model(toy_run, tmp_path):
         assert torch.equal(v, frozen[k]) == (not k.startswith("extra_heads.")), k
 
 
-def test_config_errors(toy_run):
+def test_config_errors(toy_run, tmp_path):
     _, model_json, _ = toy_run
     with pytest.raises(config.ConfigError, match="needs critic.value_model"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=policy"])
@@ -566,9 +566,15 @@ def test_config_errors(toy_run):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=critic"])
     with pytest.raises(config.ConfigError, match="resume continues stage 2"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--stages=value", "--resume"])
+    # bare --resume into a directory that never ran: that, first -- not the value model it would need
+    with pytest.raises(FileNotFoundError, match="nothing to resume in"):
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--resume", f"--train.out_dir={tmp_path}",
+                           "--value.out_dir=/nonexistent/value", "--data.policy_source=jsonl", "--data.policy_path=x"])
     # bare --resume (docs/multi-gpu.md): stage 2 continues with the value model stage 1 saved in value.out_dir
+    (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000001" / ".metadata").write_text("")
     with pytest.raises(FileNotFoundError, match="not a value-model directory"):
-        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--resume",
+        train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--resume", f"--train.out_dir={tmp_path}",
                            "--value.out_dir=/nonexistent/value", "--data.policy_source=jsonl", "--data.policy_path=x"])
     with pytest.raises(config.ConfigError, match="'value.loss'"):
         train_critic.main([f"--model.policy={model_json}", _tok(model_json), "--value.loss=huber"])

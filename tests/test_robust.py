@@ -398,7 +398,8 @@ def slow(*a, **k):  # every step announced and slowed down, so that a signal lan
     time.sleep({seconds})
     return real(*a, **k)
 data.step_batches = slow
-import common, train_rho1
+import train_rho1
+from support import config
 config.run_main(train_rho1.main, sys.argv[1:])
 """
 
