@@ -68,6 +68,14 @@ def counting_jsonl(path, n=64, seed=0):
     return str(path)
 
 
+def tiny_files(tmp, n_train=64, n_eval=8):
+    """What a tiny training run reads, written into `tmp`: a character tokenizer, a model-config
+    JSON (random weights) and counting-task train / held-out JSONL -> their paths."""
+    char_tokenizer(tmp / "tok")
+    return (tmp / "tok", tiny_model_json(tmp / "model.json"), counting_jsonl(tmp / "train.jsonl", n_train, seed=0),
+            counting_jsonl(tmp / "eval.jsonl", n_eval, seed=1))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs on the real SmolLM2-135M (minutes)")
 

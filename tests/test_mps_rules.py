@@ -15,7 +15,7 @@ import traceback
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from conftest import char_tokenizer, counting_jsonl, tiny_llama, tiny_model_json
+from conftest import tiny_files, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
@@ -65,10 +65,7 @@ def guarded(fn, *args):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mps")
-    char_tokenizer(tmp / "tok")
-    model = tiny_model_json(tmp / "model.json")
-    counting_jsonl(tmp / "train.jsonl", 32, seed=0)
-    counting_jsonl(tmp / "eval.jsonl", 8, seed=1)
+    _, model, _, _ = tiny_files(tmp, n_train=32)
     rng = random.Random(0)
     with open(tmp / "labelled.jsonl", "w") as f:
         for i in range(48):  # a toy pass/fail set: one decision character

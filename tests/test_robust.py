@@ -21,7 +21,7 @@ import time
 
 import pytest
 import torch
-from conftest import char_tokenizer, counting_jsonl, tiny_model_json
+from conftest import tiny_files
 from safetensors.torch import load_file
 
 import common
@@ -40,10 +40,7 @@ USER_ERRORS = (config.ConfigError, FileNotFoundError, data.DataError)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
-    char_tokenizer(tmp / "tok")
-    model_json = tiny_model_json(tmp / "model.json")
-    counting_jsonl(tmp / "train.jsonl", 64, seed=0)
-    counting_jsonl(tmp / "eval.jsonl", 8, seed=1)
+    _, model_json, _, _ = tiny_files(tmp)
     cfg = tmp / "run.yaml"
     cfg.write_text(textwrap.dedent(f"""
         model: {{policy: {model_json}, tokenizer: {tmp / 'tok'}, n_heads: 4}}
