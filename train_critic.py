@@ -46,7 +46,7 @@ from tqdm import tqdm
 import common
 import data
 import mtp
-from support import config, metrics, model_io, preflight, tracking, viz
+from support import config, memory, metrics, model_io, preflight, tracking, viz
 
 
 @dataclass
@@ -540,7 +540,7 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
     if cfg.dry_run:
         say(f"dry run, stage 1: step 1 done (loss {logged['value/loss']:.4f}); value model "
             f"{sum(p.numel() for p in value_model.parameters()) / 1e6:.1f}M params ({n_trainable / 1e6:.3f}M trained)")
-        say(common.memory_report(device, value_model, optimizer, {}))
+        say(memory.memory_report(device, value_model, optimizer, {}))
         return value_model.requires_grad_(False).eval()
     held_out = evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
     say(f"stage 1 final held-out: {held_out}")
@@ -732,7 +732,7 @@ def say_dry_run(cfg, model, dist, dtype, loss, wstats, optimizer, value_model, s
         f"{wstats['weights/max']:.3f}, metrics logged), checkpoint written and read back; policy "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params ({model.n_heads} heads), device "
         f"{dist.device} {dtype}, world {dist.world}, micro-steps/step {micro_steps}")
-    say(common.memory_report(dist.device, model, optimizer, {"value model": value_model}))
+    say(memory.memory_report(dist.device, model, optimizer, {"value model": value_model}))
 
 
 def start_policy_run(cfg, model, dist, optimizer, schedule, run_cfg, n_examples, say):
@@ -879,7 +879,7 @@ def main(argv):
 
     # ---- stage 2 ---------------------------------------------------------------------------
     common.train_top_only(model, cfg.model.train_layers, dtype if cfg.model.frozen_in_compute_dtype else None)
-    common.setup_checkpointing(model, cfg, dist, dtype, {"value model": value_model}, say)  # train.checkpointing, train.memory_budget_gb
+    memory.setup_checkpointing(model, cfg, dist, dtype, {"value model": value_model}, say)  # train.checkpointing, train.memory_budget_gb
     # A value model loaded from disk is put on the device (sharded under torchrun) beside the
     # policy; one that stage 1 just trained is already there.
     loaded = value_model if cfg.stages == "policy" else None

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import common
 import data
 import mtp
-from support import config, metrics, model_io, preflight, tracking, viz
+from support import config, memory, metrics, model_io, preflight, tracking, viz
 
 
 @dataclass
@@ -226,7 +226,7 @@ def main(argv):
     # ---- final held-out loss and consolidated export ----
     if speed.run_rate():
         say(f"throughput {speed.run_rate():.0f} tokens/s after the first step, "
-            f"peak memory {common.peak_memory_gb(dist.device):.2f} GB (rank 0)")
+            f"peak memory {memory.peak_memory_gb(dist.device):.2f} GB (rank 0)")
     common.finish_training(s.model, tok, cfg.train.out_dir, dist, evaluate(), tracker, cfg.train.max_steps,
                            "train_rho1.py")
     stop.restore()
@@ -274,7 +274,7 @@ def load_models(cfg: Config, dist: common.Dist, dtype, say) -> tuple[Setup, typi
     elif uses_ref:
         ref = copy.deepcopy(model.base)  # before training touches it
     common.train_top_only(model, cfg.model.train_layers, dtype if cfg.model.frozen_in_compute_dtype else None)
-    common.setup_checkpointing(model, cfg, dist, dtype, {"reference": ref}, say)  # train.checkpointing, train.memory_budget_gb
+    memory.setup_checkpointing(model, cfg, dist, dtype, {"reference": ref}, say)  # train.checkpointing, train.memory_budget_gb
     if cfg.train.heads_only_steps >= cfg.train.max_steps:
         # Heads only, the whole run (drafting heads on a frozen model): the base needs no
         # gradient at all, so the backward stops at the heads' input instead of running the
@@ -357,7 +357,7 @@ def dry_run_end(s: Setup, sizes: dict, optimizer, schedule, run_cfg, stats, dtyp
         f"read back; policy {sizes['n_params'] / 1e6:.1f}M params ({s.model.n_heads} heads), reference "
         f"{sizes['n_ref_params'] / 1e6:.1f}M, device {s.dist.device} {dtype}, world {s.dist.world}, "
         f"micro-steps/step {micro_steps}")
-    say(common.memory_report(s.dist.device, s.model, optimizer, {"reference": s.ref}))
+    say(memory.memory_report(s.dist.device, s.model, optimizer, {"reference": s.ref}))
     common.shutdown(s.dist)
 
 

@@ -10,7 +10,7 @@ from conftest import tiny_llama
 
 import common
 import mtp
-from support import config
+from support import config, memory
 from tools import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,9 +47,9 @@ def test_every_mode_gives_the_float64_reference_loss_and_gradients(name):
     (every head's logits at once) on an identical model without checkpointing; and each
     checkpointed block really runs its forward again in the backward."""
     model, ref = _model(), _model()
-    plan = common.CheckpointPlan(4, *PLANS[name])
-    common.apply_checkpointing(model, plan)
-    trunk = common.trunk_of(model)
+    plan = memory.CheckpointPlan(4, *PLANS[name])
+    memory.apply_checkpointing(model, plan)
+    trunk = memory.trunk_of(model)
     assert [b.gradient_checkpointing for b in trunk] == [m != "off" for m in plan.modes()]
     calls = [0] * len(trunk)
     for i, b in enumerate(trunk):  # the MLP starts once per forward of its block, recomputation included
@@ -74,18 +74,18 @@ def test_what_each_mode_keeps_per_token():
     the seven matmuls (q 32, k 16, v 16, o 32, gate 64, up 64, down 32), of attention (32, and its
     log-sum-exp, 4 heads x fp32) and the output; off more than that."""
     model = _model(dtype=torch.float32)
-    per_token, trunk_input = common.measure_activations(model, "cpu", max_len=64)
+    per_token, trunk_input = memory.measure_activations(model, "cpu", max_len=64)
     assert per_token["full"] == 32 * 4 and trunk_input == 32 * 4
     assert per_token["selective"] == (256 + 32 + 32) * 4 + 4 * 4
     assert per_token["off"] > 1.5 * per_token["selective"]
-    bf16, _ = common.measure_activations(model, "cpu", amp_dtype=torch.bfloat16, max_len=64)
+    bf16, _ = memory.measure_activations(model, "cpu", amp_dtype=torch.bfloat16, max_len=64)
     assert bf16["full"] == 32 * 4 and bf16["selective"] < per_token["selective"]  # bf16 matmul outputs
 
 
 def _hand_model(**kw):
     """A memory model with round numbers: 4 trunk blocks keeping 1 / 0.5 / 0.1 GiB (off / selective /
     full) for one token, 10 GiB static, nothing else, no margin."""
-    return common.MemoryModel(static={"weights": 10 * GiB}, per_token={"off": GiB, "selective": GiB / 2, "full": GiB / 10},
+    return memory.MemoryModel(static={"weights": 10 * GiB}, per_token={"off": GiB, "selective": GiB / 2, "full": GiB / 10},
                               input_per_token=0, tokens=1, heads_alive=1, sequential=True, head_extra=0, loss=0, **kw)
 
 
@@ -100,28 +100,28 @@ def _hand_model(**kw):
     (11.4, 4, 0),    # all full: 11.4, the smallest
 ])
 def test_auto_picks_the_least_recomputation_that_fits(monkeypatch, budget, full, selective):
-    monkeypatch.setattr(common, "MARGIN_FRACTION", 0.0)
-    monkeypatch.setattr(common, "MARGIN_BYTES", 0.0)
+    monkeypatch.setattr(memory, "MARGIN_FRACTION", 0.0)
+    monkeypatch.setattr(memory, "MARGIN_BYTES", 0.0)
     mem = _hand_model()
-    plan = common.pick_checkpointing(mem, 4, budget)
+    plan = memory.pick_checkpointing(mem, 4, budget)
     assert (plan.full, plan.selective) == (full, selective)
     assert mem.total(plan) <= budget * GiB
 
 
 def test_a_budget_below_the_smallest_is_one_line_naming_both(monkeypatch):
-    monkeypatch.setattr(common, "MARGIN_FRACTION", 0.0)
-    monkeypatch.setattr(common, "MARGIN_BYTES", 0.0)
+    monkeypatch.setattr(memory, "MARGIN_FRACTION", 0.0)
+    monkeypatch.setattr(memory, "MARGIN_BYTES", 0.0)
     with pytest.raises(config.ConfigError) as e:
-        common.pick_checkpointing(_hand_model(), 4, 11.3)
+        memory.pick_checkpointing(_hand_model(), 4, 11.3)
     msg = str(e.value)
     assert "\n" not in msg and "train.memory_budget_gb" in msg and "11.3 GB" in msg and "11.4 GB" in msg
-    assert common.pick_checkpointing(_hand_model(), 4, 0) == common.CheckpointPlan(4)  # no budget: off
+    assert memory.pick_checkpointing(_hand_model(), 4, 0) == memory.CheckpointPlan(4)  # no budget: off
 
 
 def test_the_margin_and_the_printed_sum():
     """margin = 10% of activations + loss, plus 0.25 GiB; the start-up line's parts add up."""
     mem = _hand_model()
-    plan = common.CheckpointPlan(4)
+    plan = memory.CheckpointPlan(4)
     assert mem.margin(plan) == pytest.approx(0.1 * 5 * GiB + 0.25 * GiB)
     line = mem.describe(plan)
     total = float(line.split(" GB = ")[0].split()[-1])
@@ -133,13 +133,13 @@ def test_auto_on_the_measured_model_around_each_modes_estimate():
     """On a real (measured) tiny model: for budgets at and between the estimates of off, selective
     and full, the pick fits and no plan of less recomputation does."""
     model = _model(dtype=torch.float32)
-    mem = common.memory_model(model, {}, "cpu", torch.float32, micro_batch=64, seq_len=64)
-    plans = [common.CheckpointPlan(4, f, s) for f in range(5) for s in range(5 - f)]
-    est = {m: mem.total(common.CheckpointPlan.of(m, 4)) / GiB for m in ("off", "selective", "full")}
+    mem = memory.memory_model(model, {}, "cpu", torch.float32, micro_batch=64, seq_len=64)
+    plans = [memory.CheckpointPlan(4, f, s) for f in range(5) for s in range(5 - f)]
+    est = {m: mem.total(memory.CheckpointPlan.of(m, 4)) / GiB for m in ("off", "selective", "full")}
     assert est["off"] > est["selective"] > est["full"]
     for budget in (est["off"], (est["off"] + est["selective"]) / 2, est["selective"],
                    (est["selective"] + est["full"]) / 2, est["full"]):
-        pick = common.pick_checkpointing(mem, 4, budget)
+        pick = memory.pick_checkpointing(mem, 4, budget)
         assert mem.total(pick) <= budget * GiB
         assert not [p for p in plans if p.cost < pick.cost and mem.total(p) <= budget * GiB]
 
@@ -173,9 +173,9 @@ def _step_peak(n, plan_of, B=4, T=64, vocab=500):
     """(measured peak of a whole training step -- forward, backward, AdamW -- after a first one,
     the memory model's total without its margin) for a 6-layer Llama of hidden 64."""
     model = mtp.MTPModel(tiny_llama(layers=6, hidden=64, vocab=vocab), n, sequential_heads=n > 1).train()
-    plan = common.CheckpointPlan(5, *plan_of)
-    common.apply_checkpointing(model, plan)
-    mem = common.memory_model(model, {}, "cpu", torch.float32, B, T)
+    plan = memory.CheckpointPlan(5, *plan_of)
+    memory.apply_checkpointing(model, plan)
+    mem = memory.memory_model(model, {}, "cpu", torch.float32, B, T)
     opt, _ = common.adamw_cosine(model.parameters(), 1e-3, 0.1, (0.9, 0.95), 1, 10, 0.1, torch.device("cpu"))
     x = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0))
     valid = mtp.align_to_heads(torch.ones(B, T, dtype=torch.long), n)
@@ -218,19 +218,19 @@ def test_static_part_is_a_hand_count():
     model = _model(layers=3, n=2, dtype=torch.float32)
     block, matmuls, n_params = 9280, 9280 - 64, 97 * 32 * 2 + 32 + 4 * 9280
     assert _count(model) == n_params
-    parts = common.static_memory(model, {}, torch.bfloat16)
+    parts = memory.static_memory(model, {}, torch.bfloat16)
     assert parts == {"weights": 4 * n_params, "gradients": 4 * n_params, "AdamW states": 8 * n_params}
     ref = tiny_llama(layers=3)
-    parts = common.static_memory(model, {"reference": ref, "none": None}, torch.bfloat16, amp=True)
+    parts = memory.static_memory(model, {"reference": ref, "none": None}, torch.bfloat16, amp=True)
     assert parts["reference"] == 2 * (97 * 32 * 2 + 32 + 3 * block)  # frozen, in the compute dtype
     assert parts["autocast copies"] == 2 * 4 * matmuls  # bf16 copies of the 4 blocks' matmul weights
     # the top only: head 0, the extra head, the final norm and the unembedding train
     common.train_top_only(model, 1)
     trained = 2 * block + 32 + 97 * 32
-    assert common.static_memory(model, {}, torch.bfloat16)["AdamW states"] == 8 * trained
+    assert memory.static_memory(model, {}, torch.bfloat16)["AdamW states"] == 8 * trained
     # FSDP2 over 2 ranks: shards of all that, plus the root group (embedding, norm, unembedding and,
     # with sequential heads, both heads) and two trunk blocks, unsharded in bf16
-    parts = common.static_memory(model, {}, torch.bfloat16, world=2)
+    parts = memory.static_memory(model, {}, torch.bfloat16, world=2)
     assert parts["weights"] == 2 * n_params and parts["gradients"] == 2 * trained
     assert parts["FSDP unsharded"] == 2 * (97 * 32 * 2 + 32 + 2 * block + 2 * block)
 
@@ -244,7 +244,7 @@ def test_static_part_equals_the_tensors_after_a_step():
     grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
     opt.step()
     states = sum(t.nbytes for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
-    parts = common.static_memory(model, {}, torch.float32)
+    parts = memory.static_memory(model, {}, torch.float32)
     assert (parts["gradients"], parts["AdamW states"]) == (grads, states)
 
 
@@ -259,28 +259,28 @@ CPU = common.Dist(0, 1, torch.device("cpu"), None)
 
 def test_setup_from_the_config_says_the_choice_and_the_numbers():
     model, said = _model(dtype=torch.float32), []
-    plan = common.setup_checkpointing(model, _cfg(memory_budget_gb=100), CPU, torch.float32, {}, said.append)
-    assert plan == common.CheckpointPlan(4) and len(said) == 2  # a large budget: nothing recomputed
+    plan = memory.setup_checkpointing(model, _cfg(memory_budget_gb=100), CPU, torch.float32, {}, said.append)
+    assert plan == memory.CheckpointPlan(4) and len(said) == 2  # a large budget: nothing recomputed
     assert said[0].startswith("activation checkpointing: off (all 4 trunk blocks) -- train.checkpointing=auto, budget 100")
     assert said[1].startswith("memory model: ") and "per token a trunk block keeps off " in said[1]
-    plan = common.setup_checkpointing(model, _cfg(checkpointing="partial", checkpoint_blocks=3), CPU, torch.float32,
+    plan = memory.setup_checkpointing(model, _cfg(checkpointing="partial", checkpoint_blocks=3), CPU, torch.float32,
                                       {}, said.append)
-    assert plan == common.CheckpointPlan(4, 3) and said[2] == ("activation checkpointing: partial (3 full, 1 off of 4 "
+    assert plan == memory.CheckpointPlan(4, 3) and said[2] == ("activation checkpointing: partial (3 full, 1 off of 4 "
                                                                "trunk blocks) -- train.checkpointing=partial")
-    assert [b.gradient_checkpointing for b in common.trunk_of(model)] == [True, True, True, False]
+    assert [b.gradient_checkpointing for b in memory.trunk_of(model)] == [True, True, True, False]
     with pytest.raises(config.ConfigError, match=r"0.1 GB is below the smallest .*, 0\.3 GB"):
-        common.setup_checkpointing(model, _cfg(memory_budget_gb=0.1), CPU, torch.float32, {}, said.append)
+        memory.setup_checkpointing(model, _cfg(memory_budget_gb=0.1), CPU, torch.float32, {}, said.append)
 
 
 def test_the_legacy_keys_and_the_checks():
     cfg = _cfg()
     cfg.model.grad_checkpointing = cfg.model.checkpoint_heads = True
-    assert common.checkpointing_mode(cfg.train, cfg.model)[:2] == ("full", True)  # old configs: full
+    assert memory.checkpointing_mode(cfg.train, cfg.model)[:2] == ("full", True)  # old configs: full
     cfg.train.memory_budget_gb = 24  # a budget under auto supersedes it
-    assert common.checkpointing_mode(cfg.train, cfg.model)[:2] == ("auto", False)
+    assert memory.checkpointing_mode(cfg.train, cfg.model)[:2] == ("auto", False)
     cfg.train.checkpointing = "selective"
     with pytest.raises(config.ConfigError, match="drop model.grad_checkpointing"):
-        common.checkpointing_mode(cfg.train, cfg.model)
+        memory.checkpointing_mode(cfg.train, cfg.model)
     t = config.parse_config(common.TrainConfig, ["--checkpointing=off", "--memory_budget_gb=24"])
     common.check_train(t, 1, "", True, writes=False)
     assert (t.checkpointing, t.memory_budget_gb) == ("off", 24.0)  # YAML's false for a bare off
@@ -289,7 +289,7 @@ def test_the_legacy_keys_and_the_checks():
         with pytest.raises(config.ConfigError, match=key):
             common.check_train(config.parse_config(common.TrainConfig, argv), 1, "", True, writes=False)
     with pytest.raises(config.ConfigError, match="choose 1..4"):
-        common.CheckpointPlan.of("partial", 4, 5)
+        memory.CheckpointPlan.of("partial", 4, 5)
 
 
 def test_frozen_lower_blocks_are_not_planned():
@@ -298,7 +298,7 @@ def test_frozen_lower_blocks_are_not_planned():
     model = _model(dtype=torch.float32)
     common.train_top_only(model, 3)
     _, blocks, _ = mtp.find_blocks(model.base)
-    assert common.trunk_of(model) == list(blocks)[2:4]
+    assert memory.trunk_of(model) == list(blocks)[2:4]
 
 
 def test_under_fsdp2(tmp_path):
@@ -310,7 +310,7 @@ def test_under_fsdp2(tmp_path):
         out = {}
         for name in ("off", "mixed"):
             model = _model()
-            common.apply_checkpointing(model, common.CheckpointPlan(4, *PLANS[name]))
+            memory.apply_checkpointing(model, memory.CheckpointPlan(4, *PLANS[name]))
             model, _ = common.prepare_for_training(model, None, dist, torch.float64)
             x, targets, coef, _ = _problem()
             loss, *_ = model(x, targets, coef=coef)

@@ -7,7 +7,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 import common
 import mtp
-from support import config, model_io
+from support import config, memory, model_io
 
 
 @pytest.mark.parametrize("make", [tiny_llama, lambda **kw: tiny_llama(tie=True, **kw), tiny_gpt2],
@@ -276,7 +276,7 @@ def test_activation_checkpointing_keeps_gradients():
     def grads(ckpt):
         model = mtp.MTPModel(tiny_llama(dtype=torch.float64), 3).train()
         if ckpt:
-            common.enable_grad_checkpointing(model)
+            memory.enable_grad_checkpointing(model)
         x, targets, coef, _ = _random_problem(model)
         loss, *_ = model(x, targets, coef=coef)
         return torch.autograd.grad(loss, list(model.parameters()))

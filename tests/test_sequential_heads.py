@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
-import common
 import mtp
 import train_critic
+from support import memory
 
 
 def _models(make=tiny_llama, n=3, **kw):
@@ -113,7 +113,7 @@ def test_with_activation_checkpointing_and_autograd_grad():
     grads = []
     for model in (a, b):
         model.train()
-        common.enable_grad_checkpointing(model, heads=model is b)
+        memory.enable_grad_checkpointing(model, heads=model is b)
         loss, *_ = model(x, targets, coef=coef)
         grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
     for ga, gb in zip(*grads):

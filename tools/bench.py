@@ -80,7 +80,7 @@ import torch.nn.functional as F
 import common
 import mtp
 import train_critic
-from support import config
+from support import config, memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python -m tools.bench` runs from here
 
@@ -239,36 +239,36 @@ def apply_liger():
                                 fused_linear_cross_entropy=True)
 
 
-def apply_setting(name, model, base, setting, args) -> common.CheckpointPlan | None:
+def apply_setting(name, model, base, setting, args) -> memory.CheckpointPlan | None:
     """Activation checkpointing `setting` (off, partial[:K], selective, full, full_heads) on a
     freshly built variant. The plain HF variants (hf, hf_liger, naive_mtp) use HF's own switch --
     every layer, as their users would -- or op-level SAC on every layer (selective); the MTP
-    variants a common.CheckpointPlan over the trunk (partial: the lowest K blocks, K = half the
+    variants a memory.CheckpointPlan over the trunk (partial: the lowest K blocks, K = half the
     trunk by default), the heads checkpointed with full_heads or --ckpt_heads. -> the plan (None
     for the plain HF variants)."""
     if name in ("hf", "hf_liger", "naive_mtp"):
         if setting == "selective":
             for block in mtp.find_blocks(base)[1]:
-                common.checkpoint_block(block, "selective")
+                memory.checkpoint_block(block, "selective")
         elif setting != "off":
-            common.checkpointing_enable(base)
+            memory.checkpointing_enable(base)
         return None
-    blocks = len(common.trunk_of(model))
+    blocks = len(memory.trunk_of(model))
     mode, _, k = setting.partition(":")
     mode = "full" if mode == "full_heads" else mode
-    plan = common.CheckpointPlan.of(mode, blocks, int(k or blocks // 2) if mode == "partial" else 0,
+    plan = memory.CheckpointPlan.of(mode, blocks, int(k or blocks // 2) if mode == "partial" else 0,
                                     heads=setting == "full_heads" or (args.ckpt_heads and mode != "off"))
-    common.apply_checkpointing(model, plan)
+    memory.apply_checkpointing(model, plan)
     return plan
 
 
 def estimate_gb(model, plan, args, device, dtype) -> float:
-    """The training scripts' memory model (common.memory_model) for this variant's step: bf16
+    """The training scripts' memory model (memory.memory_model) for this variant's step: bf16
     parameters (no autocast, no fp32 master copy), so AdamW's states and the gradients are bf16 too;
     measured on the device before compilation. Printed beside the measured peak to check it; a
     failure is said in one line and costs only the estimate, not the measurement."""
     try:
-        mem = common.memory_model(model, {}, device, dtype, args.batch, args.seq, args.chunk)
+        mem = memory.memory_model(model, {}, device, dtype, args.batch, args.seq, args.chunk)
     except Exception as e:  # noqa: BLE001 -- the timing still runs
         print(f"ESTIMATE_FAILED {type(e).__name__}: {e}".splitlines()[0], flush=True)
         return float("nan")
@@ -287,7 +287,7 @@ def measure(name, args, cfg, device, dtype, setting):
     plan = apply_setting(name, model, base, setting, args)
     est = estimate_gb(model, plan, args, device, dtype) if name in ("wmtp1", "wmtp4") else float("nan")
     if ours and not args.no_compile:
-        for block in common.transformer_blocks(model):
+        for block in memory.transformer_blocks(model):
             block.compile()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=name not in ("hf", "naive_mtp") and device.type == "cuda")
@@ -314,14 +314,14 @@ def measure(name, args, cfg, device, dtype, setting):
         rcfg = cfg if name == "rho1_same" else args.small_cfg
         ref = mtp.MTPModel(build(rcfg, device, dtype, seed=1).eval().requires_grad_(False), 1)
         if not args.no_compile:
-            for block in common.transformer_blocks(ref):
+            for block in memory.transformer_blocks(ref):
                 block.compile()
         kw["ref"] = ref
         frozen.append(rcfg)
     if name == "critic":
         vm = train_critic.ValueModel(build(args.small_cfg, device, dtype, seed=2)).to(device, dtype).eval().requires_grad_(False)
         if not args.no_compile:
-            for block in common.transformer_blocks(vm.base):
+            for block in memory.transformer_blocks(vm.base):
                 block.compile()
         kw["value_model"] = vm
         frozen.append(args.small_cfg)
@@ -818,7 +818,7 @@ def budget_table(results: list[dict], vocab: int, budgets: list[float], variants
 
 def measurement_table(results: list[dict], vocab: int, variants: list[str]) -> list[str]:
     """Every (variant, setting) measured at one vocabulary: tokens/s, MFU, peak, and for ours the
-    memory model's estimate (common.memory_model)."""
+    memory model's estimate (memory.memory_model)."""
     out = [f"\nvocab {vocab}: every measurement", "| variant | setting | tokens/s | MFU | peak GB | model GB |",
            "|---|---|---:|---:|---:|---:|"]
     for r in (r for v in variants for r in results if r["variant"] == v and r["vocab"] == vocab):
