@@ -142,3 +142,38 @@ def test_the_noisy_corpus_control(tmp_path):
     table = (run / "heldout_ce.md").read_text()
     assert all(f"| {arm} | 2 |" in table for arm in ("ntp", "mtp", "rho1", "random"))
     assert (run / "heldout_ce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_of_arm_variants(tmp_path):
+    """An arm named KIND_NAME is arm KIND with the flags of ARGS_KIND_NAME last (so they win) and,
+    for the MTP kinds, its own head warm-up length WARM_KIND_NAME (one warm-up per length); a plain
+    arm keeps the shared warm-up; every variant is evaluated and tabulated under its own name."""
+    run, calls, _ = run_script(tmp_path, ARMS="ntp ntp_lr1 mtp mtp_l01 mtp_w1k", SEEDS="1", TASKS="humaneval",
+                               SPEC_LIMIT="0", ARGS_ntp_lr1="--train.lr=1e-5",
+                               ARGS_mtp_l01="--model.head_discount=0.1 --train.lr=1e-5", WARM_mtp_w1k="1000")
+    by_out = {c.split("--train.out_dir=")[1].split()[0].rsplit("/", 1)[1]: c for c in calls if "--train.out_dir=" in c}
+    assert sorted(by_out) == ["mtp-s1", "mtp_l01-s1", "mtp_w1k-s1", "ntp-s1", "ntp_lr1-s1", "warm", "warm1000"]
+    assert "--train.max_steps=1000 --train.heads_only_steps=1000" in by_out["warm1000"]
+    assert "--train.max_steps=200 --train.heads_only_steps=200" in by_out["warm"]
+    assert f"--model.policy={run}/warm1000/final" in by_out["mtp_w1k-s1"]
+    assert f"--model.policy={run}/warm/final" in by_out["mtp_l01-s1"] and f"--model.policy={run}/warm/final" in by_out["mtp-s1"]
+    # the variant's flags come after the shared ones, so the last --train.lr is the variant's
+    assert by_out["mtp_l01-s1"].split("--train.lr=")[-1].split()[0] == "1e-5"
+    assert "--model.head_discount=0.1" in by_out["mtp_l01-s1"] and "--model.head_discount" not in by_out["mtp-s1"]
+    assert by_out["ntp_lr1-s1"].split("--train.lr=")[-1].split()[0] == "1e-5" and "--model.n_heads=1" in by_out["ntp_lr1-s1"]
+    assert by_out["ntp-s1"].split("--train.lr=")[-1].split()[0] == "3e-5"
+    table = (run / "comparison.md").read_text()
+    for arm in ("base", "ntp", "ntp_lr1", "mtp", "mtp_l01", "mtp_w1k"):
+        assert f"| {arm} | humaneval |" in table, arm
+
+
+def test_a_bad_arm_name_is_refused_before_anything_runs(tmp_path):
+    for arms, words in (("ntp mtpp", "kind 'mtpp'"), ("mtp_l0.1", "letters, digits and _")):
+        stub = tmp_path / "py"
+        stub.write_text(STUB)
+        stub.chmod(0o755)
+        (tmp_path / "cmp" / "data").mkdir(parents=True, exist_ok=True)
+        e = dict(os.environ, RUN=str(tmp_path / "cmp"), PY=str(stub), REAL_PY=sys.executable,
+                 CALLS=str(tmp_path / "calls"), GPUS="1", ARMS=arms)
+        p = subprocess.run(["bash", "tools/compare_arms.sh", "/base"], cwd=REPO, env=e, capture_output=True, text=True)
+        assert p.returncode == 2 and words in p.stderr and not (tmp_path / "calls").exists(), p.stderr

@@ -8,6 +8,10 @@
 #   RUN=out/n200 ARMS=ntp SEEDS=1 N=200 K=1,10,100 TASKS=humaneval bash tools/compare_arms.sh SMOLLM2_DIR
 #   # the positive control: a corpus with marked junk, Rho-1's reference trained on its clean twin
 #   RUN=out/noisy NOISE=lines:0.12,subst:0.13 ARMS="ntp mtp rho1 random" EVAL_EVERY=50 bash tools/compare_arms.sh SMOLLM2_DIR
+#   # a sweep: an arm named KIND_NAME is arm KIND with the extra flags in ARGS_KIND_NAME (they come
+#   # last, so they win) and, for the MTP kinds, a head warm-up of WARM_KIND_NAME steps (default WARM)
+#   ARMS="ntp mtp mtp_l01 mtp_w1k" ARGS_mtp_l01=--model.head_discount=0.1 WARM_mtp_w1k=1000 SEEDS=1 \
+#     bash tools/compare_arms.sh SMOLLM2_DIR
 #
 # Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to
 # JSONL), the same batches (same seed -> same data order), steps, tokens and LR schedule:
@@ -53,6 +57,18 @@ NOISE=${NOISE:-}             # e.g. lines:0.12,subst:0.13: train on a corpus wit
 EVAL_EVERY=${EVAL_EVERY:-0}  # held-out CE every N steps too (the curves of tools/curves.py; 0 = start and end)
 PROBE_STEPS=${PROBE_STEPS:-20}  # with NOISE: optimizer batches tools/rho1_probe.py scores
 PY=${PY:-python}
+# An arm's kind (mtp_l01 -> mtp), its extra flags, and its head warm-up's directory (steps: WARM_arm or WARM)
+kind() { echo "${1%%_*}"; }
+flags() { local v="ARGS_$1"; echo "${!v:-}"; }
+warm_steps() { local v="WARM_$1"; echo "${!v:-$WARM}"; }
+warm_dir() { local w; w=$(warm_steps "$1"); [ "$w" = "$WARM" ] && echo "$RUN/warm" || echo "$RUN/warm$w"; }
+KINDS=" "; for a in $ARMS; do
+  case $(kind $a) in ntp|mtp|rho1|random|critic) KINDS="$KINDS$(kind $a) ";;
+    *) echo "compare_arms.sh: arm '$a': its kind '$(kind $a)' is none of ntp mtp rho1 random critic" >&2; exit 2;; esac
+  case $a in *[!a-z0-9_]*) echo "compare_arms.sh: arm '$a': a name is letters, digits and _ (ARGS_$a must be a variable)" >&2; exit 2;; esac
+done
+wants() { local a; for a in "$@"; do case "$KINDS" in *" $a "*) return 0;; esac; done; return 1; }  # an arm of a kind
+listed() { case " $ARMS " in *" $1 "*) return 0;; esac; return 1; }                                   # that very arm
 mkdir -p "$RUN/logs"
 JOBS=0
 
@@ -98,11 +114,14 @@ for split in ('train', 'validation'):
 "
 fi
 
-# ---- 1-3. shared inputs: head warm-up, Rho-1 reference, critic labels -- each only when an arm needs it
-wants() { local a; for a in "$@"; do case " $ARMS " in *" $a "*) return 0;; esac; done; return 1; }
-wants mtp rho1 random critic && todo $RUN/warm $RUN/warm/final/mtp_config.json && run warm $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
-  --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$WARM --train.heads_only_steps=$WARM --train.lr=1e-4 \
-  --train.out_dir=$RUN/warm
+# ---- 1-3. shared inputs: head warm-ups, Rho-1 reference, critic labels -- each only when an arm needs it
+# ---- 1. the head warm-ups (heads 1..3 on the frozen base), one per warm-up length the MTP arms ask for
+WARMS=""; for a in $ARMS; do [ "$(kind $a)" = ntp ] || case " $WARMS " in *" $(warm_steps $a) "*) ;; *) WARMS="$WARMS $(warm_steps $a)";; esac; done
+for w in $WARMS; do
+  d=$RUN/warm; [ "$w" = "$WARM" ] || d=$RUN/warm$w
+  todo $d $d/final/mtp_config.json && run $(basename $d) $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
+    --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$w --train.heads_only_steps=$w --train.lr=1e-4 --train.out_dir=$d
+done
 if [ -n "$NOISE" ]; then  # the reference Rho-1 prescribes: the base trained on the clean corpus
   wants rho1 random && todo $RUN/reference $RUN/reference/final/mtp_config.json && run reference $PY train_rho1.py $TRAIN \
     --data.source=jsonl --data.path=$RUN/data/train_clean.jsonl --data.eval_path=$EVAL_JSONL --model.policy="$BASE" \
@@ -132,16 +151,17 @@ for seed in $SEEDS; do
     out=$RUN/$arm-s$seed
     todo $out $out/final/mtp_config.json || continue
     common=(--train.seed=$seed --train.max_steps=$STEPS --train.out_dir=$out)
-    case $arm in
-      ntp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy="$BASE" --model.n_heads=1 --rho1.ratio=1 ;;
-      mtp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 --rho1.ratio=1 ;;
-      rho1)   run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 \
-                --rho1.ratio=0.7 --model.reference=$RUN/reference/final ;;
-      random) run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 \
-                --rho1.ratio=0.7 --model.reference=$RUN/reference/final --rho1.shuffle=true ;;
-      critic) run $arm-s$seed $PY train_critic.py $TRAIN "${common[@]}" --model.policy=$RUN/warm/final --model.n_heads=4 \
+    read -ra extra <<< "$(flags $arm)"; w=$(warm_dir $arm)
+    case $(kind $arm) in
+      ntp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy="$BASE" --model.n_heads=1 --rho1.ratio=1 "${extra[@]}" ;;
+      mtp)    run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$w/final --model.n_heads=4 --rho1.ratio=1 "${extra[@]}" ;;
+      rho1)   run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$w/final --model.n_heads=4 \
+                --rho1.ratio=0.7 --model.reference=$RUN/reference/final "${extra[@]}" ;;
+      random) run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$w/final --model.n_heads=4 \
+                --rho1.ratio=0.7 --model.reference=$RUN/reference/final --rho1.shuffle=true "${extra[@]}" ;;
+      critic) run $arm-s$seed $PY train_critic.py $TRAIN "${common[@]}" --model.policy=$w/final --model.n_heads=4 \
                 --stages=policy --critic.value_model=$RUN/value --data.policy_source=jsonl \
-                --data.policy_path=$TRAIN_JSONL --data.policy_eval_path=$EVAL_JSONL ;;
+                --data.policy_path=$TRAIN_JSONL --data.policy_eval_path=$EVAL_JSONL "${extra[@]}" ;;
     esac
   done
 done
@@ -160,7 +180,7 @@ evaluate() {  # evaluate NAME MODEL
 # of the table, not part of pass@k; small jobs that run beside the evaluations
 seed1=${SEEDS%% *}
 for arm in $ARMS; do
-  [ "$SPEC_LIMIT" -gt 0 ] && [ $arm != ntp ] || continue
+  [ "$SPEC_LIMIT" -gt 0 ] && [ "$(kind $arm)" != ntp ] || continue
   todo $RUN/eval/$arm-s$seed1/speculative $RUN/eval/$arm-s$seed1/speculative/results.json || continue
   side spec-$arm $PY eval.py $RUN/$arm-s$seed1/final --task=humaneval --speculative --limit=$SPEC_LIMIT \
     --max_new_tokens=256 --workers=1 --timeout=$TIMEOUT --out=$RUN/eval/$arm-s$seed1/speculative --mlflow.enabled=false
@@ -173,13 +193,13 @@ wait
 # ---- 6. the tables and pictures ---------------------------------------------------------------
 # held-out CE over the steps of every run, and the final CE per head against uniform MTP
 runs=""; for arm in $ARMS; do runs="$runs $arm=$RUN/$arm-s*"; done
-CE_REF=mtp; wants mtp || CE_REF=${ARMS%% *}
+CE_REF=mtp; listed mtp || CE_REF=${ARMS%% *}
 $PY -m tools.curves --runs="$runs" --ref=$CE_REF --out=$RUN/heldout_ce.md --plot=$RUN/heldout_ce.png \
   --title="held-out CE on $(basename $EVAL_JSONL), head 0"
 [ -n "$TASKS" ] || exit 0
 arms="base=$RUN/eval/base/*/results.json"
 for arm in $ARMS; do arms="$arms $arm=$RUN/eval/$arm-s*/*/results.json"; done
-wants ntp && $PY -m tools.compare --arms="$arms" --ref=ntp --k=$K --out=$RUN/comparison.md --mlflow.enabled=false \
+listed ntp && $PY -m tools.compare --arms="$arms" --ref=ntp --k=$K --out=$RUN/comparison.md --mlflow.enabled=false \
   --plot=$RUN/comparison.png
 # and against the base model: does any fine-tune beat not fine-tuning at all?
 $PY -m tools.compare --arms="$arms" --ref=base --k=$K --out=$RUN/comparison_vs_base.md --mlflow.enabled=false \
