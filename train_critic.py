@@ -91,6 +91,7 @@ class ValueConfig:                   # stage 1
     loss: Literal["mc", "lambda"] = "mc"  # BCE against R on every token, or against λ-returns
     target_lambda: float = 0.95      # λ of the λ-return targets
     rank_weight: float = 0.0         # + this × pairwise ranking loss (pass vs fail of one problem); 0 = off
+    rank_scope: Literal["end", "suffix"] = "end"  # end = rank final tokens; suffix = each token after the programs part (V drops at the bug)
     max_steps: int = 200             # optimizer steps of stage 1
     global_batch: int = 32           # sequences per optimizer step, over all ranks and micro-steps
     micro_batch: int = 8             # sequences per forward, per rank
@@ -342,6 +343,49 @@ def rank_pairs(passed: torch.Tensor, problem: torch.Tensor) -> torch.Tensor:
     return pos[:, None] & ~pos[None, :] & (problem[:, None] == problem[None, :])
 
 
+def rank_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, pairs: torch.Tensor,
+              scope: str = "end") -> torch.Tensor:
+    """Σ over ranking pairs (i passes, j fails: `rank_pairs`) of a Bradley–Terry loss
+    softplus(z_j − z_i) on value logits z [B, T] -- summed, not averaged: the caller divides by the
+    global batch's pair count, so the gradient does not depend on the micro-batch split.
+
+      end:    the final tokens, softplus(z_j[last_j] − z_i[last_i]).
+      suffix: the mean over the tokens from where the two programs part on. d = the first
+              position where their tokens differ (never before the first value position):
+              before d a causal V has seen the same prefix in both, so it is the same there, and
+              the loss can only be met by V dropping at or after d -- where the failing program
+              went wrong. The suffixes are aligned at their ends (token t of j against
+              t' = t + last_i − last_j of i: the programs' common endings line up after an
+              inserted or deleted token), over t in [d, last_j] with t' >= d a value position
+              of i; a pair with no such t (j is a prefix of i, or the two are identical) falls
+              back to the end pair.
+    One pass over all pairs at once, [P, T] tensors: no loop over pairs or tokens.
+    """
+    if scope == "end":
+        z = logits[last_token(mask)]
+        return (F.softplus(z[None, :] - z[:, None]) * pairs).sum()
+    if scope != "suffix":
+        raise ValueError(f"rank scope must be 'end' or 'suffix', got {scope!r}")
+    i, j = pairs.nonzero(as_tuple=True)
+    pos = value_positions(mask)
+    T = logits.shape[1]
+    t = torch.arange(T, device=logits.device)
+    last = torch.where(last_token(mask), t, -1).amax(1)   # each row's final completion token
+    first = torch.where(pos, t, T).amin(1)                # its last prompt token (V_{-1})
+    # The rows part where a token differs -- or where one of them has ended (its padding may
+    # equal the other's token) -- and never before the value positions begin.
+    part = torch.where((ids[i] != ids[j]) | (pos[i] != pos[j]), t, T).amin(1)
+    d = torch.maximum(part, torch.maximum(first[i], first[j]))[:, None]
+    ti = t + (last[i] - last[j])[:, None]                 # [P, T]: the position of i aligned with t of j
+    tic = ti.clamp(0, T - 1)
+    ok = (t >= d) & (t <= last[j][:, None]) & pos[j] & (ti >= d) & (ti < T) & pos[i].gather(1, tic)
+    gap = F.softplus(logits[j] - logits[i].gather(1, tic))
+    n = ok.sum(1)
+    suffix = torch.where(ok, gap, torch.zeros_like(gap)).sum(1) / n.clamp_min(1)
+    end = F.softplus(logits[j, last[j]] - logits[i, last[i]])
+    return torch.where(n > 0, suffix, end).sum()
+
+
 def binary_auc(scores, labels) -> float:
     """Area under the ROC curve = P(score of a random positive > score of a random negative),
     ties counting 1/2: the Mann–Whitney U statistic, (R₊ − n₊(n₊+1)/2) / (n₊ n₋), with R₊ the
@@ -438,12 +482,12 @@ def value_loss(value_model, batch, denom, v: ValueConfig, amp, device):
     bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * pos).sum()
     loss = bce / denom[0]
     if v.rank_weight:
-        # Bradley–Terry on the final-token logits (as in reward-model training, Ouyang et al.
-        # 2022): a passing solution should score above a failing one of the same problem. The
-        # BCE keeps V calibrated; ranking sharpens the ordering.
-        z = logits[last_token(mask)]
+        # Bradley–Terry on the logits (as in reward-model training, Ouyang et al. 2022): a
+        # passing solution should score above a failing one of the same problem. The BCE keeps V
+        # calibrated; ranking sharpens the ordering -- at the end, or (rank_scope=suffix) on
+        # every token after the two programs part, which tells V where the failing one went wrong.
         pairs = rank_pairs(passed, problem)
-        loss = loss + v.rank_weight * (F.softplus(z[None, :] - z[:, None]) * pairs).sum() / denom[1].clamp_min(1)
+        loss = loss + v.rank_weight * rank_loss(logits, ids, mask, pairs, v.rank_scope) / denom[1].clamp_min(1)
     return loss, bce.detach()
 
 
@@ -545,8 +589,9 @@ def train_value_model(cfg, base, tok, dist, dtype, train_items, eval_items, labe
     held_out = evaluate_value(value_model, eval_items, v.micro_batch, amp, dist, pad_id)
     say(f"stage 1 final held-out: {held_out}")
     common.export_consolidated(value_model, tok, v.out_dir, dist, save=save_value_model, extra={
-        "trained_with": "train_critic.py", "steps": v.max_steps, "loss": v.loss,
-        "train_layers": v.train_layers, "labelled_data": label_counts, "heldout": held_out, **tracker.link()})
+        "trained_with": "train_critic.py", "steps": v.max_steps, "loss": v.loss, "rank_weight": v.rank_weight,
+        "rank_scope": v.rank_scope, "train_layers": v.train_layers, "labelled_data": label_counts, "heldout": held_out,
+        **tracker.link()})
     say(f"saved value model {v.out_dir}")
     tracker.log_metrics(held_out, v.max_steps)
     tracker.log_params({"value_model_dir": os.path.abspath(v.out_dir)})
@@ -804,6 +849,9 @@ def check_config(cfg: Config, world: int):
         preflight.check_batches("value", v.global_batch, v.micro_batch, world)
         for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "rank_weight"):
             preflight.check_min(f"value.{name}", getattr(v, name), 0)
+        if v.rank_scope != "end" and not v.rank_weight:
+            raise config.ConfigError(f"config key 'value.rank_scope': {v.rank_scope!r} has no effect with "
+                                     f"value.rank_weight=0 (no ranking loss): set --value.rank_weight, e.g. 1")
         preflight.check_min("value.train_layers", v.train_layers, -1)
         preflight.check_range("value.target_lambda", v.target_lambda, 0, 1)
         if v.backbone:

@@ -1,8 +1,10 @@
 """The critic: TD errors, vectorised GAE, whitening, exp(A/β) weights and their alignment to the
-heads, AUC, the labelled-data loaders, the reward-model option, and train_critic.py end to end on
-a toy task whose outcome is decided at one token."""
+heads, AUC, the pairwise ranking loss (end and suffix), the labelled-data loaders, the
+reward-model option, and train_critic.py end to end on a toy task whose outcome is decided at
+one token."""
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -10,6 +12,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import char_tokenizer, tiny_model_json
 
 import data
@@ -188,6 +191,186 @@ def test_rank_pairs():
     passed = torch.tensor([1.0, 0.0, 0.0, 1.0])
     problem = torch.tensor([7, 7, 8, 8])
     assert train_critic.rank_pairs(passed, problem).nonzero().tolist() == [[0, 1], [3, 2]]
+
+
+# ---- the pairwise ranking loss: value.rank_scope -------------------------------------------------
+
+def rows_batch(rows, T=12):
+    """(prompt ids, completion ids, passed, problem) rows -> right-padded ids, loss mask, passed, problem."""
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, (prompt, completion, _, _) in enumerate(rows):
+        ids[b, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+        mask[b, len(prompt):len(prompt) + len(completion)] = 1
+    return (ids, mask, torch.tensor([float(r[2]) for r in rows]), torch.tensor([r[3] for r in rows]))
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def naive_rank_loss(logits, ids, mask, passed, problem, scope):
+    """The definition, one pair and one token at a time, in Python floats: for each pair (i
+    passes, j fails, one problem), value positions = the completion and the last prompt token;
+    d = the first position, from where both rows' value positions have begun, where their ids
+    differ or only one of them is a value position; t of j against t + last_i − last_j of i."""
+    B, T = ids.shape
+    z, ids, mask = logits.tolist(), ids.tolist(), mask.tolist()
+    total = 0.0
+    for i in range(B):
+        for j in range(B):
+            if not (passed[i] >= 0.5 > passed[j] and problem[i] == problem[j]):
+                continue
+            vpos = [[t for t in range(T) if mask[b][t] or (t + 1 < T and mask[b][t + 1])] for b in (i, j)]
+            (vi, vj), last_i, last_j = vpos, vpos[0][-1], vpos[1][-1]
+            end = softplus(z[j][last_j] - z[i][last_i])
+            if scope == "end":
+                total += end
+                continue
+            start = max(vi[0], vj[0])
+            d = next((t for t in range(start, T) if ids[i][t] != ids[j][t] or (t in vi) != (t in vj)), T)
+            terms = [softplus(z[j][t] - z[i][t + last_i - last_j]) for t in range(d, last_j + 1)
+                     if t in vj and t + last_i - last_j >= d and t + last_i - last_j in vi]
+            total += sum(terms) / len(terms) if terms else end
+    return total
+
+
+# Problem 0: a passing program and two failing ones that part from it at a known token (one of
+# them one token longer); problem 1: a failing program that is a prefix of the passing one (no
+# suffix: the end pair) and one with another prompt; problem 2 has no pair.
+P0 = [5, 6, 7]
+RANK_ROWS = [(P0, [10, 11, 12, 13, 14], 1, 0),      # 0: passes
+             (P0, [10, 11, 20, 13, 14], 0, 0),      # 1: same length, parts at position 5
+             (P0, [10, 11, 12, 21, 13, 14], 0, 0),  # 2: a token inserted at position 6
+             ([8, 9], [30, 31, 32], 1, 1),          # 3: passes
+             ([8, 9], [30, 31], 0, 1),              # 4: a prefix of 3
+             ([8], [40, 41, 42, 43], 0, 1),         # 5: another prompt: parts at the first value position
+             ([3, 3], [50, 51], 1, 2)]              # 6: no failing program
+
+
+def test_suffix_rank_loss_by_hand():
+    ids, mask, passed, problem = rows_batch(RANK_ROWS)
+    z = torch.randn(len(RANK_ROWS), ids.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pairs = train_critic.rank_pairs(passed, problem)
+    assert pairs.nonzero().tolist() == [[0, 1], [0, 2], [3, 4], [3, 5]]
+
+    def one(i, j, scope="suffix"):  # the loss of the pair (i, j) alone
+        only = torch.zeros_like(pairs)
+        only[i, j] = True
+        return float(train_critic.rank_loss(z, ids, mask, only, scope))
+
+    sp = F.softplus
+    # (0, 1): same length, part at 5 -> t = t' in 5..7 (the last prompt token is 2, the last token 7)
+    assert one(0, 1) == pytest.approx(float(sp(z[1, 5:8] - z[0, 5:8]).mean()))
+    # (0, 2): part at 6; 2 ends one later -> t in 6..8 against t' = t − 1 >= 6: (7, 6) and (8, 7)
+    assert one(0, 2) == pytest.approx(float(sp(z[2, 7:9] - z[0, 6:8]).mean()))
+    # (3, 4): 4 ends where 3 goes on -> no suffix, the end pair (its last token 3 against 3's 4)
+    assert one(3, 4) == pytest.approx(float(sp(z[4, 3] - z[3, 4])))
+    # (3, 5): prompts of 2 and 1 tokens, both end at 4: d = 1 (3's first value position), t = 1..4
+    assert one(3, 5) == pytest.approx(float(sp(z[5, 1:5] - z[3, 1:5]).mean()))
+    assert one(0, 1, "end") == pytest.approx(float(sp(z[1, 7] - z[0, 7])))
+    for scope in ("end", "suffix"):
+        assert float(train_critic.rank_loss(z, ids, mask, pairs, scope)) == pytest.approx(
+            naive_rank_loss(z, ids, mask, passed, problem, scope))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_suffix_rank_loss_matches_the_definition_on_random_programs(seed):
+    """Random families of programs (a shared stem, then random edits), ragged and right-padded."""
+    g = random.Random(seed)
+    rows = []
+    for problem in range(3):
+        prompt = [g.randint(1, 4) for _ in range(g.randint(1, 3))]
+        stem = [g.randint(1, 4) for _ in range(g.randint(2, 6))]
+        for k in range(4):
+            prog = list(stem)
+            for _ in range(g.randint(0, 2)):  # point edits, insertions and deletions
+                at = g.randrange(len(prog) + 1)
+                op = g.choice("sid")
+                if op == "s" and at < len(prog):
+                    prog[at] = g.randint(1, 4)
+                elif op == "i":
+                    prog.insert(at, g.randint(1, 4))
+                elif op == "d" and len(prog) > 1 and at < len(prog):
+                    del prog[at]
+            rows.append((prompt, prog, k == 0 or g.random() < 0.3, problem))
+    ids, mask, passed, problem = rows_batch(rows, T=16)
+    z = torch.randn(*ids.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pairs = train_critic.rank_pairs(passed, problem)
+    assert pairs.any()
+    for scope in ("end", "suffix"):
+        assert float(train_critic.rank_loss(z, ids, mask, pairs, scope)) == pytest.approx(
+            naive_rank_loss(z, ids, mask, passed, problem, scope), rel=1e-9)
+
+
+def test_suffix_rank_loss_is_met_only_by_a_drop_where_the_programs_part():
+    ids, mask, passed, problem = rows_batch(RANK_ROWS[:2])  # part at d = 5, both end at 7
+    pairs = train_critic.rank_pairs(passed, problem)
+
+    def loss(z, scope="suffix"):
+        return float(train_critic.rank_loss(z, ids, mask, pairs, scope))
+
+    z = torch.zeros(2, ids.shape[1])
+    drop = z.clone()
+    drop[1, 5:] = -20.0  # the failing program's V falls exactly where it parts from the passing one
+    assert loss(drop) < 1e-8
+    later = drop.clone()
+    later[1, 6:] = 1.0  # ... and climbs back after the bug: the suffix loss sees it
+    assert loss(later) > loss(drop) + 0.5
+    at_end = z.clone()
+    at_end[1, 7] = -20.0  # a drop at the final token only: all that "end" asks for, not "suffix"
+    assert loss(at_end, "end") < 1e-8 and loss(at_end) == pytest.approx(2 / 3 * math.log(2), abs=1e-6)
+    # The shared prefix gets no gradient: the ranking cannot be met before the programs part.
+    z = torch.randn(2, ids.shape[1], requires_grad=True)
+    train_critic.rank_loss(z, ids, mask, pairs, "suffix").backward()
+    assert torch.all(z.grad[:, :5] == 0) and torch.all(z.grad[:, 5:8] != 0)
+
+
+class CausalToy(torch.nn.Module):
+    """A stand-in value model: logit t from the running sum of token embeddings up to t (causal)."""
+
+    def __init__(self, vocab=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, 4)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids).cumsum(1))).squeeze(-1)
+
+
+@pytest.mark.parametrize("scope", ["end", "suffix"])
+def test_value_loss_gradient_does_not_depend_on_the_micro_batch_split(scope):
+    """One micro-batch of four programs, or two of two (padded to other lengths): the BCE and the
+    ranking loss are normalised by the global batch's counts, so the gradient is the same."""
+    import contextlib
+    items = [(prompt + prog, [0] * len(prompt) + [1] * len(prog), passed, problem) for prompt, prog, passed, problem in
+             [([5, 6, 7], [10, 11, 12, 13, 14, 15, 16], 1, 0), ([5, 6, 7], [10, 11, 20, 13, 14, 15, 16, 17], 0, 0),
+              ([8, 9], [30, 31, 32], 1, 1), ([8, 9], [30, 33, 32, 34], 0, 1)]]
+    v = train_critic.ValueConfig(rank_weight=2.0, rank_scope=scope)
+    grads = []
+    for split in ([items], [items[:2], items[2:]]):
+        model = CausalToy()
+        batches = [data.collate(part, pad_id=0) for part in split]
+        denom = train_critic.value_denominators(batches, "cpu", None)
+        assert denom.tolist() == [(7 + 1) + (8 + 1) + (3 + 1) + (4 + 1), 2]  # value positions (+ V_{-1}), pairs
+        for b in batches:
+            loss, _ = train_critic.value_loss(model, b, denom, v, contextlib.nullcontext(), "cpu")
+            loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_rank_scope_config(tmp_path):
+    model_json = tiny_model_json(tmp_path / "model.json")
+    char_tokenizer(tmp_path / "tok")
+    base = [f"--model.policy={model_json}", _tok(model_json), "--stages=value", f"--value.out_dir={tmp_path / 'v'}"]
+    with pytest.raises(config.ConfigError, match="'value.rank_scope'.*value.rank_weight=0"):
+        train_critic.main(base + ["--value.rank_scope=suffix"])
+    with pytest.raises(config.ConfigError, match="'value.rank_scope'"):
+        train_critic.main(base + ["--value.rank_scope=middle", "--value.rank_weight=1"])
+    cfg = config.parse_config(train_critic.Config, base + ["--value.rank_scope=suffix", "--value.rank_weight=1"])
+    train_critic.check_config(cfg, 1)  # accepted
 
 
 # ---- labelled data --------------------------------------------------------------------------
