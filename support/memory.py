@@ -5,12 +5,13 @@ breakdown); then activation checkpointing, chosen from a memory budget: the mode
 can run in (off, selective -- op-level SAC --, full; partial = the lowest blocks full), the plan
 that applies them (before torch.compile and FSDP2), the memory model that predicts a step's peak
 (static parts exact from the parameters, activations per token per block measured once on the
-model and device) and the picker (`train.checkpointing=auto` with `train.memory_budget_gb`): the
+model and device, on a compiled copy when the blocks are compiled) and the picker (`train.checkpointing=auto` with `train.memory_budget_gb`): the
 least recomputation the model says fits. Both training scripts call `setup_checkpointing`;
 tools/bench.py measures every mode against the peers (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -334,7 +335,6 @@ def _held_bytes(block, args, kwargs, mode: str, amp_dtype) -> int:
     """Bytes that `block`'s forward in `mode` keeps alive until its backward, its output included
     (the next block's input). Counted after autocast's context has closed: the weights' casts it
     caches are counted once, with the static part (static_memory)."""
-    import contextlib
     checkpoint_block(block, mode)
     x = args[0].detach().requires_grad_()  # a block in the middle of a trained stack
     others = [t for t in torch.utils._pytree.tree_leaves((args[1:], kwargs)) if isinstance(t, torch.Tensor)]
@@ -347,15 +347,118 @@ def _held_bytes(block, args, kwargs, mode: str, amp_dtype) -> int:
     return held
 
 
-def measure_activations(model: mtp.MTPModel, device, amp_dtype=None, param_dtype=None,
-                        max_len: int = 256) -> tuple[dict[str, float], float]:
-    """-> ({mode: bytes per token that one trunk block keeps for its backward}, bytes per token of
-    the trunk's input), measured on `device`: a copy of a trunk block (its parameters trained, cast
-    to `param_dtype` if given -- FSDP2's mixed precision --, run under autocast to `amp_dtype` if
-    given) runs forward on the base model's own inputs for one sequence of T and of 2T tokens, and
-    the per-token figure is (bytes(2T) - bytes(T)) / T: the difference removes what does not grow
-    with the sequence. Linear in the tokens, as with SDPA's kernels (flash, memory-efficient,
-    cuDNN, CPU flash); eager attention's T x T weights would be underestimated."""
+def _saved_by_compiled_code(out: torch.Tensor, known) -> int | None:
+    """Bytes that the autograd graph behind `out` keeps for the backward, `out` included, when that
+    graph is compiled code: what each compiled region saved -- AOTAutograd's backward node
+    (CompiledFunctionBackward) holds it, in `saved_tensors` and, saved without a version check,
+    `_tensors_no_vc_check` --, storages of the `known` tensors (inputs, parameters) not counted.
+    Compiled code allocates outside the dispatcher, so _LiveStorages cannot see it, and the CPU has
+    no allocator statistics: the graph is the one account of it on every device. None when an eager
+    op saved something too (a graph break: that part ran eagerly, and what it saved inside a
+    checkpoint cannot be read without recomputing it)."""
+    nodes, todo, seen = [], [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        todo += [f for f, _ in node.next_functions]
+    compiled = [n for n in nodes if type(n).__name__ == "CompiledFunctionBackward"]
+    eager = [n for n in nodes if type(n).__name__ != "CompiledFunctionBackward" and (
+        isinstance(n, torch.autograd.function.BackwardCFunction) or any(a.startswith("_saved_") for a in dir(n)))]
+    if not compiled or eager:
+        return None
+    counted, total = {t.untyped_storage().data_ptr() for t in known}, 0
+    for n in compiled:
+        for t in (*n.saved_tensors, *getattr(n, "_tensors_no_vc_check", ()), out):
+            if isinstance(t, torch.Tensor) and (ptr := t.untyped_storage().data_ptr()) not in counted:
+                counted.add(ptr)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def _compiled_call():
+    """torch.compile of `block(*args, **kwargs)` as the training compiles a block
+    (common.prepare_for_training: inductor, default options), but through a function of its own:
+    dynamo keeps compiled graphs and counts recompiles per code object, so the measurement's
+    graphs are not entries in the training blocks' cache, nor count toward their recompile limit.
+    dynamic=True: one graph serves both lengths (the default would compile T, then recompile for
+    2T, dynamic)."""
+    import types
+
+    def call(block, *args, **kwargs):
+        return block(*args, **kwargs)
+    code = call.__code__.replace(co_name="_measured_block")
+    return torch.compile(types.FunctionType(code, call.__globals__, "_measured_block"), dynamic=True)
+
+
+@contextlib.contextmanager
+def _drop_new_graphs():
+    """On exit, drop the compiled graphs of every code object that dynamo first compiled inside
+    (torch._dynamo.reset_code, what reset_code_caches does to all): the measurement's function,
+    and after a graph break the block's own frames that dynamo compiled on their own -- so that
+    the training's compile starts from the cache it would have had, and the copy is freed. A no-op
+    where this torch lacks the bookkeeping it reads."""
+    tracker = getattr(getattr(torch._dynamo, "convert_frame", None), "input_codes", None)
+    before = set(getattr(tracker, "seen_ids", ()))
+    try:
+        yield
+    finally:
+        if tracker is not None and hasattr(torch._dynamo, "reset_code"):
+            for ref in list(getattr(tracker, "seen", ())):
+                if (code := ref()) is not None and id(code) not in before:
+                    torch._dynamo.reset_code(code)
+
+
+def _compiled_held_bytes(compiled, block, args, kwargs, mode: str, amp_dtype) -> int | None:
+    """_held_bytes of the compiled block (compiled: _compiled_call()); None if it did not compile
+    whole (_saved_by_compiled_code)."""
+    checkpoint_block(block, mode)
+    x = args[0].detach().requires_grad_()
+    others = [t for t in torch.utils._pytree.tree_leaves((args[1:], kwargs)) if isinstance(t, torch.Tensor)]
+    amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with amp:
+        out = compiled(block, x, *args[1:], **kwargs)
+    out = next(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+    return _saved_by_compiled_code(out, [x, *others, *block.parameters(), *block.buffers()])
+
+
+@dataclasses.dataclass
+class BlockMeasurement:
+    """What measure_blocks found: bytes per token that one trunk block keeps in each mode, the
+    trunk input's bytes per token, and the modes measured on a compiled copy."""
+    per_token: dict[str, float]
+    input_per_token: float
+    compiled: tuple[str, ...] = ()
+    compile: bool = False  # the blocks are compiled in training
+
+    def how(self) -> str:
+        """'eager', 'compiled', or which modes ran eagerly under compile (a graph break)."""
+        if not self.compile:
+            return "eager"
+        broken = [m for m in ("off", "selective") if m not in self.compiled]
+        return "compiled" + (f"; {', '.join(broken)} ran eagerly: a graph break" if broken else "")
+
+
+def measure_blocks(model: mtp.MTPModel, device, amp_dtype=None, param_dtype=None, max_len: int = 256,
+                   compile: bool = False) -> BlockMeasurement:
+    """What one trunk block keeps for its backward per token in each mode, measured on `device`: a
+    copy of a trunk block (its parameters trained, cast to `param_dtype` if given -- FSDP2's mixed
+    precision --, run under autocast to `amp_dtype` if given) runs forward on the base model's own
+    inputs for one sequence of T and of 2T tokens, and the per-token figure is (bytes(2T) -
+    bytes(T)) / T: the difference removes what does not grow with the sequence. Linear in the
+    tokens, as with SDPA's kernels (flash, memory-efficient, cuDNN, CPU flash); eager attention's
+    T x T weights would be underestimated.
+
+    compile (train.compile: each block torch.compile'd): off and selective are measured on a
+    compiled copy (_compiled_call: one compile each, dynamic in the sequence length, the forward
+    only -- the backward compiles lazily, and is never run here), counted from the saved tensors
+    of its autograd graph (_saved_by_compiled_code): inductor keeps less than eager (the norms'
+    fp32 internals, the SiLU, RoPE's products are recomputed in the backward). A mode whose
+    compiled copy graph-breaks inside the block is measured eagerly, as it then runs (the
+    checkpoint runs eagerly as a whole). full is measured eagerly in both cases: a fully
+    checkpointed block keeps only its input and its output, compiled or not."""
     def to_device(t):
         if not isinstance(t, torch.Tensor):
             return t
@@ -367,13 +470,27 @@ def measure_activations(model: mtp.MTPModel, device, amp_dtype=None, param_dtype
     if param_dtype is not None:
         block.to(param_dtype)
     T = max(1, min(128, max_len // 2))
-    held, inputs = {m: [] for m in ("off", "selective", "full")}, []
-    for length in (T, 2 * T):
-        args, kwargs = torch.utils._pytree.tree_map(to_device, block_inputs(model, length))
-        inputs.append(args[0].nbytes)
-        for mode in held:
-            held[mode].append(_held_bytes(block, args, kwargs, mode, amp_dtype))
-    return {m: (b[1] - b[0]) / T for m, b in held.items()}, (inputs[1] - inputs[0]) / T
+    inputs = [torch.utils._pytree.tree_map(to_device, block_inputs(model, length)) for length in (T, 2 * T)]
+    held, compiled = {}, []
+    with _drop_new_graphs() if compile else contextlib.nullcontext():
+        fn = _compiled_call() if compile else None
+        for mode in ("off", "selective", "full"):
+            if fn is not None and mode != "full":
+                held[mode] = [_compiled_held_bytes(fn, block, a, kw, mode, amp_dtype) for a, kw in inputs]
+                if None not in held[mode]:
+                    compiled.append(mode)
+                    continue
+            held[mode] = [_held_bytes(block, a, kw, mode, amp_dtype) for a, kw in inputs]
+    return BlockMeasurement({m: (b[1] - b[0]) / T for m, b in held.items()},
+                            (inputs[1][0][0].nbytes - inputs[0][0][0].nbytes) / T, tuple(compiled), compile)
+
+
+def measure_activations(model: mtp.MTPModel, device, amp_dtype=None, param_dtype=None,
+                        max_len: int = 256, compile: bool = False) -> tuple[dict[str, float], float]:
+    """-> ({mode: bytes per token that one trunk block keeps for its backward}, bytes per token of
+    the trunk's input): measure_blocks."""
+    m = measure_blocks(model, device, amp_dtype, param_dtype, max_len, compile)
+    return m.per_token, m.input_per_token
 
 
 def static_memory(model: mtp.MTPModel, frozen: dict, dtype, world: int = 1, amp: bool = False) -> dict[str, float]:
@@ -383,7 +500,10 @@ def static_memory(model: mtp.MTPModel, frozen: dict, dtype, world: int = 1, amp:
     trained parameter, in its dtype; AdamW's two states (exp_avg, exp_avg_sq), each like its
     parameter; each frozen model (reference, value model) in the compute dtype. With autocast:
     its compute-dtype copies of the trained blocks' matmul weights, which it caches for the whole
-    forward (the loss's included, where the peak is). Under FSDP2 (world > 1): all of that sharded
+    forward (the loss's included, where the peak is); compiled blocks have no cache, but an off
+    one saves its casts for the backward (the compiled copy keeps them: the part of what it keeps
+    that does not grow with the tokens), selective and full ones recast them -- counted for every
+    block, an upper bound there. Under FSDP2 (world > 1): all of that sharded
     1/world (fp32 shards), plus the root group (embeddings, final norm, unembedding; the heads
     too with sequential heads: fsdp_blocks) and two blocks (one computing, one prefetched)
     unsharded in the compute dtype."""
@@ -410,18 +530,31 @@ def static_memory(model: mtp.MTPModel, frozen: dict, dtype, world: int = 1, amp:
     return parts
 
 
-def loss_buffers(model: mtp.MTPModel, dtype, tokens: int, chunk_size: int = 0, world: int = 1, amp: bool = False) -> float:
+def loss_buffers(model: mtp.MTPModel, dtype, tokens: int, chunk_size: int = 0, world: int = 1, amp: bool = False,
+                 compiled_chunk: bool = False) -> float:
     """The chunked loss's buffers alive together (mtp._fused_linear_ce), bytes: one chunk of logits
-    in the compute dtype, its fp32 upcast and its gradient (the eager chunk; compiled it is one
-    pointwise kernel, less); the unembedding's gradient buffer (W's dtype; the compute dtype under
-    FSDP2); W's compute-dtype copy under autocast with fp32 W; the loss rows' hidden states and
-    their gradient. Rows: one head's tokens with sequential heads, every head's otherwise."""
+    in the compute dtype and what mtp._ce_chunk makes of it. Eager (CPU, MPS): the logits and their
+    upcast to the accumulation dtype (fp32 for 16-bit W; no copy if the logits are in it already),
+    then the upcast worked in place and the gradient's cast to the hidden states' dtype (no copy if
+    it is the accumulation dtype) -- the larger pair: the logits go when the upcast replaces them
+    (the callee's argument is their last reference); fp32 is one buffer, bf16 6 bytes a logit.
+    Compiled (`compiled_chunk`: on CUDA, mtp._chunk_fn): one kernel reads the logits and writes the
+    gradient, no upcast buffer. Then the unembedding's gradient buffer (W's dtype; the compute dtype
+    under FSDP2); W's compute-dtype copy under autocast with fp32 W; the loss rows' hidden states
+    and their gradient, in the hidden states' dtype (fp32 under autocast: the residual stream and
+    the norm stay in the master weights' dtype). Rows: one head's tokens with sequential heads,
+    every head's otherwise."""
     W = model.lm_head_weight
     V, D = W.shape
     e = dtype.itemsize
+    w_dtype = dtype if world > 1 else W.dtype  # W as the loss sees it (FSDP2: unsharded in the compute dtype)
+    acc = 4 if w_dtype in (torch.bfloat16, torch.float16) else w_dtype.itemsize
+    hidden = e if world > 1 else W.element_size()
     rows = tokens * (1 if model.sequential_heads else model.n_heads)
     chunk = min(chunk_size or mtp.default_chunk_size(V), rows)
-    out = chunk * V * (2 * e + 4) + 2 * rows * D * e
+    upcast, cast = (acc if acc != e else 0), (hidden if hidden != acc else 0)
+    per_logit = e + hidden if compiled_chunk else max(e + upcast, acc + cast)
+    out = chunk * V * per_logit + 2 * rows * D * hidden
     if W.requires_grad:
         out += V * D * (e if world > 1 else W.element_size())
     if amp and W.dtype != dtype:
@@ -429,23 +562,56 @@ def loss_buffers(model: mtp.MTPModel, dtype, tokens: int, chunk_size: int = 0, w
     return out
 
 
+def gradient_split(model: mtp.MTPModel, dtype, world: int = 1) -> tuple[float, float]:
+    """-> (bytes of the gradients that exist before the trunk's backward begins, bytes of one trunk
+    block's gradient as it is formed). The first: every trained parameter outside the trunk blocks
+    (the heads, the final norm, the unembedding: their gradients come from the loss) but the input
+    embedding, whose gradient comes last; the trunk blocks' gradients appear one block at a time
+    as the backward frees that block's activations. One block's: in its parameters' dtype; under
+    FSDP2, unsharded in the compute dtype and its fp32 copy for the reduce-scatter
+    (MixedPrecisionPolicy's reduce_dtype)."""
+    trunk = trunk_of(model)
+    in_trunk = {id(p) for b in trunk for p in b.parameters()}
+    emb, W = model.base.get_input_embeddings().weight, model.lm_head_weight
+    early = sum(p.numel() * p.element_size() for p in model.parameters()
+                if p.requires_grad and id(p) not in in_trunk and (p is not emb or p is W)) / world
+    block = max((sum(p.numel() * (p.element_size() if world == 1 else dtype.itemsize + 4)
+                     for p in b.parameters() if p.requires_grad) for b in trunk), default=0)
+    return early, block
+
+
 @dataclasses.dataclass
 class MemoryModel:
     """A step's peak device memory under a checkpointing plan (bytes, this rank), as a sum a reader
     can redo from the start-up line (describe):
-        total = Σ static + activations + loss buffers + margin
+        total = Σ static but the gradients + max(forward, end) + margin
+        forward = activations + loss buffers + the gradients so far
         activations = tokens x ( input + Σ_trunk blocks per_token[its mode]
                                  + heads_alive x (per_token[heads' mode] + head_extra)
                                  + per_token["off"] without sequential heads )
+        end = all gradients + tokens x (input + per_token["off"] + head_extra)
         margin = MARGIN_FRACTION x (activations + loss buffers) + MARGIN_BYTES
-    static: static_memory (exact from the parameters). per_token: measured (measure_activations).
-    heads_alive: 1 with sequential heads (one head's activations alive at a time, inside the loss),
-    n otherwise; head_extra: the final norm's saved input, its output and the trunk output's
-    gradient, 3 hidden states in fp32 (an upper bound). The last term: one block re-materialised
-    in the backward (recomputed or back-propagated); with sequential heads the head inside the loss
-    is that block. An upper bound also in counting every gradient as alive with every activation
-    (in the backward they replace each other in part), and in the eager loss chunk; the margin is
-    for what the sum leaves out (the allocator's rounding, cuBLAS workspaces, small buffers)."""
+    static: static_memory (exact from the parameters). per_token: measured (measure_blocks), on a
+    compiled copy when the blocks are compiled. heads_alive: 1 with sequential heads (one head's
+    activations alive at a time, inside the loss), n otherwise; head_extra: the final norm's
+    saved input, its output and the trunk output's gradient, 3 hidden states in fp32 (an upper
+    bound). The last term of activations: one block re-materialized in the backward (recomputed
+    or back-propagated); with sequential heads the head inside the loss is that block.
+
+    The gradients are not all alive with the activations: the trunk's backward frees a block's
+    activations as it makes that block's gradient, so the peak is at one of its two ends (the
+    blocks are alike and keep more the higher they are -- full, selective, off, bottom up --, so
+    what is alive along the backward is convex in the block reached). `forward` is the loss and the start of the trunk's backward: every
+    activation, the gradients from the loss (gradient_split: heads, norm, unembedding) and the top
+    block's being made (`block_gradient`); `end` is the lowest block's backward: every gradient,
+    that block's activations re-materialized (at most an off block's) and the hidden-state
+    gradients. `early_gradients` None -- gradient accumulation (micro-batches after the first
+    find every gradient there), or FSDP2 -- counts every gradient in `forward` too. An upper bound
+    also in the head's term and in the loss buffers counting W's gradient twice; the margin is for
+    what the sum leaves out: cuBLAS workspaces and small buffers (the fixed part), and the caching
+    allocator's fragmentation (memory reserved beyond what is allocated), which a budget of device
+    memory must hold though torch.cuda.max_memory_allocated does not show it (the fraction: a
+    headroom, not derived)."""
     static: dict[str, float]
     per_token: dict[str, float]
     input_per_token: float
@@ -455,39 +621,63 @@ class MemoryModel:
     head_extra: float
     loss: float
     device: str = ""
+    early_gradients: float | None = None  # bytes of the gradients alive before the trunk's backward; None: all
+    block_gradient: float = 0.0           # one trunk block's gradient, made at the backward's start
+    measured: str = "eager"               # how per_token was measured (BlockMeasurement.how)
 
     def activations(self, plan: CheckpointPlan) -> float:
         trunk = sum(self.per_token[m] for m in plan.modes())
         heads = self.heads_alive * (self.per_token["full" if plan.heads else "off"] + self.head_extra)
         return self.tokens * (self.input_per_token + trunk + heads + (0 if self.sequential else self.per_token["off"]))
 
+    def phases(self, plan: CheckpointPlan) -> tuple[dict[str, float], dict[str, float]]:
+        """(forward, end): the two candidates for the peak beyond the static parts but the gradients."""
+        grads = self.static.get("gradients", 0.0)
+        early = grads if self.early_gradients is None else self.early_gradients
+        forward = {"activations": self.activations(plan), "loss buffers": self.loss,
+                   "gradients so far": early + self.block_gradient}
+        end = {"all gradients": grads,
+               "the lowest block's backward": self.tokens * (self.input_per_token + self.per_token["off"] + self.head_extra)}
+        return forward, end
+
+    def parts(self, plan: CheckpointPlan) -> dict[str, float]:
+        """The terms of the total, the margin included: the static parts and the larger phase."""
+        fixed = {k: v for k, v in self.static.items() if k != "gradients"}
+        return fixed | max(self.phases(plan), key=lambda p: sum(p.values())) | {"margin": self.margin(plan)}
+
     def margin(self, plan: CheckpointPlan) -> float:
         return MARGIN_FRACTION * (self.activations(plan) + self.loss) + MARGIN_BYTES
 
     def total(self, plan: CheckpointPlan) -> float:
-        return sum(self.static.values()) + self.activations(plan) + self.loss + self.margin(plan)
+        return sum(self.parts(plan).values())
 
     def describe(self, plan: CheckpointPlan) -> str:
-        parts = {**self.static, "activations": self.activations(plan), "loss buffers": self.loss,
-                 "margin": self.margin(plan)}
+        parts = self.parts(plan)
+        other = next(p for p in self.phases(plan) if not set(p) <= set(parts))
         per = " / ".join(f"{m} {v / 1024:.1f}" for m, v in self.per_token.items())
         return (f"memory model: {self.total(plan) / GiB:.2f} GB = " + " + ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items())
+                + "; at the other end, less: " + " + ".join(f"{k} {v / GiB:.2f}" for k, v in other.items())
                 + f"; per token a trunk block keeps {per} KiB, the trunk's input {self.input_per_token / 1024:.1f} "
-                f"KiB (measured on {self.device}), x {self.tokens} tokens")
+                f"KiB (measured on {self.device}, {self.measured}), x {self.tokens} tokens")
 
 
 def memory_model(model: mtp.MTPModel, frozen: dict, device, dtype, micro_batch: int, seq_len: int,
-                 chunk_size: int = 0, world: int = 1, amp: bool = False) -> MemoryModel:
+                 chunk_size: int = 0, world: int = 1, amp: bool = False, compile: bool = False,
+                 micro_steps: int = 1) -> MemoryModel:
     """The memory model of a training step of `model` (before prepare_for_training: its blocks as
     they will be trained) on `device`: micro_batch x seq_len tokens, compute dtype `dtype`, under
-    autocast (`amp`: fp32 master weights, one process) or FSDP2 over `world` ranks."""
-    per_token, inputs = measure_activations(model, device, dtype if amp else None,
-                                            dtype if world > 1 else None, seq_len)
+    autocast (`amp`: fp32 master weights, one process) or FSDP2 over `world` ranks; `compile`: the
+    blocks are torch.compile'd (train.compile), so they are measured compiled; `micro_steps`:
+    micro-batches per optimizer step (more than one: every gradient exists from the second on)."""
+    m = measure_blocks(model, device, dtype if amp else None, dtype if world > 1 else None, seq_len, compile)
     tokens = micro_batch * seq_len
     seq = bool(model.sequential_heads and model.n_heads > 1)
-    return MemoryModel(static_memory(model, frozen, dtype, world, amp), per_token, inputs, tokens,
+    early, block = gradient_split(model, dtype, world)
+    device = torch.device(device)
+    return MemoryModel(static_memory(model, frozen, dtype, world, amp), m.per_token, m.input_per_token, tokens,
                        1 if seq else model.n_heads, seq, 3 * model.config.hidden_size * 4,
-                       loss_buffers(model, dtype, tokens, chunk_size, world, amp), str(torch.device(device)))
+                       loss_buffers(model, dtype, tokens, chunk_size, world, amp, device.type == "cuda"),
+                       str(device), early if world == 1 and micro_steps == 1 else None, block, m.how())
 
 
 def pick_checkpointing(mem: MemoryModel | None, blocks: int, budget_gb: float, heads: bool = False) -> CheckpointPlan:
@@ -538,7 +728,8 @@ def setup_checkpointing(model: mtp.MTPModel, cfg, dist, dtype, frozen: dict | No
     train.checkpointing / train.memory_budget_gb (or the legacy model.grad_checkpointing), applied
     to the blocks, said in one or two lines (the choice; with a budget, the memory model's numbers).
     With a budget the memory model is measured first: a copy of one block on the device, six
-    forwards of at most 256 tokens. `frozen`: {name: the frozen models that share the device}."""
+    forwards of at most 256 tokens (train.compile: four of them compiled, two compiles of the
+    block's forward -- measure_blocks). `frozen`: {name: the frozen models that share the device}."""
     t = cfg.train
     mode, heads, why = checkpointing_mode(t, cfg.model)
     blocks = len(trunk_of(model))
@@ -546,7 +737,8 @@ def setup_checkpointing(model: mtp.MTPModel, cfg, dist, dtype, frozen: dict | No
     if t.memory_budget_gb > 0:
         amp = dtype != torch.float32 and dist.group is None  # common.autocast's rule
         mem = memory_model(model, frozen or {}, dist.device, dtype, t.micro_batch, cfg.data.max_seq_len,
-                           t.chunk_size, dist.world, amp)
+                           t.chunk_size, dist.world, amp, t.compile,
+                           max(1, t.global_batch // (t.micro_batch * dist.world)))
     plan = (pick_checkpointing(mem, blocks, t.memory_budget_gb, heads) if mode == "auto"
             else CheckpointPlan.of(mode, blocks, t.checkpoint_blocks, heads))
     apply_checkpointing(model, plan)

@@ -146,12 +146,14 @@ def test_auto_on_the_measured_model_around_each_modes_estimate():
 
 class _Peak(torch.utils._python_dispatch.TorchDispatchMode):
     """The most bytes alive at once among the storages the ops create while it is active (each
-    counted until its storage is freed): a CPU step's peak, as the CUDA allocator would report it."""
+    counted until its storage is freed): a CPU step's peak, as the CUDA allocator would report it.
+    Views of the `known` tensors (the parameters' .t() in every linear, W.detach() in the loss,
+    the optimizer's states) are not new memory: their storages are not counted."""
 
-    def __init__(self):
+    def __init__(self, known=()):
         super().__init__()
         self.now = self.peak = 0
-        self.seen = set()
+        self.seen = {id(t.untyped_storage()) for t in known}
 
     def _freed(self, n, key):
         self.now -= n
@@ -181,7 +183,8 @@ def _step_peak(n, plan_of, B=4, T=64, vocab=500):
     valid = mtp.align_to_heads(torch.ones(B, T, dtype=torch.long), n)
     coef = mtp.loss_coefficients(valid.float(), valid, valid.flatten(1).sum(1).float(), mtp.head_lambdas(n))
     for _ in range(2):  # the second step: AdamW's states exist from the start, as in a run
-        peak = _Peak()
+        peak = _Peak([*model.parameters(), *(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)),
+                      x, valid, coef])
         with peak:
             model(x, mtp.align_to_heads(x, n), coef=coef)[0].backward()
             opt.step()

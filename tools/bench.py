@@ -265,10 +265,13 @@ def apply_setting(name, model, base, setting, args) -> memory.CheckpointPlan | N
 def estimate_gb(model, plan, args, device, dtype) -> float:
     """The training scripts' memory model (memory.memory_model) for this variant's step: bf16
     parameters (no autocast, no fp32 master copy), so AdamW's states and the gradients are bf16 too;
-    measured on the device before compilation. Printed beside the measured peak to check it; a
-    failure is said in one line and costs only the estimate, not the measurement."""
+    one micro-batch per step; measured on the device before the variant's blocks compile, on a
+    compiled copy of a block as they will be (--no_compile: eager). Printed beside the measured
+    peak to check it; a failure is said in one line and costs only the estimate, not the
+    measurement."""
     try:
-        mem = memory.memory_model(model, {}, device, dtype, args.batch, args.seq, args.chunk)
+        mem = memory.memory_model(model, {}, device, dtype, args.batch, args.seq, args.chunk,
+                                  compile=not args.no_compile)
     except Exception as e:  # noqa: BLE001 -- the timing still runs
         print(f"ESTIMATE_FAILED {type(e).__name__}: {e}".splitlines()[0], flush=True)
         return float("nan")
