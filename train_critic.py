@@ -14,7 +14,8 @@ The algorithm (docs/design.md §6):
     P(pass | prompt, completion tokens ≤ t), trained on labelled (prompt, completion, passed)
     triples with BCE against the outcome R on every completion token (Monte-Carlo value); or
     against λ-returns; plus, optionally, a pairwise ranking loss between a passing and a failing
-    solution of one problem. Held-out: accuracy and AUC of the final-token V.
+    solution of one problem, on their final tokens or on every token after they part (`rank_loss`:
+    where V learns to drop at the bug). Held-out: accuracy and AUC of the final-token V.
   Stage 2 -- critic-weighted MTP. The frozen value model scores each passing training solution:
     δ_j = V_j − V_{j−1} (V_{−1} = V at the last prompt token), δ_T = R − V_{T−1} at the last
     token; A = GAE(δ, γ=1, λ); A whitened over the optimizer batch (all micro-batches, all

@@ -61,7 +61,8 @@ PY=${PY:-python}
 kind() { echo "${1%%_*}"; }
 flags() { local v="ARGS_$1"; echo "${!v:-}"; }
 warm_steps() { local v="WARM_$1"; echo "${!v:-$WARM}"; }
-warm_dir() { local w; w=$(warm_steps "$1"); [ "$w" = "$WARM" ] && echo "$RUN/warm" || echo "$RUN/warm$w"; }
+warm_path() { [ "$1" = "$WARM" ] && echo "$RUN/warm" || echo "$RUN/warm$1"; }  # the warm-up of $1 steps
+warm_dir() { warm_path "$(warm_steps "$1")"; }
 KINDS=" "; for a in $ARMS; do
   case $(kind $a) in ntp|mtp|rho1|random|critic) KINDS="$KINDS$(kind $a) ";;
     *) echo "compare_arms.sh: arm '$a': its kind '$(kind $a)' is none of ntp mtp rho1 random critic" >&2; exit 2;; esac
@@ -118,7 +119,7 @@ fi
 # ---- 1. the head warm-ups (heads 1..3 on the frozen base), one per warm-up length the MTP arms ask for
 WARMS=""; for a in $ARMS; do [ "$(kind $a)" = ntp ] || case " $WARMS " in *" $(warm_steps $a) "*) ;; *) WARMS="$WARMS $(warm_steps $a)";; esac; done
 for w in $WARMS; do
-  d=$RUN/warm; [ "$w" = "$WARM" ] || d=$RUN/warm$w
+  d=$(warm_path $w)
   todo $d $d/final/mtp_config.json && run $(basename $d) $PY train_rho1.py $TRAIN $DATA --model.policy="$BASE" \
     --model.n_heads=4 --rho1.ratio=1 --train.max_steps=$w --train.heads_only_steps=$w --train.lr=1e-4 --train.out_dir=$d
 done
