@@ -25,6 +25,7 @@ OLD_OPTIONS = {"vocab", "ckpt", "seq", "batch", "steps", "warmup", "variants", "
                "seed", "dtype", "impls", "impl", "check_every", "graphs", "compile_step", "sandbox", "n", "workers",
                "humaneval", "linear", "rows"}
 OLD_OPTIONS |= {"budgets", "settings", "peer_settings", "setting"}  # the memory-budget table (tests/test_checkpointing.py)
+OLD_OPTIONS |= {"profile"}  # where a step's time goes (torch.profiler)
 
 
 def run_bench(*argv, timeout=300):
@@ -174,3 +175,23 @@ def test_the_tiny_cpu_run_end_to_end(tmp_path):
     if not liger:
         assert list(got["missing"]) == ["hf_liger"] and "pip install liger-kernel" in got["missing"]["hf_liger"]
         assert "  ... hf_liger: bench.py: the hf_liger and liger_mtp4 variants need Liger-Kernel" in out.stdout
+
+
+def test_profile_kernel_kinds_and_lines(capsys):
+    """--profile's grouping of GPU kernels by name (names as H200 traces show them), and its lines:
+    the busy share of the step and each kind's share of the kernel time, hand-computed."""
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+             "nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNN": "matmul",
+             "void flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits": "attention",
+             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor": "optimizer",
+             "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "triton (compiled)",
+             "Memcpy DtoD (Device -> Device)": "copy / fill",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>": "copy / fill",
+             "void at::native::index_elementwise_kernel<128, 4": "other"}
+    for name, kind in names.items():
+        assert bench.kernel_kind(name) == kind, name
+    bench.print_profile({"step_ms": 200.0, "kernel_ms": 180.0, "kinds_ms": {"matmul": 135.0, "triton (compiled)": 45.0},
+                         "top": [("gemm_a", 100.0)]})
+    out = capsys.readouterr().out
+    assert "step 200 ms, kernels 180 ms (90% of it): matmul 135 (75%), triton (compiled) 45 (25%)" in out
+    assert "100.0 ms  gemm_a" in out

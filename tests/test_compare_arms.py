@@ -167,6 +167,26 @@ def test_a_sweep_of_arm_variants(tmp_path):
         assert f"| {arm} | humaneval |" in table, arm
 
 
+def test_a_value_model_from_elsewhere(tmp_path):
+    """VALUE=DIR: the critic arm trains against that value model; neither the MBPP labels nor a
+    value model of its own are made. A VALUE with no value model in it is refused before anything runs."""
+    value = tmp_path / "suf400"
+    value.mkdir()
+    (value / "value_config.json").write_text("{}")
+    run, calls, _ = run_script(tmp_path, ARMS="mtp critic_l01", SEEDS="1", TASKS="humaneval", SPEC_LIMIT="0",
+                               VALUE=str(value), ARGS_critic_l01="--model.head_discount=0.1")
+    assert not any("--value.out_dir=" in c or "/labels" in c for c in calls)
+    critic = [c for c in calls if c.startswith("train_critic.py")]
+    assert len(critic) == 1 and f"--critic.value_model={value} " in critic[0] + " "
+    assert critic[0].split()[-2] == "--model.head_discount=0.1"  # the variant's flags last (then the stub's GPU=)
+    assert "| critic_l01 | humaneval |" in (run / "comparison_vs_base.md").read_text()
+    stub = tmp_path / "py"
+    e = dict(os.environ, RUN=str(run), PY=str(stub), REAL_PY=sys.executable, CALLS=str(tmp_path / "calls"),
+             GPUS="1", ARMS="critic", VALUE=str(tmp_path / "nowhere"))
+    p = subprocess.run(["bash", "tools/compare_arms.sh", "/base"], cwd=REPO, env=e, capture_output=True, text=True)
+    assert p.returncode == 2 and "no value model there" in p.stderr and not (tmp_path / "calls").exists(), p.stderr
+
+
 def test_a_bad_arm_name_is_refused_before_anything_runs(tmp_path):
     for arms, words in (("ntp mtpp", "kind 'mtpp'"), ("mtp_l0.1", "letters, digits and _")):
         stub = tmp_path / "py"

@@ -11,6 +11,7 @@ bench.py — training-step speed and memory of WMTP against what users would run
     python -m tools.bench --sandbox --n=500 --workers=16    # programs/s through sandbox.py vs bare `python -c pass`
     python -m tools.bench --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
     python -m tools.bench --linear                          # GPU: fp32 matmuls of a few rows, per cuBLAS path
+    python -m tools.bench --variants=wmtp4,liger_mtp4 --vocab=128256 --ckpt=off --profile=2   # GPU: where a step's time goes
     python -m tools.bench --help                            # every key, its default and meaning
 
 Builds a ~1.1B Llama (TinyLlama's shape) with random weights from a config (no hub), and times
@@ -341,6 +342,7 @@ def measure(name, args, cfg, device, dtype, setting):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     tok_s = args.batch * args.seq / dt
+    prof = profile_steps(step, model, opt, ids, kw, args.profile, dt) if args.profile and device.type == "cuda" else None
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     fpt = flops_per_token(cfg, n_heads, args.seq, frozen)
     del model, base, opt, kw
@@ -350,7 +352,50 @@ def measure(name, args, cfg, device, dtype, setting):
         torch.cuda.empty_cache()
     label = f"partial:{plan.full}" if plan is not None and setting.startswith("partial") else setting  # K resolved
     return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12, "est_gb": est,
-            "setting": label}
+            "setting": label} | ({"profile": prof} if prof else {})
+
+
+# What a GPU kernel is, by its name (cuBLAS/CUTLASS GEMMs, flash attention, the fused optimizer,
+# Inductor's Triton kernels -- the compiled blocks' element-wise work and the compiled loss chunk)
+KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "cublas", "xmma", "wgmma", "splitk")),
+                ("attention", ("flash", "fmha", "attn", "sdpa")),
+                ("optimizer", ("adam", "multi_tensor")),
+                ("triton (compiled)", ("triton",)),
+                ("copy / fill", ("memcpy", "memset", "copy", "fill")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+
+
+def profile_steps(step, model, opt, ids, kw, n, step_s) -> dict:
+    """--profile: `n` more steps under torch.profiler -> where one step's GPU time goes: ms per step by
+    kernel kind, the top kernels, and the GPU's busy share of the timed step (its idle rest: the host's
+    launches and syncs)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(model, opt, ids, **kw)
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.self_device_time_total / 1e3 / n) for e in prof.key_averages()
+               if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    kinds: dict[str, float] = {}
+    for key, ms in kernels:
+        kinds[kernel_kind(key)] = kinds.get(kernel_kind(key), 0.0) + ms
+    busy = sum(ms for _, ms in kernels)
+    return {"step_ms": step_s * 1e3, "kernel_ms": busy, "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [(k[:100], ms) for k, ms in sorted(kernels, key=lambda kv: -kv[1])[:12]]}
+
+
+def print_profile(p: dict):
+    """A profile (profile_steps) as lines under its result."""
+    print(f"      step {p['step_ms']:.0f} ms, kernels {p['kernel_ms']:.0f} ms "
+          f"({p['kernel_ms'] / p['step_ms']:.0%} of it): "
+          + ", ".join(f"{k} {ms:.0f} ({ms / p['kernel_ms']:.0%})" for k, ms in p["kinds_ms"].items()), flush=True)
+    for name, ms in p["top"]:
+        print(f"      {ms:8.1f} ms  {name}", flush=True)
 
 
 def loss_memory(variant, argv):
@@ -536,6 +581,8 @@ class BenchConfig:  # training steps by default; --loss_memory, --generate, --sa
     batch: int = 4                   # sequences per step
     steps: int = 5                   # timed steps
     warmup: int = 3                  # untimed steps before them
+    profile: int = 0                 # GPU: this many more steps under torch.profiler after the timed ones -- where a
+                                     # step's time goes, by kernel kind, and its top kernels (0 = no profile)
     variants: str = "hf,hf_liger,liger_mtp4,wmtp1,wmtp4,rho1_q,critic"
                                      # comma-separated, of hf, hf_liger, naive_mtp, liger_mtp4, wmtp1, wmtp4,
                                      # rho1_q, rho1_same, critic (this file's docstring says what each is)
@@ -731,6 +778,8 @@ def run_children(args, argv, jobs) -> list[dict]:
             est = f", memory model {r['est_gb']:.1f} GB" if math.isfinite(r.get("est_gb", math.nan)) else ""
             print(f"  ... {name}, vocab {r['vocab']}, {r['setting']}: {r['tok_s']:.0f} tok/s, {r['peak_gb']:.1f} GB"
                   f"{est} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if r.get("profile"):
+                print_profile(r["profile"])
         results += got
         if args.json:
             with open(args.json, "w") as f:

@@ -12,6 +12,8 @@
 #   # last, so they win) and, for the MTP kinds, a head warm-up of WARM_KIND_NAME steps (default WARM)
 #   ARMS="ntp mtp mtp_l01 mtp_w1k" ARGS_mtp_l01=--model.head_discount=0.1 WARM_mtp_w1k=1000 SEEDS=1 \
 #     bash tools/compare_arms.sh SMOLLM2_DIR
+#   # the critic arm with a value model trained elsewhere (docs/critic.md: ranked on mutants' suffixes)
+#   ARMS="mtp critic" VALUE=out/critic/suf400 bash tools/compare_arms.sh SMOLLM2_DIR
 #
 # Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to
 # JSONL), the same batches (same seed -> same data order), steps, tokens and LR schedule:
@@ -56,6 +58,8 @@ K=${K:-1,10}                 # pass@k reported (k <= N); e.g. N=200 K=1,10,100
 NOISE=${NOISE:-}             # e.g. lines:0.12,subst:0.13: train on a corpus with marked junk (the positive control)
 EVAL_EVERY=${EVAL_EVERY:-0}  # held-out CE every N steps too (the curves of tools/curves.py; 0 = start and end)
 PROBE_STEPS=${PROBE_STEPS:-20}  # with NOISE: optimizer batches tools/rho1_probe.py scores
+VALUE=${VALUE:-}             # the critic arm's value model, trained elsewhere (e.g. on mutants, ranked on the suffix:
+                             # docs/critic.md); empty: one trained here on the base model's own MBPP train samples
 PY=${PY:-python}
 # An arm's kind (mtp_l01 -> mtp), its extra flags, and its head warm-up's directory (steps: WARM_arm or WARM)
 kind() { echo "${1%%_*}"; }
@@ -68,6 +72,8 @@ KINDS=" "; for a in $ARMS; do
     *) echo "compare_arms.sh: arm '$a': its kind '$(kind $a)' is none of ntp mtp rho1 random critic" >&2; exit 2;; esac
   case $a in *[!a-z0-9_]*) echo "compare_arms.sh: arm '$a': a name is letters, digits and _ (ARGS_$a must be a variable)" >&2; exit 2;; esac
 done
+if [ -n "$VALUE" ] && [ ! -f "$VALUE/value_config.json" ]; then
+  echo "compare_arms.sh: VALUE=$VALUE: no value model there (no value_config.json)" >&2; exit 2; fi
 wants() { local a; for a in "$@"; do case "$KINDS" in *" $a "*) return 0;; esac; done; return 1; }  # an arm of a kind
 listed() { case " $ARMS " in *" $1 "*) return 0;; esac; return 1; }                                   # that very arm
 mkdir -p "$RUN/logs"
@@ -132,11 +138,11 @@ else
     --model.policy="$BASE" --data.path="$MBPP" --train.out_dir=$RUN/reference --mlflow.enabled=false \
     --train.max_steps=${REF_STEPS:-70}
 fi
-wants critic && todo $RUN/labels $RUN/labels/samples.jsonl && run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
+[ -z "$VALUE" ] && wants critic && todo $RUN/labels $RUN/labels/samples.jsonl && run labels $PY eval.py "$BASE" --task=mbpp --split=train --data_path="$MBPP" \
   --n_samples=8 --temperature=0.8 --top_p=0.95 --k=1 --max_new_tokens=384 --batch_size=$GEN_BATCH --limit=$LIMIT \
   --workers=$(nproc) --timeout=$TIMEOUT --out=$RUN/labels --mlflow.enabled=false
 wait
-wants critic && todo $RUN/value $RUN/value/value_config.json && run value $PY train_critic.py --model.policy="$BASE" --stages=value \
+[ -z "$VALUE" ] && wants critic && todo $RUN/value $RUN/value/value_config.json && run value $PY train_critic.py --model.policy="$BASE" --stages=value \
   --data.source=samples --data.path=$RUN/labels/samples.jsonl --data.max_seq_len=${VALUE_LEN:-1536} --value.train_layers=-1 \
   --value.max_steps=${VALUE_STEPS:-150} --value.global_batch=32 --value.micro_batch=32 --value.lr=2e-5 --value.eval_every=50 \
   --value.out_dir=$RUN/value --train.dtype=bfloat16 --mlflow.enabled=false
@@ -161,7 +167,7 @@ for seed in $SEEDS; do
       random) run $arm-s$seed $PY train_rho1.py $TRAIN $DATA "${common[@]}" --model.policy=$w/final --model.n_heads=4 \
                 --rho1.ratio=0.7 --model.reference=$RUN/reference/final --rho1.shuffle=true "${extra[@]}" ;;
       critic) run $arm-s$seed $PY train_critic.py $TRAIN "${common[@]}" --model.policy=$w/final --model.n_heads=4 \
-                --stages=policy --critic.value_model=$RUN/value --data.policy_source=jsonl \
+                --stages=policy --critic.value_model=${VALUE:-$RUN/value} --data.policy_source=jsonl \
                 --data.policy_path=$TRAIN_JSONL --data.policy_eval_path=$EVAL_JSONL "${extra[@]}" ;;
     esac
   done
