@@ -183,6 +183,7 @@ def test_profile_kernel_kinds_and_lines(capsys):
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
              "nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNN": "matmul",
              "void flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits": "attention",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1": "attention",
              "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor": "optimizer",
              "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "triton (compiled)",
              "Memcpy DtoD (Device -> Device)": "copy / fill",

@@ -356,9 +356,10 @@ def measure(name, args, cfg, device, dtype, setting):
 
 
 # What a GPU kernel is, by its name (cuBLAS/CUTLASS GEMMs, flash attention, the fused optimizer,
-# Inductor's Triton kernels -- the compiled blocks' element-wise work and the compiled loss chunk)
-KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "cublas", "xmma", "wgmma", "splitk")),
-                ("attention", ("flash", "fmha", "attn", "sdpa")),
+# Inductor's Triton kernels -- the compiled blocks' element-wise work and the compiled loss chunk;
+# attention first: cuDNN's flash kernels are named ..._sdpa_..._flash_bprop_wgmma_...)
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attn", "sdpa")),
+                ("matmul", ("gemm", "cutlass", "nvjet", "cublas", "xmma", "wgmma", "splitk")),
                 ("optimizer", ("adam", "multi_tensor")),
                 ("triton (compiled)", ("triton",)),
                 ("copy / fill", ("memcpy", "memset", "copy", "fill")))
@@ -380,7 +381,8 @@ def profile_steps(step, model, opt, ids, kw, n, step_s) -> dict:
             step(model, opt, ids, **kw)
         torch.cuda.synchronize()
     kernels = [(e.key, e.self_device_time_total / 1e3 / n) for e in prof.key_averages()
-               if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+               if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+               and not e.is_user_annotation]  # a range like Optimizer.step#AdamW.step spans its kernels: counted twice
     kinds: dict[str, float] = {}
     for key, ms in kernels:
         kinds[kernel_kind(key)] = kinds.get(kernel_kind(key), 0.0) + ms
