@@ -62,6 +62,20 @@ memory model beside the measured peak) and a table with a row per budget -- each
 tokens/s among the settings whose peak (torch.cuda.max_memory_allocated) fits it, the setting,
 the ratios wmtp1 / hf_liger and wmtp4 / liger_mtp4 -- all derived from those measurements, and the
 smallest budget each variant runs in at all.
+
+--profile=N runs N more steps of each measured (variant, setting) under torch.profiler (GPU only)
+and prints where a step's GPU time goes: ms per kernel kind (matmul, attention, Triton, optimizer,
+copies, other; `kernel_kind`), the GPU's busy share of the step, the top kernels.
+
+Where things are (a newcomer's map; `main` dispatches on the mode):
+  shapes and FLOPs        llama_config, build, flops_per_token; `shapes` (the 1.1B and its 1/4 model)
+  the steps               step_hf, step_liger_mtp, step_naive_mtp, step_wmtp, step_rho1, step_critic
+  one measurement         measure (build, checkpointing setting, warm-up, timed steps, peak memory),
+                          estimate_gb (the memory model), profile_steps / print_profile (--profile)
+  processes and tables    train_variant (a child), run_children, train_bench (the fixed-setting table),
+                          budget_bench and its helpers (--budgets), goals
+  the other modes         loss_memory, generate_one / generate_bench, linear_bench, sandbox_bench
+  the command line        BenchConfig (every key, its default and meaning), parse_args, main
 """
 from __future__ import annotations
 
@@ -342,8 +356,8 @@ def measure(name, args, cfg, device, dtype, setting):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     tok_s = args.batch * args.seq / dt
-    prof = profile_steps(step, model, opt, ids, kw, args.profile, dt) if args.profile and device.type == "cuda" else None
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    prof = profile_steps(step, model, opt, ids, kw, args.profile, dt) if args.profile and device.type == "cuda" else None
     fpt = flops_per_token(cfg, n_heads, args.seq, frozen)
     del model, base, opt, kw
     torch._dynamo.reset()  # compiled graphs hold on to the previous variant's modules
@@ -354,6 +368,8 @@ def measure(name, args, cfg, device, dtype, setting):
     return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12, "est_gb": est,
             "setting": label} | ({"profile": prof} if prof else {})
 
+
+# ---- --profile: where a step's GPU time goes ------------------------------------------------------
 
 # What a GPU kernel is, by its name (cuBLAS/CUTLASS GEMMs, flash attention, the fused optimizer,
 # Inductor's Triton kernels -- the compiled blocks' element-wise work and the compiled loss chunk;
@@ -385,9 +401,10 @@ def profile_steps(step, model, opt, ids, kw, n, step_s) -> dict:
                and not e.is_user_annotation]  # a range like Optimizer.step#AdamW.step spans its kernels: counted twice
     kinds: dict[str, float] = {}
     for key, ms in kernels:
-        kinds[kernel_kind(key)] = kinds.get(kernel_kind(key), 0.0) + ms
-    busy = sum(ms for _, ms in kernels)
-    return {"step_ms": step_s * 1e3, "kernel_ms": busy, "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        kind = kernel_kind(key)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    return {"step_ms": step_s * 1e3, "kernel_ms": sum(ms for _, ms in kernels),
+            "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top": [(k[:100], ms) for k, ms in sorted(kernels, key=lambda kv: -kv[1])[:12]]}
 
 
@@ -399,6 +416,8 @@ def print_profile(p: dict):
     for name, ms in p["top"]:
         print(f"      {ms:8.1f} ms  {name}", flush=True)
 
+
+# ---- --loss_memory: the loss alone, naive vs fused, on CPU ---------------------------------------
 
 def loss_memory(variant, argv):
     """Peak memory of the loss alone (forward + backward), CPU: 4 heads x 4 x 512 tokens, vocab

@@ -13,7 +13,7 @@
 #   ARMS="ntp mtp mtp_l01 mtp_w1k" ARGS_mtp_l01=--model.head_discount=0.1 WARM_mtp_w1k=1000 SEEDS=1 \
 #     bash tools/compare_arms.sh SMOLLM2_DIR
 #   # the critic arm with a value model trained elsewhere (docs/critic.md: ranked on mutants' suffixes)
-#   ARMS="mtp critic" VALUE=out/critic/suf400 bash tools/compare_arms.sh SMOLLM2_DIR
+#   ARMS="mtp critic" VALUE=out/critic/value_suf400 bash tools/compare_arms.sh SMOLLM2_DIR
 #
 # Arms, all fine-tuned with the same data (stdlib functions, data.source=stdlib exported to
 # JSONL), the same batches (same seed -> same data order), steps, tokens and LR schedule:
