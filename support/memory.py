@@ -164,24 +164,53 @@ def _sac_contexts():
 
 def checkpoint_block(block: nn.Module, mode: str):
     """Set one transformer block to recompute nothing ("off"), its element-wise ops ("selective")
-    or its whole forward ("full") in the backward. Through transformers' per-layer switch
-    (GradientCheckpointingLayer), which checkpoints the layer's `forward`, not `__call__`: FSDP2's
-    hooks on the block (all-gather, reshard) stay outside the recomputed region -- what
-    torchtitan's checkpoint wrapper applied per block before `fully_shard` achieves -- and the
-    parameter names, hence the checkpoints, do not change. Set before prepare_for_training, so
+    or its whole forward ("full") in the backward, by checkpointing the block's `forward` (an
+    attribute of the instance; "off" removes it): inside nn.Module.__call__, so FSDP2's hooks on the
+    block (all-gather, reshard) stay outside the recomputed region -- what torchtitan's checkpoint
+    wrapper applied per block before `fully_shard` achieves --, and inside what block.compile()
+    compiles, so that torch.compile traces the checkpoint and applies SAC's policy to the graph. Not
+    through transformers' own switch (GradientCheckpointingLayer): some versions (5.17) checkpoint
+    `__call__`, which puts a compiled block inside an eager checkpoint -- SAC then sees only the
+    compiled code's kernels and saves none of the matmuls (measured on an H200: a compiled
+    selective block kept 8 KiB a token, as full does, and ran its matmuls twice in the backward).
+    The parameter names, hence the checkpoints, do not change. Set before prepare_for_training, so
     before torch.compile and fully_shard. Non-reentrant, as torchtitan and PyTorch recommend."""
     if mode not in ("off", "selective", "full"):
         raise ValueError(f"checkpoint mode {mode!r}: expected off, selective or full")
-    if not hasattr(block, "gradient_checkpointing"):
-        raise ValueError(f"{type(block).__name__} has no activation checkpointing switch (a transformers "
-                         f"GradientCheckpointingLayer): its model cannot be checkpointed per block")
-    block.gradient_checkpointing = mode != "off"
-    block._gradient_checkpointing_func = _CHECKPOINT[mode == "selective"]
+    if getattr(block, "gradient_checkpointing", False):
+        block.gradient_checkpointing = False  # transformers' switch: ours replaces it
+    block.__dict__.pop("forward", None)
+    block.checkpoint_mode = mode
+    if mode != "off":
+        _trace_checkpoints_whole()
+        block.forward = functools.partial(_checkpointed_forward, block, _CHECKPOINT[mode == "selective"])
+
+
+def _checkpointed_forward(block, checkpoint, *args, **kwargs):
+    """The block's own forward under `checkpoint` -- when there is a backward to recompute for
+    (training, gradients on), as transformers' switch does; otherwise as is (evaluation)."""
+    forward = type(block).forward.__get__(block)
+    if block.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _trace_checkpoints_whole():
+    """torch.compile traces a checkpointed forward as one graph (a higher-order op) unless the
+    forward mutates Python state from outside it; then the graph breaks, the checkpoint runs
+    eagerly around compiled pieces, and SAC's policy is lost (as above). transformers' attention
+    does that with the `kernels` package installed: it sets and resets a context variable that
+    routes hub kernels, a pair with no effect once the forward returns. Dynamo's switch for this
+    case lets it skip replaying such side effects in the recomputation -- here there is nothing
+    to replay."""
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if hasattr(torch._dynamo.config, flag):
+        setattr(torch._dynamo.config, flag, True)
 
 
 # One function object per mode, shared by every block: torch.compile guards on it, so blocks of one
-# mode share one compiled graph (as with HF's own switch). No context_fn at all for full: tracing
-# checkpoint() takes a user function there, and refuses torch's noop_context_fn passed explicitly.
+# mode share one compiled graph. No context_fn at all for full: tracing checkpoint() takes a user
+# function there, and refuses torch's noop_context_fn passed explicitly.
 _CHECKPOINT = (functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
                functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, context_fn=_sac_contexts))
 
