@@ -177,6 +177,23 @@ def test_the_tiny_cpu_run_end_to_end(tmp_path):
         assert "  ... hf_liger: bench.py: the hf_liger and liger_mtp4 variants need Liger-Kernel" in out.stdout
 
 
+def test_auto_at_each_budget_on_the_cpu(tmp_path):
+    """--settings=auto: one child per budget, each training with the plan train.checkpointing=auto
+    picks for it from the memory model (the tiny model's whole step is a few MB: 100 GB is off on
+    every block), and a budget below the smallest plan a row that does not fit, with the picker's
+    one line -- not a failed child."""
+    out_json = tmp_path / "bench.json"
+    out = run_bench("--device=cpu", "--tiny", "--no_compile", "--vocab=1000", "--variants=wmtp4",
+                    "--budgets=0.0001,100", "--settings=auto", f"--json={out_json}")
+    assert out.returncode == 0 and "Traceback" not in out.stderr + out.stdout, out.stderr[-2000:] + out.stdout[-2000:]
+    rows = {r["setting"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert set(rows) == {"auto:0.0001", "auto:100 (2 off)"}
+    assert math.isinf(rows["auto:0.0001"]["peak_gb"]) and math.isnan(rows["auto:0.0001"]["tok_s"])
+    assert rows["auto:100 (2 off)"]["tok_s"] > 0 and rows["auto:100 (2 off)"]["est_gb"] < 100
+    assert "wmtp4 --setting=auto:0.0001: auto refused the budget: config key 'train.memory_budget_gb': 0.0001 GB" \
+        in out.stdout
+
+
 def test_profile_kernel_kinds_and_lines(capsys):
     """--profile's grouping of GPU kernels by name (names as H200 traces show them), and its lines:
     the busy share of the step and each kind's share of the kernel time, hand-computed."""

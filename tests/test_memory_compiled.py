@@ -67,10 +67,10 @@ def test_the_training_and_the_bench_measure_compiled_when_their_blocks_compile(m
     memory.setup_checkpointing(model, _cfg(memory_budget_gb=100, compile=True), cpu, torch.float32, {}, lambda _: None)
     assert calls[-1]["compile"] is True and calls[-1]["micro_steps"] == 16
     args = types.SimpleNamespace(batch=2, seq=32, chunk=0, no_compile=False)
-    bench.estimate_gb(model, memory.CheckpointPlan(4), args, torch.device("cpu"), torch.float32)
+    bench.memory_model_of(model, args, torch.device("cpu"), torch.float32)
     assert calls[-1]["compile"] is True
-    bench.estimate_gb(model, memory.CheckpointPlan(4), types.SimpleNamespace(**{**vars(args), "no_compile": True}),
-                      torch.device("cpu"), torch.float32)
+    bench.memory_model_of(model, types.SimpleNamespace(**{**vars(args), "no_compile": True}), torch.device("cpu"),
+                          torch.float32)
     assert calls[-1]["compile"] is False
 
 

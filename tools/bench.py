@@ -71,7 +71,7 @@ Where things are (a newcomer's map; `main` dispatches on the mode):
   shapes and FLOPs        llama_config, build, flops_per_token; `shapes` (the 1.1B and its 1/4 model)
   the steps               step_hf, step_liger_mtp, step_naive_mtp, step_wmtp, step_rho1, step_critic
   one measurement         measure (build, checkpointing setting, warm-up, timed steps, peak memory),
-                          estimate_gb (the memory model), profile_steps / print_profile (--profile)
+                          memory_model_of and auto_plan (the memory model, auto:B), profile_steps / print_profile (--profile)
   processes and tables    train_variant (a child), run_children, train_bench (the fixed-setting table),
                           budget_bench and its helpers (--budgets), goals
   the other modes         loss_memory, generate_one / generate_bench, linear_bench, sandbox_bench
@@ -277,20 +277,27 @@ def apply_setting(name, model, base, setting, args) -> memory.CheckpointPlan | N
     return plan
 
 
-def estimate_gb(model, plan, args, device, dtype) -> float:
+def memory_model_of(model, args, device, dtype):
     """The training scripts' memory model (memory.memory_model) for this variant's step: bf16
     parameters (no autocast, no fp32 master copy), so AdamW's states and the gradients are bf16 too;
     one micro-batch per step; measured on the device before the variant's blocks compile, on a
-    compiled copy of a block as they will be (--no_compile: eager). Printed beside the measured
-    peak to check it; a failure is said in one line and costs only the estimate, not the
-    measurement."""
+    compiled copy of a block as they will be (--no_compile: eager). A failure is said in one line
+    and costs only the estimate (None), not the measurement."""
     try:
-        mem = memory.memory_model(model, {}, device, dtype, args.batch, args.seq, args.chunk,
-                                  compile=not args.no_compile)
+        return memory.memory_model(model, {}, device, dtype, args.batch, args.seq, args.chunk,
+                                   compile=not args.no_compile)
     except Exception as e:  # noqa: BLE001 -- the timing still runs
         print(f"ESTIMATE_FAILED {type(e).__name__}: {e}".splitlines()[0], flush=True)
-        return float("nan")
-    return mem.total(plan) / 2 ** 30
+        return None
+
+
+def auto_plan(model, mem, setting: str) -> memory.CheckpointPlan:
+    """auto:B -- the plan train.checkpointing=auto picks with train.memory_budget_gb=B: the least
+    recomputation whose memory model fits B (memory.pick_checkpointing; below the smallest, its
+    one-line ConfigError)."""
+    if mem is None:
+        raise config.ConfigError(f"setting {setting!r}: no memory model to pick from (its measurement failed)")
+    return memory.pick_checkpointing(mem, len(memory.trunk_of(model)), float(setting.partition(":")[2]))
 
 
 def measure(name, args, cfg, device, dtype, setting):
@@ -302,8 +309,13 @@ def measure(name, args, cfg, device, dtype, setting):
         model.sequential_heads = not args.no_sequential and n_heads > 1
     elif n_heads > 1:
         model.sequential_heads = False  # the peers run all heads at once, as their users would
-    plan = apply_setting(name, model, base, setting, args)
-    est = estimate_gb(model, plan, args, device, dtype) if name in ("wmtp1", "wmtp4") else float("nan")
+    mem = memory_model_of(model, args, device, dtype) if name in ("wmtp1", "wmtp4") else None
+    if setting.startswith("auto"):
+        plan = auto_plan(model, mem, setting)
+        memory.apply_checkpointing(model, plan)
+    else:
+        plan = apply_setting(name, model, base, setting, args)
+    est = mem.total(plan) / 2 ** 30 if mem is not None and plan is not None else float("nan")
     if ours and not args.no_compile:
         for block in memory.transformer_blocks(model):
             block.compile()
@@ -365,6 +377,9 @@ def measure(name, args, cfg, device, dtype, setting):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     label = f"partial:{plan.full}" if plan is not None and setting.startswith("partial") else setting  # K resolved
+    if setting.startswith("auto"):  # what auto chose
+        label += " (" + ", ".join(f"{k} {m}" for m, k in (("full", plan.full), ("selective", plan.selective),
+                                                          ("off", plan.off)) if k) + ")"
     return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12, "est_gb": est,
             "setting": label} | ({"profile": prof} if prof else {})
 
@@ -617,7 +632,8 @@ class BenchConfig:  # training steps by default; --loss_memory, --generate, --sa
                                      # process); the variants default to wmtp1, hf_liger, wmtp4, liger_mtp4
     settings: str | bool = "off,full,selective,partial"
                                      # --budgets: our checkpointing settings, of off, partial (the lowest half of the
-                                     # trunk's blocks fully, the rest off; partial:K = K blocks), selective, full
+                                     # trunk's blocks fully, the rest off; partial:K = K blocks), selective, full, auto
+                                     # (at each budget B, the plan train.checkpointing=auto picks for B; auto:B = one B)
     peer_settings: str | bool = "off,full"
                                      # --budgets: the peers', each taking those it has: off, full (HF's own), full_heads
                                      # (liger_mtp4: its heads too), selective (SAC on every layer; untested with Liger)
@@ -670,17 +686,26 @@ def comma_list(args: BenchConfig, key: str, of=None, cast=str) -> list:
     return items
 
 
-SETTINGS = ("off", "partial", "selective", "full", "full_heads")
+SETTINGS = ("off", "partial", "selective", "full", "full_heads", "auto")
+
+
+def _budget(k: str) -> bool:
+    try:
+        return float(k) > 0
+    except ValueError:
+        return False
 
 
 def check_settings(args: BenchConfig, key: str):
-    """A settings key's items are checkpointing settings: SETTINGS, or partial:K (K >= 1)."""
+    """A settings key's items are checkpointing settings: SETTINGS, partial:K (K >= 1) or auto:B
+    (B GB > 0)."""
     raw = getattr(args, key)
     for s in raw.split(",") if raw else []:
         mode, colon, k = s.partition(":")
-        if s not in SETTINGS and not (mode == "partial" and colon and k.isdigit() and int(k) >= 1):
-            raise config.ConfigError(f"config key {key!r}: unknown setting {s!r}; choose from {list(SETTINGS)} "
-                                     f"or partial:K (K trunk blocks)")
+        if s not in SETTINGS and not (mode == "partial" and colon and k.isdigit() and int(k) >= 1) \
+                and not (mode == "auto" and colon and _budget(k)):
+            raise config.ConfigError(f"config key {key!r}: unknown setting {s!r}; choose from {list(SETTINGS)}, "
+                                     f"partial:K (K trunk blocks) or auto:B (a budget of B GB)")
 
 
 def parse_args(argv: list[str]) -> BenchConfig:
@@ -763,7 +788,9 @@ def train_variant(args):
         for setting in settings:
             try:
                 r = measure(args.variant, args, cfg, device, dtype, setting)
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, config.ConfigError) as e:  # ConfigError: auto:B below the smallest plan
+                if isinstance(e, config.ConfigError):
+                    print(f"AUTO_REFUSED {e}", flush=True)
                 r = {"variant": args.variant, "tok_s": float("nan"), "peak_gb": float("inf"), "tflops": float("nan")}
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -790,6 +817,8 @@ def run_children(args, argv, jobs) -> list[dict]:
         note = [ln for ln in stdout.splitlines() if ln.startswith("LIGER_MISSING")]
         for ln in (ln for ln in stdout.splitlines() if ln.startswith("ESTIMATE_FAILED")):
             print(f"  ... {name} {' '.join(flags)}: the memory model failed: {ln[16:]}", flush=True)
+        for ln in (ln for ln in stdout.splitlines() if ln.startswith("AUTO_REFUSED")):
+            print(f"  ... {name} {' '.join(flags)}: auto refused the budget: {ln[13:]}", flush=True)
         if note or rc:
             no_liger |= {name} if note else set()
             missing[" ".join([name, *flags])] = note[0].split(" ", 1)[1] if note else f"exit {rc}: {stdout[-1500:]}"
@@ -842,8 +871,9 @@ PAIRS = (("wmtp1", "hf_liger"), ("wmtp4", "liger_mtp4"))  # (ours, its peer): th
 def settings_of(name: str, args) -> list[str]:
     """The checkpointing settings --budgets runs variant `name` at: ours every one of --settings,
     a peer those of --peer_settings it has (PEER_HAS)."""
-    if name in OURS:
-        return args.settings.split(",")
+    if name in OURS:  # auto: the plan train.checkpointing=auto picks at each budget
+        budgets = comma_list(args, "budgets", cast=float) if args.budgets else []
+        return [t for s in args.settings.split(",") for t in ([f"auto:{b:g}" for b in budgets] if s == "auto" else [s])]
     return [s for s in args.peer_settings.split(",") if s in PEER_HAS[name]]
 
 
