@@ -172,7 +172,8 @@ def checkpoint_block(block: nn.Module, mode: str):
     through transformers' own switch (GradientCheckpointingLayer): some versions (5.17) checkpoint
     `__call__`, which puts a compiled block inside an eager checkpoint -- SAC then sees only the
     compiled code's kernels and saves none of the matmuls (measured on an H200: a compiled
-    selective block kept 8 KiB a token, as full does, and ran its matmuls twice in the backward).
+    selective block kept 8 KiB a token, about what full keeps, and its backward ran more matmuls
+    than full's; tools/ckpt_probe.py).
     The parameter names, hence the checkpoints, do not change. Set before prepare_for_training, so
     before torch.compile and fully_shard. Non-reentrant, as torchtitan and PyTorch recommend."""
     if mode not in ("off", "selective", "full"):
