@@ -256,11 +256,15 @@ class CheckpointPlan:
         whole = [m for m, n in counts.items() if n == self.blocks]
         return whole[0] if whole else "partial" if not self.selective else "mixed"
 
+    @property
+    def split(self) -> str:
+        """The blocks per mode, e.g. '6 full, 16 selective'."""
+        return ", ".join(f"{n} {m}" for m, n in (("full", self.full), ("selective", self.selective),
+                                                 ("off", self.off)) if n)
+
     def __str__(self) -> str:
-        counts = ", ".join(f"{n} {m}" for m, n in (("full", self.full), ("selective", self.selective),
-                                                   ("off", self.off)) if n)
         what = f"all {self.blocks} trunk blocks" if self.name in ("off", "selective", "full") else \
-            f"{counts} of {self.blocks} trunk blocks"
+            f"{self.split} of {self.blocks} trunk blocks"
         return f"{self.name} ({what}{'; heads full' if self.heads else ''})"
 
 

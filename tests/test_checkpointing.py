@@ -119,6 +119,16 @@ def test_compiled_selective_blocks_recompute_no_matmul():
     assert _compiled_matmuls("full")[1] > 14
 
 
+def test_the_probe_counts_what_each_compiled_mode_recomputes():
+    """tools/ckpt_probe.py on 2 tiny blocks, compiled: selective's backward runs off's matmuls (the
+    gradients of 2 x 7) and full's runs more (the forward's again) -- the profiler's count, not the
+    graph's (test above), so the tool tells the same on any stack it is run on."""
+    from tools import ckpt_probe
+    cfg = ckpt_probe.ProbeConfig(hidden=32, inter=64, heads=4, kv_heads=2, batch=1, seq=16, steps=1)
+    mm = {m: ckpt_probe.probe(cfg, m, True, torch.device("cpu"), torch.float32)["mm"] for m in ("off", "selective", "full")}
+    assert mm["off"] == mm["selective"] == 28 and mm["full"] > 28
+
+
 def _hand_model(**kw):
     """A memory model with round numbers: 4 trunk blocks keeping 1 / 0.5 / 0.1 GiB (off / selective /
     full) for one token, 10 GiB static, nothing else, no margin."""
@@ -410,6 +420,6 @@ def test_budgets_parse_and_each_variant_gets_its_settings():
     assert bench.parse_args(["--setting=auto:24.5"]).setting == "auto:24.5"
     for argv, key in ((["--budgets=12,lots"], "'budgets'"), (["--settings=off,sometimes"], "'settings'"),
                       (["--setting=partial:0"], "'setting'"), (["--setting=auto:0"], "'setting'"),
-                      (["--setting=auto:many"], "'setting'")):
+                      (["--setting=auto:many"], "'setting'"), (["--setting=auto"], "'setting'")):
         with pytest.raises(config.ConfigError, match=key):
             bench.parse_args(argv)

@@ -254,8 +254,8 @@ def apply_liger():
                                 fused_linear_cross_entropy=True)
 
 
-def apply_setting(name, model, base, setting, args) -> memory.CheckpointPlan | None:
-    """Activation checkpointing `setting` (off, partial[:K], selective, full, full_heads) on a
+def apply_setting(name, model, base, setting, args, mem=None) -> memory.CheckpointPlan | None:
+    """Activation checkpointing `setting` (off, partial[:K], selective, full, full_heads, auto:B) on a
     freshly built variant. The plain HF variants (hf, hf_liger, naive_mtp) use HF's own switch --
     every layer, as their users would -- or op-level SAC on every layer (selective); the MTP
     variants a memory.CheckpointPlan over the trunk (partial: the lowest K blocks, K = half the
@@ -270,9 +270,12 @@ def apply_setting(name, model, base, setting, args) -> memory.CheckpointPlan | N
         return None
     blocks = len(memory.trunk_of(model))
     mode, _, k = setting.partition(":")
-    mode = "full" if mode == "full_heads" else mode
-    plan = memory.CheckpointPlan.of(mode, blocks, int(k or blocks // 2) if mode == "partial" else 0,
-                                    heads=setting == "full_heads" or (args.ckpt_heads and mode != "off"))
+    if mode == "auto":
+        plan = auto_plan(blocks, mem, setting)
+    else:
+        mode = "full" if mode == "full_heads" else mode
+        plan = memory.CheckpointPlan.of(mode, blocks, int(k or blocks // 2) if mode == "partial" else 0,
+                                        heads=setting == "full_heads" or (args.ckpt_heads and mode != "off"))
     memory.apply_checkpointing(model, plan)
     return plan
 
@@ -291,13 +294,13 @@ def memory_model_of(model, args, device, dtype):
         return None
 
 
-def auto_plan(model, mem, setting: str) -> memory.CheckpointPlan:
+def auto_plan(blocks: int, mem, setting: str) -> memory.CheckpointPlan:
     """auto:B -- the plan train.checkpointing=auto picks with train.memory_budget_gb=B: the least
     recomputation whose memory model fits B (memory.pick_checkpointing; below the smallest, its
     one-line ConfigError)."""
     if mem is None:
         raise config.ConfigError(f"setting {setting!r}: no memory model to pick from (its measurement failed)")
-    return memory.pick_checkpointing(mem, len(memory.trunk_of(model)), float(setting.partition(":")[2]))
+    return memory.pick_checkpointing(mem, blocks, float(setting.partition(":")[2]))
 
 
 def measure(name, args, cfg, device, dtype, setting):
@@ -310,11 +313,7 @@ def measure(name, args, cfg, device, dtype, setting):
     elif n_heads > 1:
         model.sequential_heads = False  # the peers run all heads at once, as their users would
     mem = memory_model_of(model, args, device, dtype) if name in ("wmtp1", "wmtp4") else None
-    if setting.startswith("auto"):
-        plan = auto_plan(model, mem, setting)
-        memory.apply_checkpointing(model, plan)
-    else:
-        plan = apply_setting(name, model, base, setting, args)
+    plan = apply_setting(name, model, base, setting, args, mem)
     est = mem.total(plan) / 2 ** 30 if mem is not None and plan is not None else float("nan")
     if ours and not args.no_compile:
         for block in memory.transformer_blocks(model):
@@ -377,9 +376,7 @@ def measure(name, args, cfg, device, dtype, setting):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     label = f"partial:{plan.full}" if plan is not None and setting.startswith("partial") else setting  # K resolved
-    if setting.startswith("auto"):  # what auto chose
-        label += " (" + ", ".join(f"{k} {m}" for m, k in (("full", plan.full), ("selective", plan.selective),
-                                                          ("off", plan.off)) if k) + ")"
+    label += f" ({plan.split})" if setting.startswith("auto") else ""  # what auto chose
     return {"variant": name, "tok_s": tok_s, "peak_gb": peak, "tflops": tok_s * fpt / 1e12, "est_gb": est,
             "setting": label} | ({"profile": prof} if prof else {})
 
@@ -702,8 +699,10 @@ def check_settings(args: BenchConfig, key: str):
     raw = getattr(args, key)
     for s in raw.split(",") if raw else []:
         mode, colon, k = s.partition(":")
-        if s not in SETTINGS and not (mode == "partial" and colon and k.isdigit() and int(k) >= 1) \
-                and not (mode == "auto" and colon and _budget(k)):
+        bare_auto = s == "auto" and key != "settings"  # only --settings expands it, to auto:B per budget
+        named = s in SETTINGS or (mode == "partial" and colon and k.isdigit() and int(k) >= 1) \
+            or (mode == "auto" and colon and _budget(k))
+        if bare_auto or not named:
             raise config.ConfigError(f"config key {key!r}: unknown setting {s!r}; choose from {list(SETTINGS)}, "
                                      f"partial:K (K trunk blocks) or auto:B (a budget of B GB)")
 
