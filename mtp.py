@@ -225,7 +225,7 @@ class MTPModel(nn.Module):
         head0_targets: heads 1..n-1 learn head 0's own next-token distribution instead of the
                  data's tokens (`head0_distill_loss`; for drafting heads on a frozen base).
         Returns (loss, ce, correct, coef): the scalar loss, and per (head, position) the
-        detached CE (KL for heads 1..n-1 with head0_targets), whether the argmax was right
+        detached CE (KL for heads 1..n-1 with head0_targets), whether the target's logit was the largest
         (agreed with head 0's), and the coefficients used.
 
         Everything happens inside this forward so that, under FSDP, the shared unembedding is
@@ -454,20 +454,17 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def _ce_chunk(logits, y, coef, acc: torch.dtype, need_grad: bool, out_dtype: torch.dtype):
-    """One chunk of rows: CE, argmax-correctness and (if needed) d(Σ coef·CE)/d logits =
-    coef · (softmax - onehot). Written as one pure function so that on GPUs torch.compile fuses
-    it into a couple of kernels (the upcast, log-sum-exp, exp and scaling in one pass over the
-    chunk's logits instead of six)."""
+    """One chunk of rows: CE, whether the target's logit is the largest (ties count as right) and
+    (if needed) d(Σ coef·CE)/d logits = coef · (softmax - onehot). On CUDA, gpu_kernels/
+    cross_entropy.py does the same in one kernel (else torch.compile of this pure function)."""
     logits = logits.to(acc)
     lse = torch.logsumexp(logits, dim=-1)
-    ce = lse - logits.gather(1, y[:, None]).squeeze(1)
-    correct = logits.argmax(-1) == y
+    x_y = logits.gather(1, y[:, None]).squeeze(1)
+    ce, correct = lse - x_y, x_y == logits.amax(-1)
     if not need_grad:
         return ce, correct, None
     if torch.compiler.is_compiling():
-        # pointwise only (the one-hot as a comparison with the column index, not a scatter): inductor
-        # fuses upcast, exp, one-hot and scaling into one kernel that reads the bf16 logits and
-        # writes the bf16 gradient -- no fp32 buffer of the chunk's size
+        # pointwise only (one-hot by comparison, not scatter): one kernel, no fp32 chunk-sized buffer
         onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == y[:, None]
         g = (torch.exp(logits - lse[:, None]) - onehot.to(acc)) * coef[:, None].to(acc)
     else:  # eager: in place, so that one chunk of logits is the only chunk-sized buffer
@@ -490,17 +487,28 @@ def _kl_chunk(logits, teacher_logits, coef, acc: torch.dtype, need_grad: bool, o
     return kl, agree, ((log_q.exp() - p) * coef[:, None].to(acc)).to(out_dtype)
 
 
-_ce_chunk_compiled = None
+_ce_chunk_compiled, _ce_kernel = None, None  # _ce_kernel: gpu_kernels.cross_entropy, False without Triton
 
 
-def _chunk_fn(device):
+def ce_kernel():
+    """gpu_kernels.cross_entropy, or False without Triton (PyTorch's CUDA wheels bring it)."""
+    global _ce_kernel
+    if _ce_kernel is None:
+        try:
+            from gpu_kernels import cross_entropy as _ce_kernel
+        except ImportError:
+            _ce_kernel = False
+    return _ce_kernel
+
+
+def _ce_chunk_gpu(logits, y, coef, acc, need_grad, out_dtype):
+    """_ce_chunk on CUDA: the Triton kernel (fp32 statistics, the gradient written over the logits)
+    where it applies, else torch.compile of _ce_chunk (dynamic: the last chunk's rows vary)."""
     global _ce_chunk_compiled
-    if device.type != "cuda":
-        return _ce_chunk
-    if _ce_chunk_compiled is None:
-        # dynamic: the number of rows of the last chunk changes with every batch
-        _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=True)
-    return _ce_chunk_compiled
+    if ce_kernel() and acc == torch.float32 and (logits.dtype == out_dtype or not need_grad):
+        return _ce_kernel.ce_chunk(logits, y, coef, need_grad)
+    _ce_chunk_compiled = _ce_chunk_compiled or torch.compile(_ce_chunk, dynamic=True)
+    return _ce_chunk_compiled(logits, y, coef, acc, need_grad, out_dtype)
 
 
 _ADDMM_OUT_DTYPE = None  # whether this torch/device accumulates bf16 products into fp32 in place
@@ -546,12 +554,11 @@ def _fused_linear_ce(h, W, targets, coef, chunk_size=None, grad_W=None, need_W=T
     acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
     N = h.shape[0]
     chunk_size = chunk_size or default_chunk_size(W.shape[0])
-    ce = torch.empty(N, device=h.device, dtype=acc)
-    correct = torch.empty(N, device=h.device, dtype=torch.bool)
+    ce, correct = torch.empty(N, device=h.device, dtype=acc), torch.empty(N, device=h.device, dtype=torch.bool)
     grad_h = torch.empty_like(h) if need else None
     if need and need_W and grad_W is None:
         grad_W = torch.zeros_like(W)
-    chunk_fn = _chunk_fn(h.device)
+    chunk_fn = _ce_chunk_gpu if h.is_cuda else _ce_chunk
     c = coef if need else ce  # (unused without a gradient)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)

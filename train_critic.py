@@ -759,7 +759,7 @@ def train_policy(cfg, model, tok, dist, dtype, value_model, policy_set, policy_e
 
 def policy_micro_step(model, batch, w, denom, lambdas, amp, chunk):
     """One micro-batch of stage 2: the critic's weights w [B, T] (target indexing) -> each head's
-    loss coefficients -> the weighted MTP loss. -> (loss, and per (head, position): CE, argmax
+    loss coefficients -> the weighted MTP loss. -> (loss, and per (head, position): CE, top-1
     right, coefficient, valid mask, weight)."""
     n_heads, device = model.n_heads, lambdas.device
     ids = batch["input_ids"].to(device)

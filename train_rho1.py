@@ -291,7 +291,7 @@ def load_models(cfg: Config, dist: common.Dist, dtype, say) -> tuple[Setup, typi
 
 def micro_step(s: Setup, batch, denom, shuffler=None):
     """One micro-batch: reference CE -> policy forward -> Rho-1 weights -> loss (docs/design.md §5).
-    -> (loss, and per (head, position): the policy's CE, whether its argmax was right, the loss
+    -> (loss, and per (head, position): the policy's CE, whether the target was its top logit, the loss
     coefficients, the valid mask, Rho-1's weights, the reference's CE of the same target)."""
     n_heads, device, cfg = s.model.n_heads, s.dist.device, s.cfg
     ids = batch["input_ids"].to(device)

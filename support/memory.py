@@ -572,8 +572,8 @@ def loss_buffers(model: mtp.MTPModel, dtype, tokens: int, chunk_size: int = 0, w
     then the upcast worked in place and the gradient's cast to the hidden states' dtype (no copy if
     it is the accumulation dtype) -- the larger pair: the logits go when the upcast replaces them
     (the callee's argument is their last reference); fp32 is one buffer, bf16 6 bytes a logit.
-    Compiled (`compiled_chunk`: on CUDA, mtp._chunk_fn): one kernel reads the logits and writes the
-    gradient, no upcast buffer. Then the unembedding's gradient buffer (W's dtype; the compute dtype
+    On CUDA (`compiled_chunk`, mtp._ce_chunk_gpu): one kernel reads the logits and writes the gradient,
+    no upcast buffer -- over the logits where Triton's kernel runs (gpu_kernels/cross_entropy.py). Then the unembedding's gradient buffer (W's dtype; the compute dtype
     under FSDP2); W's compute-dtype copy under autocast with fp32 W; the loss rows' hidden states
     and their gradient, in the hidden states' dtype (fp32 under autocast: the residual stream and
     the norm stay in the master weights' dtype). Rows: one head's tokens with sequential heads,
@@ -587,7 +587,8 @@ def loss_buffers(model: mtp.MTPModel, dtype, tokens: int, chunk_size: int = 0, w
     rows = tokens * (1 if model.sequential_heads else model.n_heads)
     chunk = min(chunk_size or mtp.default_chunk_size(V), rows)
     upcast, cast = (acc if acc != e else 0), (hidden if hidden != acc else 0)
-    per_logit = e + hidden if compiled_chunk else max(e + upcast, acc + cast)
+    in_place = compiled_chunk and hidden == e and acc == 4 and mtp.ce_kernel()  # the gradient over the logits
+    per_logit = e if in_place else e + hidden if compiled_chunk else max(e + upcast, acc + cast)
     out = chunk * V * per_logit + 2 * rows * D * hidden
     if W.requires_grad:
         out += V * D * (e if world > 1 else W.element_size())

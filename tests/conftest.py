@@ -7,6 +7,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels (gpu_kernels/) run in Triton's interpreter, set before
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton is imported (transformers' models import it)
 
 
 def tiny_llama(vocab=97, layers=3, hidden=32, tie=False, dtype=torch.float32, seed=0):

@@ -26,6 +26,7 @@ OLD_OPTIONS = {"vocab", "ckpt", "seq", "batch", "steps", "warmup", "variants", "
                "humaneval", "linear", "rows"}
 OLD_OPTIONS |= {"budgets", "settings", "peer_settings", "setting"}  # the memory-budget table (tests/test_checkpointing.py)
 OLD_OPTIONS |= {"profile"}  # where a step's time goes (torch.profiler)
+OLD_OPTIONS |= {"ce_chunk", "no_ce_kernel"}  # the loss chunk's Triton kernel (tests/test_ce_kernel.py)
 
 
 def run_bench(*argv, timeout=300):
@@ -203,6 +204,7 @@ def test_profile_kernel_kinds_and_lines(capsys):
              "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1": "attention",
              "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor": "optimizer",
              "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "triton (compiled)",
+             "_ce_row": "loss kernel",
              "Memcpy DtoD (Device -> Device)": "copy / fill",
              "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>": "copy / fill",
              "void at::native::index_elementwise_kernel<128, 4": "other"}

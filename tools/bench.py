@@ -11,6 +11,7 @@ bench.py — training-step speed and memory of WMTP against what users would run
     python -m tools.bench --sandbox --n=500 --workers=16    # programs/s through sandbox.py vs bare `python -c pass`
     python -m tools.bench --sandbox --humaneval=10          # ... and HumanEval's canonical solutions x10, tests run
     python -m tools.bench --linear                          # GPU: fp32 matmuls of a few rows, per cuBLAS path
+    python -m tools.bench --ce_chunk --vocab=32000,128256    # GPU: the loss chunk's Triton kernel vs torch.compile
     python -m tools.bench --variants=wmtp4,liger_mtp4 --vocab=128256 --ckpt=off --profile=2   # GPU: where a step's time goes
     python -m tools.bench --help                            # every key, its default and meaning
 
@@ -74,7 +75,7 @@ Where things are (a newcomer's map; `main` dispatches on the mode):
                           memory_model_of and auto_plan (the memory model, auto:B), profile_steps / print_profile (--profile)
   processes and tables    train_variant (a child), run_children, train_bench (the fixed-setting table),
                           budget_bench and its helpers (--budgets), goals
-  the other modes         loss_memory, generate_one / generate_bench, linear_bench, sandbox_bench
+  the other modes         loss_memory, generate_one / generate_bench, linear_bench, ce_chunk_bench, sandbox_bench
   the command line        BenchConfig (every key, its default and meaning), parse_args, main
 """
 from __future__ import annotations
@@ -310,6 +311,8 @@ def measure(name, args, cfg, device, dtype, setting):
     model = base if name in ("hf", "hf_liger") else mtp.MTPModel(base, n_heads)
     if ours:
         model.sequential_heads = not args.no_sequential and n_heads > 1
+        if args.no_ce_kernel:
+            mtp._ce_kernel = False  # what a CUDA torch without Triton runs: torch.compile of mtp._ce_chunk
     elif n_heads > 1:
         model.sequential_heads = False  # the peers run all heads at once, as their users would
     mem = memory_model_of(model, args, device, dtype) if name in ("wmtp1", "wmtp4") else None
@@ -390,6 +393,7 @@ KERNEL_KINDS = (("attention", ("flash", "fmha", "attn", "sdpa")),
                 ("matmul", ("gemm", "cutlass", "nvjet", "cublas", "xmma", "wgmma", "splitk")),
                 ("optimizer", ("adam", "multi_tensor")),
                 ("triton (compiled)", ("triton",)),
+                ("loss kernel", ("_ce_row",)),  # gpu_kernels/cross_entropy.py
                 ("copy / fill", ("memcpy", "memset", "copy", "fill")))
 
 
@@ -604,6 +608,45 @@ def linear_bench(args):
             json.dump(summary, f, indent=1)
 
 
+def ce_chunk_bench(args, rows=1024):
+    """--ce_chunk: us per call of the loss chunk (CE, correctness and the gradient of 1024 bf16 rows
+    of logits), gpu_kernels.cross_entropy against torch.compile of mtp._ce_chunk, and what each
+    reads and writes as a share of the GPU's memory bandwidth; their largest errors against float64."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--ce_chunk times Triton kernels: it needs a CUDA GPU")
+    import triton.testing
+
+    from gpu_kernels import cross_entropy
+    compiled = torch.compile(mtp._ce_chunk, dynamic=True)
+    results = []
+    for V in [int(v) for v in args.vocab.split(",")]:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = (torch.randn(rows, V, device="cuda", generator=gen) * 4).bfloat16()
+        y = torch.randint(0, V, (rows,), device="cuda", generator=gen)
+        coef = torch.rand(rows, device="cuda", generator=gen)
+        ref = mtp._ce_chunk(x.double(), y, coef.double(), torch.float64, True, torch.float64)
+        impls = {"torch.compile": lambda z, y=y, c=coef: compiled(z, y, c, torch.float32, True, torch.bfloat16),
+                 "triton": lambda z, y=y, c=coef: cross_entropy.ce_chunk(z, y, c, True)}
+        row = {"vocab": V, "rows": rows}
+        for name, fn in impls.items():
+            ce, correct, g = fn(x.clone())
+            buf = x.clone()  # the kernel writes over its input: time it on a buffer of its own
+            row[name] = {"us": round(1000 * triton.testing.do_bench(lambda fn=fn, buf=buf: fn(buf)), 1),
+                         "ce_err": (ce.double() - ref[0]).abs().max().item(),
+                         "grad_err": (g.double() - ref[2]).abs().max().item(),
+                         "correct_equal": bool(torch.equal(correct, ref[1]))}
+        row["speedup"] = round(row["torch.compile"]["us"] / row["triton"]["us"], 2)
+        # the least traffic: the logits read once, the gradient written once
+        row["triton"]["TB_s_read1_write1"] = round(2 * x.numel() * 2 / row["triton"]["us"] / 1e6, 2)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {"bench": "ce_chunk", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+    print("SUMMARY " + json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
 # ---- the command line: the project's one dialect (config.parse_config) -------------------------
 
 @dataclass
@@ -624,6 +667,7 @@ class BenchConfig:  # training steps by default; --loss_memory, --generate, --sa
     chunk: int = 0                   # ours: rows per chunk of the fused loss
                                      # (0: mtp.default_chunk_size, 1024 at vocab 128k)
     ckpt_heads: bool = False         # checkpoint the MTP heads too (less memory, more compute)
+    no_ce_kernel: bool = False       # ours: the loss chunk through torch.compile (mtp._ce_chunk), not the Triton kernel
     budgets: str = ""                # comma-separated memory budgets (GB): per vocabulary, the best tokens/s of each variant
                                      # within each, over its checkpointing settings (each measured once, in its own
                                      # process); the variants default to wmtp1, hf_liger, wmtp4, liger_mtp4
@@ -666,6 +710,8 @@ class BenchConfig:  # training steps by default; --loss_memory, --generate, --sa
     workers: int = 0                 # --sandbox: parallel programs (0 = one per CPU)
     humaneval: int = 0               # --sandbox: also time HumanEval's 164 canonical solutions this many times each
     linear: bool = False             # fp32 matmuls of a few rows (the speculative verify block), per cuBLAS path
+    ce_chunk: bool = False           # GPU: one chunk of the loss (1024 bf16 rows at --vocab): the Triton kernel against
+                                     # torch.compile of the same arithmetic, its error against float64 beside
     rows: str = "1,4,8,11,16,32,61"  # --linear: comma-separated row counts
 
 
@@ -730,6 +776,8 @@ def main(argv: list[str]):
     args = parse_args(argv)
     if args.linear:
         return linear_bench(args)
+    if args.ce_chunk:
+        return ce_chunk_bench(args)
     if args.sandbox:
         return sandbox_bench(args)
     if args.loss_memory:
