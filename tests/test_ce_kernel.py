@@ -1,7 +1,7 @@
-"""gpu_kernels/cross_entropy.py, the loss chunk's Triton kernel, against float64 references, run on
-the CPU by Triton's interpreter (TRITON_INTERPRET=1). The kernel tests are skipped where Triton is
-not installed (PyTorch's CPU wheels do not bring it; its CUDA wheels do): `pip install triton`
-runs them on a CPU. On the GPU, `python -m tools.bench --ce_chunk` prints the same errors."""
+"""gpu_kernels/cross_entropy.py, the loss chunk's Triton kernel, against float64 references: on a
+CPU in Triton's interpreter (conftest sets TRITON_INTERPRET=1 where there is no CUDA), on a GPU
+compiled. requirements.txt installs Triton on Linux; where it is missing (macOS) they are skipped.
+`python -m tools.bench --ce_chunk` prints the kernel's errors and speed on a GPU."""
 import copy
 import os
 
