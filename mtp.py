@@ -225,7 +225,7 @@ class MTPModel(nn.Module):
         head0_targets: heads 1..n-1 learn head 0's own next-token distribution instead of the
                  data's tokens (`head0_distill_loss`; for drafting heads on a frozen base).
         Returns (loss, ce, correct, coef): the scalar loss, and per (head, position) the
-        detached CE (KL for heads 1..n-1 with head0_targets), whether the target's logit was the largest
+        detached CE (KL for heads 1..n-1 with head0_targets), whether the target was the top logit
         (agreed with head 0's), and the coefficients used.
 
         Everything happens inside this forward so that, under FSDP, the shared unembedding is

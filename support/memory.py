@@ -572,12 +572,13 @@ def loss_buffers(model: mtp.MTPModel, dtype, tokens: int, chunk_size: int = 0, w
     then the upcast worked in place and the gradient's cast to the hidden states' dtype (no copy if
     it is the accumulation dtype) -- the larger pair: the logits go when the upcast replaces them
     (the callee's argument is their last reference); fp32 is one buffer, bf16 6 bytes a logit.
-    On CUDA (`compiled_chunk`, mtp._ce_chunk_gpu): one kernel reads the logits and writes the gradient,
-    no upcast buffer -- over the logits where Triton's kernel runs (gpu_kernels/cross_entropy.py). Then the unembedding's gradient buffer (W's dtype; the compute dtype
-    under FSDP2); W's compute-dtype copy under autocast with fp32 W; the loss rows' hidden states
-    and their gradient, in the hidden states' dtype (fp32 under autocast: the residual stream and
-    the norm stay in the master weights' dtype). Rows: one head's tokens with sequential heads,
-    every head's otherwise."""
+    On CUDA (`compiled_chunk`, mtp._ce_chunk_gpu): one kernel reads the logits and writes the
+    gradient, no upcast buffer -- over the logits where Triton's kernel runs (gpu_kernels/
+    cross_entropy.py). Then the unembedding's gradient buffer (W's dtype; the compute dtype under
+    FSDP2); W's compute-dtype copy under autocast with fp32 W; the loss rows' hidden states and
+    their gradient, in the hidden states' dtype (fp32 under autocast: the residual stream and the
+    norm stay in the master weights' dtype). Rows: one head's tokens with sequential heads, every
+    head's otherwise."""
     W = model.lm_head_weight
     V, D = W.shape
     e = dtype.itemsize
