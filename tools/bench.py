@@ -75,7 +75,8 @@ Where things are (a newcomer's map; `main` dispatches on the mode):
                           memory_model_of and auto_plan (the memory model, auto:B), profile_steps / print_profile (--profile)
   processes and tables    train_variant (a child), run_children, train_bench (the fixed-setting table),
                           budget_bench and its helpers (--budgets), goals
-  the other modes         loss_memory, generate_one / generate_bench, linear_bench, ce_chunk_bench, sandbox_bench
+  the other modes         loss_memory, generate_one / generate_bench, linear_bench, ce_chunk_bench, sandbox_bench;
+                          report (their SUMMARY line and --json file)
   the command line        BenchConfig (every key, its default and meaning), parse_args, main
 """
 from __future__ import annotations
@@ -565,12 +566,17 @@ def generate_bench(args, argv):
                "task": args.task, "limit": args.limit, "n_samples": args.n_samples, "batch_size": args.batch_size,
                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                "results": results, "ours_over_best_hf": round(ours / hf_best, 2) if hf_best == hf_best else None}
-    print("SUMMARY " + json.dumps(summary))
+    report(summary, args)
     print("\n| impl | samples | generated tokens | seconds | tokens/s | x best HF | mean tokens/sample |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['impl']} | {r.get('samples', '')} | {r.get('tokens', '')} | {r.get('seconds', '')} | "
               f"{r['tok_s']:,.0f} | {r['tok_s'] / hf_best:.2f} | {r.get('mean_tokens', '')} |")
+
+
+def report(summary: dict, args):
+    """A mode's results: one SUMMARY line of JSON on stdout and, with --json, the same in the file."""
+    print("SUMMARY " + json.dumps(summary), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
@@ -601,17 +607,14 @@ def linear_bench(args):
             print(f"{k:>6} -> {n:<5} {rows:>4}  {us['default']:7.1f} us  "
                   + "  ".join(f"{us[name]:7.1f}us" if name in us else f"{'-':>9}" for name in linear_pick.CANDIDATES)
                   + f"   {best[1]} ({us['default'] / best[0]:.2f}x)", flush=True)
-    summary = {"bench": "linear", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
-    print("SUMMARY " + json.dumps(summary))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    report({"bench": "linear", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, args)
 
 
 def ce_chunk_bench(args, rows=1024):
     """--ce_chunk: us per call of the loss chunk (CE, correctness and the gradient of 1024 bf16 rows
-    of logits), gpu_kernels.cross_entropy against torch.compile of mtp._ce_chunk, and what each
-    reads and writes as a share of the GPU's memory bandwidth; their largest errors against float64."""
+    of logits), gpu_kernels.cross_entropy against torch.compile of mtp._ce_chunk, their largest
+    errors against the same arithmetic in float64, and the kernel's TB/s counting the least traffic
+    there can be (the logits read once, the gradient written once; it reads them twice)."""
     if not torch.cuda.is_available():
         raise SystemExit("--ce_chunk times Triton kernels: it needs a CUDA GPU")
     import triton.testing
@@ -636,15 +639,11 @@ def ce_chunk_bench(args, rows=1024):
                          "grad_err": (g.double() - ref[2]).abs().max().item(),
                          "correct_equal": bool(torch.equal(correct, ref[1]))}
         row["speedup"] = round(row["torch.compile"]["us"] / row["triton"]["us"], 2)
-        # the least traffic: the logits read once, the gradient written once
         row["triton"]["TB_s_read1_write1"] = round(2 * x.numel() * 2 / row["triton"]["us"] / 1e6, 2)
         results.append(row)
         print(json.dumps(row), flush=True)
-    summary = {"bench": "ce_chunk", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
-    print("SUMMARY " + json.dumps(summary))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    report({"bench": "ce_chunk", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results},
+           args)
 
 
 # ---- the command line: the project's one dialect (config.parse_config) -------------------------
