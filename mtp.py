@@ -444,13 +444,14 @@ def _flat_rows(rows, shape):
 # 2. The weighted loss, chunked
 # --------------------------------------------------------------------------------------------
 
-def default_chunk_size(vocab_size: int) -> int:
+def default_chunk_size(vocab_size: int, in_place: bool = False) -> int:
     # ~64M logits per chunk (128 MB in bf16), at least 1024 rows: large enough to keep the
     # matmuls efficient and the grad_W accumulations few at vocab 128k (each one reads and
     # writes the whole W-sized buffer), small enough that the loss never dominates memory
-    # (docs/design.md §3: naive MTP at vocab 128k needs 1.6x the memory of next-token training;
-    # 1024 rows at 128k: 0.25 GiB of bf16 logits and as much for their gradient).
-    return max(1024, (1 << 26) // vocab_size)
+    # (docs/design.md §3: naive MTP at 128k needs 1.6x the memory of next-token training). 1024
+    # rows at 128k: 0.25 GiB of bf16 logits and as much for their gradient; `in_place` (Triton's
+    # kernel writes it over the logits): twice the rows in those bytes, +1.5% a 4-head step at 128k.
+    return max(1024, (1 << 26) // vocab_size) * (2 if in_place else 1)
 
 
 def _ce_chunk(logits, y, coef, acc: torch.dtype, need_grad: bool, out_dtype: torch.dtype):
@@ -502,10 +503,9 @@ def ce_kernel():
 
 
 def _ce_chunk_gpu(logits, y, coef, acc, need_grad, out_dtype):
-    """_ce_chunk on CUDA: the Triton kernel (fp32 statistics, the gradient written over the logits)
-    where it applies, else torch.compile of _ce_chunk (dynamic: the last chunk's rows vary)."""
+    """On CUDA: the Triton kernel where it applies, else torch.compile of _ce_chunk (dynamic: the last chunk's rows vary)."""
     global _ce_chunk_compiled
-    if ce_kernel() and acc == torch.float32 and (logits.dtype == out_dtype or not need_grad):
+    if ce_kernel() and _ce_kernel.applies(logits.dtype, acc, out_dtype, need_grad):
         return _ce_kernel.ce_chunk(logits, y, coef, need_grad)
     _ce_chunk_compiled = _ce_chunk_compiled or torch.compile(_ce_chunk, dynamic=True)
     return _ce_chunk_compiled(logits, y, coef, acc, need_grad, out_dtype)
@@ -553,7 +553,8 @@ def _fused_linear_ce(h, W, targets, coef, chunk_size=None, grad_W=None, need_W=T
     # fp32 statistics for bf16/fp16 models (as HF upcasts logits for its loss); fp64 stays fp64.
     acc = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
     N = h.shape[0]
-    chunk_size = chunk_size or default_chunk_size(W.shape[0])
+    in_place = h.is_cuda and teacher is None and bool(ce_kernel()) and _ce_kernel.applies(None, acc, h.dtype, need)
+    chunk_size = chunk_size or default_chunk_size(W.shape[0], in_place)
     ce, correct = torch.empty(N, device=h.device, dtype=acc), torch.empty(N, device=h.device, dtype=torch.bool)
     grad_h = torch.empty_like(h) if need else None
     if need and need_W and grad_W is None:
@@ -610,7 +611,6 @@ def weighted_ce(hiddens, W, targets, coef, chunk_size=None, rows=None):
     Returns (loss, ce [n, B, T], correct [n, B, T]); ce and correct are detached (0 off rows).
     """
     D = hiddens.shape[-1]
-    chunk_size = chunk_size or default_chunk_size(W.shape[0])
     h, y, c = hiddens.reshape(-1, D), targets.reshape(-1), coef.reshape(-1)
     if rows is not None:
         h, y, c = h[rows], y[rows], c[rows]
@@ -641,7 +641,7 @@ def head0_distill_loss(hiddens, W, targets, coef, chunk_size=None, rows=None):
         flat = hiddens.reshape(-1, D)
         teacher = flat[rk % N + rk // N].detach()  # row (k, b, t) -> head 0 at (b, t + k)
         loss_k, kl, agree = _WeightedLinearCE.apply(flat[rk], W, targets.reshape(-1)[rk], coef.reshape(-1)[rk],
-                                                    chunk_size or default_chunk_size(W.shape[0]), teacher)
+                                                    chunk_size, teacher)
         loss = loss + loss_k
         ce = ce.reshape(-1).index_put((rk,), kl.to(ce.dtype)).view(ce.shape)
         correct = correct.reshape(-1).index_put((rk,), agree).view(correct.shape)

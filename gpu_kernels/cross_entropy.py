@@ -55,6 +55,15 @@ def _ce_row(x_ptr, stride, y_ptr, coef_ptr, ce_ptr, correct_ptr, V,
             tl.store(base + cols, g.to(x_ptr.dtype.element_ty), mask=cols < V)
 
 
+def applies(logits_dtype, acc, out_dtype, need_grad: bool) -> bool:
+    """Whether ce_chunk computes what mtp._ce_chunk would: fp32 statistics, and a gradient in the
+    logits' own dtype (it is written over them). logits_dtype None: the dtype a CUDA matmul of
+    out_dtype operands gives (autocast's where it is on)."""
+    if logits_dtype is None:
+        logits_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else out_dtype
+    return acc == torch.float32 and (logits_dtype == out_dtype or not need_grad)
+
+
 def ce_chunk(logits: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, need_grad: bool,
              block: int = BLOCK, num_warps: int = NUM_WARPS):
     """logits [R, V] (rows of contiguous columns; overwritten by the gradient when need_grad),

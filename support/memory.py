@@ -586,9 +586,9 @@ def loss_buffers(model: mtp.MTPModel, dtype, tokens: int, chunk_size: int = 0, w
     acc = 4 if w_dtype in (torch.bfloat16, torch.float16) else w_dtype.itemsize
     hidden = e if world > 1 else W.element_size()
     rows = tokens * (1 if model.sequential_heads else model.n_heads)
-    chunk = min(chunk_size or mtp.default_chunk_size(V), rows)
     upcast, cast = (acc if acc != e else 0), (hidden if hidden != acc else 0)
-    in_place = compiled_chunk and hidden == e and acc == 4 and mtp.ce_kernel()  # the gradient over the logits
+    in_place = compiled_chunk and hidden == e and acc == 4 and bool(mtp.ce_kernel())  # the gradient over the logits
+    chunk = min(chunk_size or mtp.default_chunk_size(V, in_place), rows)
     per_logit = e if in_place else e + hidden if compiled_chunk else max(e + upcast, acc + cast)
     out = chunk * V * per_logit + 2 * rows * D * hidden
     if W.requires_grad:

@@ -72,6 +72,8 @@ def _loss_through_the_kernel_against_float64(kernel, monkeypatch, sequential, de
     used = []
 
     class Counting:
+        applies = staticmethod(kernel.applies)
+
         @staticmethod
         def ce_chunk(*a):
             used.append(a[0].shape)
@@ -129,3 +131,22 @@ def test_the_memory_model_counts_one_logits_buffer_where_the_kernel_writes_over_
     assert buffers(False) - buffers(object()) == chunk * 500 * 2
     model.float()
     assert buffers(False, amp=True) == buffers(object(), amp=True)
+
+
+def test_where_the_kernel_runs_the_default_chunk_has_twice_the_rows_in_the_same_bytes(monkeypatch):
+    """mtp.default_chunk_size doubles the rows where the gradient is written over the logits: the
+    memory model's chunk term is then what torch.compile's logits + gradient of half the rows
+    took (vocab 131,072: 1024 rows a chunk, 2048 in place)."""
+    V = 1 << 17
+    model = mtp.MTPModel(tiny_llama(vocab=V, hidden=8, dtype=torch.bfloat16), 2)
+    assert (mtp.default_chunk_size(V), mtp.default_chunk_size(V, in_place=True)) == (1024, 2048)
+
+    def buffers(kernel, chunk=0):
+        monkeypatch.setattr(mtp, "_ce_kernel", kernel)
+        return memory.loss_buffers(model, torch.bfloat16, 4096, chunk, compiled_chunk=True)
+    assert buffers(False) == buffers(object()) == buffers(object(), 1024) + 1024 * V * 2
+    # the rule the loss's chunk size and its dispatch share: fp32 statistics, the gradient in the logits' dtype
+    applies = pytest.importorskip("gpu_kernels.cross_entropy").applies
+    assert applies(None, torch.float32, torch.bfloat16, True) and not applies(None, torch.bfloat16, torch.bfloat16, True)
+    assert not applies(torch.bfloat16, torch.float32, torch.float32, True)  # fp32 hidden states, bf16 logits (autocast)
+    assert applies(torch.bfloat16, torch.float32, torch.float32, False)  # no gradient: nothing written

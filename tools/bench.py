@@ -664,7 +664,8 @@ class BenchConfig:  # training steps by default; --loss_memory, --generate, --sa
     no_sequential: bool = False      # ours: all heads at once (the path before sequential heads)
     no_compile: bool = False         # ours: no torch.compile of the transformer blocks
     chunk: int = 0                   # ours: rows per chunk of the fused loss
-                                     # (0: mtp.default_chunk_size, 1024 at vocab 128k)
+                                     # (0: mtp.default_chunk_size, at vocab 128k 2048 where the Triton
+                                     # kernel runs, else 1024)
     ckpt_heads: bool = False         # checkpoint the MTP heads too (less memory, more compute)
     no_ce_kernel: bool = False       # ours: the loss chunk through torch.compile (mtp._ce_chunk), not the Triton kernel
     budgets: str = ""                # comma-separated memory budgets (GB): per vocabulary, the best tokens/s of each variant
