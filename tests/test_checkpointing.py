@@ -218,11 +218,11 @@ class _Peak(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _step_peak(n, plan_of, B=4, T=64, vocab=500):
+def _step_peak(n, plan_of, sequential=True, heads=False, B=4, T=64, vocab=500):
     """(measured peak of a whole training step -- forward, backward, AdamW -- after a first one,
     the memory model's total without its margin) for a 6-layer Llama of hidden 64."""
-    model = mtp.MTPModel(tiny_llama(layers=6, hidden=64, vocab=vocab), n, sequential_heads=n > 1).train()
-    plan = memory.CheckpointPlan(5, *plan_of)
+    model = mtp.MTPModel(tiny_llama(layers=6, hidden=64, vocab=vocab), n, sequential_heads=sequential and n > 1).train()
+    plan = memory.CheckpointPlan(5, *plan_of, heads=heads)
     memory.apply_checkpointing(model, plan)
     mem = memory.memory_model(model, {}, "cpu", torch.float32, B, T)
     opt, _ = common.adamw_cosine(model.parameters(), 1e-3, 0.1, (0.9, 0.95), 1, 10, 0.1, torch.device("cpu"))
@@ -241,15 +241,18 @@ def _step_peak(n, plan_of, B=4, T=64, vocab=500):
     return held + peak.peak, mem.total(plan) - mem.margin(plan)
 
 
-@pytest.mark.parametrize("n", [3, 1], ids=["4-head-seq", "next-token"])
-def test_the_model_bounds_a_real_steps_peak(n):
+@pytest.mark.parametrize("n,sequential,heads", [(3, True, False), (1, True, False), (3, False, False), (3, True, True),
+                                                (1, True, True)],
+                         ids=["4-head-seq", "next-token", "4-head-all-at-once", "4-head-seq-ckpt-heads", "next-token-ckpt-head"])
+def test_the_model_bounds_a_real_steps_peak(n, sequential, heads):
     """A real step's peak (every storage the ops create, counted while alive) is below the memory
-    model without its margin, by less than 40%; and what a plan saves against another -- the part
-    the picker chooses by -- is what the step saves, within 2%."""
-    got = {name: _step_peak(n, PLAN5[name]) for name in PLAN5}
+    model without its margin, by less than 15% (a model that counted a head's activations twice
+    read 27% over for one head); and, the heads not checkpointed, what a plan saves against another
+    -- the part the picker chooses by -- is what the step saves, within 2% (with them: 4-8% more)."""
+    got = {name: _step_peak(n, PLAN5[name], sequential, heads) for name in PLAN5}
     for name, (measured, model) in got.items():
-        assert measured <= model < 1.4 * measured, name
-    for name in ("selective", "full", "mixed"):
+        assert measured <= model < 1.15 * measured, name
+    for name in ("selective", "full", "mixed") if not heads else ():
         saved = got["off"][0] - got[name][0], got["off"][1] - got[name][1]
         assert saved[1] == pytest.approx(saved[0], rel=0.02), name
 
