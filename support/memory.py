@@ -655,7 +655,6 @@ class MemoryModel:
     input_per_token: float
     tokens: int
     heads_alive: int
-    sequential: bool
     head_extra: float
     loss: float
     device: str = ""
@@ -714,7 +713,7 @@ def memory_model(model: mtp.MTPModel, frozen: dict, device, dtype, micro_batch: 
     early, block = gradient_split(model, dtype, world)
     device = torch.device(device)
     return MemoryModel(static_memory(model, frozen, dtype, world, amp), m.per_token, m.input_per_token, tokens,
-                       1 if seq else model.n_heads, seq, 3 * model.config.hidden_size * 4,
+                       1 if seq else model.n_heads, 3 * model.config.hidden_size * 4,
                        loss_buffers(model, dtype, tokens, chunk_size, world, amp, device.type == "cuda"),
                        str(device), early if world == 1 and micro_steps == 1 else None, block, m.how())
 

@@ -133,7 +133,7 @@ def _hand_model(**kw):
     """A memory model with round numbers: 4 trunk blocks keeping 1 / 0.5 / 0.1 GiB (off / selective /
     full) for one token, 10 GiB static, nothing else, no margin."""
     return memory.MemoryModel(static={"weights": 10 * GiB}, per_token={"off": GiB, "selective": GiB / 2, "full": GiB / 10},
-                              input_per_token=0, tokens=1, heads_alive=1, sequential=True, head_extra=0, loss=0, **kw)
+                              input_per_token=0, tokens=1, heads_alive=1, head_extra=0, loss=0, **kw)
 
 
 @pytest.mark.parametrize("budget, full, selective", [
